@@ -1,0 +1,27 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch is pinned to the CPU wheel on local disk first: a bare `torch` would pull a CUDA build.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -rs tests
+
+demo: setup
+	$(VENV)/bin/syncbench sweep sweeps/specs/demo.yaml
+	$(VENV)/bin/syncbench report demo
+
+clean:
+	rm -rf $(VENV) syncbench-runs

@@ -1,0 +1,1 @@
+"""Reading runs back from MLflow, statistics, plots and the report."""

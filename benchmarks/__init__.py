@@ -1,0 +1,1 @@
+"""Performance benchmarks that print ratios measured side by side in one run."""

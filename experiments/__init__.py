@@ -1,0 +1,1 @@
+"""Tasks, run configs, the run loop and the time-to-accuracy clock."""

@@ -1,0 +1,288 @@
+"""The run config of DESIGN.md: one pydantic model per section, validated at load.
+
+Unknown keys and wrong types are rejected with their dotted key path; ``--set`` overrides
+are applied to the raw mapping before validation so that they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad user input (config, spec, override, store): the CLI exits with code 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    module: str = Field(description="LightningModule as 'package.module:Class'")
+    data: str = Field(description="LightningDataModule as 'package.module:Class'")
+    module_args: dict[str, Any] = Field(default_factory=dict)
+    data_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("module", "data")
+    @classmethod
+    def _import_path_shape(cls, value: str) -> str:
+        module, sep, attr = value.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"expected 'package.module:Class', got {value!r}")
+        return value
+
+
+class TargetConfig(_Strict):
+    metric: str
+    value: float
+    mode: Literal["max", "min"] = "max"
+
+    def met(self, observed: float) -> bool:
+        return observed >= self.value if self.mode == "max" else observed <= self.value
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is better than ``b`` for this target's direction."""
+        return a > b if self.mode == "max" else a < b
+
+
+class BudgetConfig(_Strict):
+    train_time_s: float = Field(gt=0)
+
+
+class EvalConfig(_Strict):
+    every_s: float = Field(gt=0)
+
+
+class OuterConfig(_Strict):
+    """DiLoCo outer optimizer (Douillard et al. 2023): SGD on the pseudo-gradient."""
+
+    lr: float = Field(gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    nesterov: bool = False
+
+
+class StrategyConfig(_Strict):
+    name: str = "sync"
+    backup_workers: int = Field(default=0, ge=0)
+    local_steps: int = Field(default=8, ge=1)
+    warmup_sync_updates: int = Field(default=0, ge=0)
+    outer: OuterConfig | None = None
+    max_staleness: int | None = Field(default=None, ge=0)
+    staleness_lr: Literal["none", "inverse"] = "none"
+
+    @field_validator("name")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from strategies import STRATEGIES
+
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; choose one of {sorted(STRATEGIES)}")
+        return value
+
+
+class NoStragglers(_Strict):
+    kind: Literal["none"] = "none"
+
+
+class LognormalStragglers(_Strict):
+    """Per-step factor exp(sigma*z - sigma^2/2): mean 1, heavy right tail."""
+
+    kind: Literal["lognormal"]
+    sigma: float = Field(gt=0)
+
+
+class PersistentStragglers(_Strict):
+    """A fixed, seeded subset of round(slow_fraction*N) workers is always `slowdown` times slower."""
+
+    kind: Literal["persistent"]
+    slow_fraction: float = Field(gt=0, le=1)
+    slowdown: float = Field(ge=1)
+
+
+class BimodalStragglers(_Strict):
+    """Each step is `slowdown` times slower with probability p (independently per worker)."""
+
+    kind: Literal["bimodal"]
+    p: float = Field(ge=0, le=1)
+    slowdown: float = Field(ge=1)
+
+
+StragglerConfig = Annotated[
+    Union[NoStragglers, LognormalStragglers, PersistentStragglers, BimodalStragglers],
+    Field(discriminator="kind"),
+]
+
+
+class ComputeConfig(_Strict):
+    step_s: float | None = Field(default=None, gt=0)
+
+
+class NetworkConfig(_Strict):
+    latency_s: float = Field(default=5.0e-5, ge=0)
+    bandwidth_gbps: float = Field(default=10.0, gt=0)
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bandwidth_gbps * 1e9 / 8
+
+
+class ClusterConfig(_Strict):
+    backend: Literal["sim", "dist"] = "sim"
+    workers: int = Field(default=1, ge=1)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    stragglers: StragglerConfig = Field(default_factory=NoStragglers)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    collective_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class CheckpointingConfig(_Strict):
+    enabled: bool = False
+    every: int = Field(default=1, ge=1)
+    impl: Literal["deepspeed", "torch"] = "deepspeed"
+    partition_activations: bool = False
+    cpu_checkpointing: bool = False
+
+
+class RunConfig(_Strict):
+    name: str
+    task: TaskConfig
+    target: TargetConfig
+    budget: BudgetConfig
+    eval: EvalConfig
+    batch_size: int = Field(ge=1)
+    seed: int = 0
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.strategy.backup_workers >= self.cluster.workers:
+            raise ValueError(
+                f"strategy.backup_workers ({self.strategy.backup_workers}) must be smaller than "
+                f"cluster.workers ({self.cluster.workers})"
+            )
+        if self.eval.every_s > self.budget.train_time_s:
+            raise ValueError(
+                f"eval.every_s ({self.eval.every_s}) is longer than budget.train_time_s "
+                f"({self.budget.train_time_s}): no evaluation would happen"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The whole config as dotted keys (what MLflow records as params)."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b.c=VALUE`` with VALUE parsed as YAML (so ``8`` is an int, ``null`` is None)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. cluster.workers=8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``key='a.b.c'``, creating mappings on the way."""
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a {type(child).__name__}, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    tree = copy.deepcopy(raw)
+    if not overrides:
+        return tree
+    pairs = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in pairs:
+        set_dotted(tree, key, value)
+    return tree
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+        lines.append(f"  {loc or '<root>'}: {msg}{got}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the discriminator value ('lognormal', ...) into the location of union errors
+    return isinstance(part, str) and part in ("none", "lognormal", "persistent", "bimodal")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def validate_config(raw: dict[str, Any], source: str = "") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config (shape and types only; see ``check_task``)."""
+    return validate_config(apply_overrides(read_yaml(path), overrides), str(path))
+
+
+def import_object(path: str, key: str) -> Any:
+    """Import ``package.module:Attr``; errors name the config ``key``."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's path
+        raise ConfigError(f"{key}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}") from None

@@ -1,0 +1,146 @@
+"""MLflow recording of one run: params, buffered metric batches, tags and artifacts.
+
+Per-step synchronous logging to SQLite costs milliseconds per value (FACTS.md), more than
+a small model's training step, so metrics are buffered and written with ``log_batch``
+(at most 1000 metrics and 100 params/tags per request), flushed at the end and on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.config import ConfigError
+
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+FLUSH_EVERY = 1000  # buffered metric values before an automatic flush
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_tags() -> dict[str, str]:
+    import torch
+
+    return {"syncbench.git_commit": git_commit(), "syncbench.torch": torch.__version__, "syncbench.host": socket.gethostname()}
+
+
+def open_client(tracking_uri: str):
+    """An MlflowClient on a store that answers; an unreachable store is bad input (exit 2)."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
+        raise ConfigError(f"--tracking-uri {tracking_uri}: the MLflow store cannot be reached ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return client
+
+
+def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """Experiment id by name; creation races between concurrent launchers are benign."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class RunRecorder:
+    """One MLflow run. ``log_seconds`` accumulates the time spent talking to MLflow."""
+
+    def __init__(self, client, experiment_id: str, run_name: str, tags: dict[str, str] | None = None,
+                 parent_run_id: str | None = None):
+        from mlflow.entities import Metric, Param, RunTag
+
+        self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
+        self.client = client
+        self.log_seconds = 0.0
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        t0 = time.perf_counter()
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        self.log_seconds += time.perf_counter() - t0
+        self.run_id: str = run.info.run_id
+        self.start_ms: int = run.info.start_time
+        self._metrics: list[Any] = []
+        self._finished = False
+
+    def _timed(self, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.log_seconds += time.perf_counter() - t0
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [self._Param(k, "None" if v is None else str(v)) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self._timed(self.client.log_batch, self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        items = [self._RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self._timed(self.client.log_batch, self.run_id, tags=items[i : i + MAX_PARAMS_PER_BATCH])
+
+    def metric(self, key: str, value: float, step: int = 0, clock_s: float | None = None) -> None:
+        """Buffer one value; ``timestamp`` = run start + training clock (DESIGN.md)."""
+        ts = self.start_ms + int(round((clock_s or 0.0) * 1000))
+        self._metrics.append(self._Metric(key, float(value), ts, int(step)))
+        if len(self._metrics) >= FLUSH_EVERY:
+            self.flush()
+
+    def metrics(self, values: dict[str, float], step: int = 0, clock_s: float | None = None) -> None:
+        for key, value in values.items():
+            self.metric(key, value, step, clock_s)
+
+    def flush(self) -> None:
+        pending, self._metrics = self._metrics, []
+        for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
+            self._timed(self.client.log_batch, self.run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
+
+    def log_text(self, text: str, filename: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, filename)
+            with open(path, "w") as fh:
+                fh.write(text)
+            self._timed(self.client.log_artifact, self.run_id, path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self._finished:
+            return
+        self.flush()
+        self._timed(self.client.set_terminated, self.run_id, status)
+        self._finished = True
+
+    def fail(self, error: BaseException | str) -> None:
+        """Flush what was measured, then mark the run FAILED with the error as a tag."""
+        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        try:
+            self.flush()
+        finally:
+            self.set_tags({"outcome": "failed", "syncbench.error": message[:4900]})
+            self.finish("FAILED")

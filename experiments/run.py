@@ -1,0 +1,273 @@
+"""One run, end to end: validate the task, calibrate, train on the simulated cluster to the
+target, and record everything of DESIGN.md "What a run records" in MLflow."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from experiments.config import ConfigError, RunConfig, import_object
+from experiments.lightning_bridge import build_optimizer, capture_logs, evaluate, materialize, take_logged, training_loss
+from experiments.recording import RunRecorder, environment_tags, get_or_create_experiment, open_client
+from experiments.run_loop import Evaluation, LoopResult, train_to_target
+from experiments.workspace import artifacts_dir, default_tracking_uri, workspace_dir
+from strategies import STRATEGIES
+from strategies.cluster import ShardedBatches, SimContext
+
+SUMMARY_KEYS = ("tta_s", "samples_to_target", "updates_to_target", "best_val", "final_val")
+
+
+@dataclass
+class PreparedTask:
+    """A built module and data, checked against the config before anything is recorded."""
+
+    module: pl.LightningModule
+    datamodule: pl.LightningDataModule
+    train_set: Dataset
+    collate: Callable[[list], Any]
+    val_batches: list[Any]
+    logged: list[str]  # metric names validation_step logs
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    outcome: str  # reached | budget | diverged | failed
+    tta_s: float | None = None
+    samples_to_target: int | None = None
+    updates_to_target: int | None = None
+    best_val: float | None = None
+    final_val: float | None = None
+    clock_s: float = 0.0
+    init_s: float = 0.0
+    wall_s: float = 0.0
+    step_time_s: float = 0.0
+    mlflow_log_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def summary_line(self) -> str:
+        fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+        parts = [f"outcome={self.outcome}", f"tta_s={fmt(self.tta_s, '.2f')}",
+                 f"samples_to_target={fmt(self.samples_to_target, 'd')}",
+                 f"updates_to_target={fmt(self.updates_to_target, 'd')}",
+                 f"best_val={fmt(self.best_val, '.4f')}"]
+        if "staleness_mean" in self.extra:
+            parts.append(f"staleness_mean={self.extra['staleness_mean']:.2f}")
+        if self.error:
+            parts.append(f"error={self.error}")
+        return " ".join(parts)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_task(config: RunConfig) -> PreparedTask:
+    """Import, build and dry-run the user's module and data; every failure names its key."""
+    module_cls = import_object(config.task.module, "task.module")
+    data_cls = import_object(config.task.data, "task.data")
+    if not (isinstance(module_cls, type) and issubclass(module_cls, pl.LightningModule)):
+        raise ConfigError(f"task.module: {config.task.module} is not a LightningModule subclass")
+    if not (isinstance(data_cls, type) and issubclass(data_cls, pl.LightningDataModule)):
+        raise ConfigError(f"task.data: {config.task.data} is not a LightningDataModule subclass")
+    seed_everything(config.seed)
+    try:
+        module = module_cls(**config.task.module_args)
+    except Exception as exc:  # noqa: BLE001 - a constructor rejecting its arguments is bad input
+        raise ConfigError(f"task.module_args: {module_cls.__name__}({config.task.module_args}) failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    try:
+        datamodule = data_cls(**config.task.data_args)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        train_loader = datamodule.train_dataloader()
+        val_batches = materialize(datamodule.val_dataloader())
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"task.data_args: {data_cls.__name__}({config.task.data_args}) failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    if not val_batches:
+        raise ConfigError(f"task.data: {data_cls.__name__}.val_dataloader() yields no batches")
+    capture_logs(module)
+    logged = sorted(evaluate(module, val_batches[:1]))
+    if config.target.metric not in logged:
+        raise ConfigError(
+            f"target.metric: {module_cls.__name__}.validation_step never logs {config.target.metric!r} "
+            f"(it logs: {', '.join(logged) or 'nothing'})"
+        )
+    collate = train_loader.collate_fn or default_collate
+    return PreparedTask(module, datamodule, train_loader.dataset, collate, val_batches, logged)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Sim workers are timed on one intra-op thread (FACTS.md: two were slower and noisier here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def calibrate_step_s(task: PreparedTask, config: RunConfig, warmup: int = 3, measured: int = 15) -> float:
+    """Median wall time of a real training step (forward, backward, optimizer step) of the
+    module at the per-worker batch size, on a copy so the run's state is untouched."""
+    module = copy.deepcopy(task.module)
+    optimizer = build_optimizer(module)
+    batches = ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed + 1, task.collate)
+    times = []
+    rng_state = torch.get_rng_state()
+    for i in range(warmup + measured):
+        batch = next(batches)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        training_loss(module, batch, i).backward()
+        optimizer.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    torch.set_rng_state(rng_state)
+    take_logged(module)
+    return statistics.median(times)
+
+
+def measure_activation_bytes(task: PreparedTask, config: RunConfig) -> int | None:
+    try:
+        from strategies.checkpointing import activation_bytes
+    except ImportError:
+        return None
+    batch = next(ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed + 2, task.collate))
+    rng_state = torch.get_rng_state()
+    try:
+        return int(activation_bytes(copy.deepcopy(task.module), batch))
+    finally:
+        torch.set_rng_state(rng_state)
+
+
+def curve_csv(evaluations: list[Evaluation]) -> str:
+    keys = sorted({k for ev in evaluations for k in ev.metrics} - {"clock_s"})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["clock_s", "updates", *keys])
+    for ev in evaluations:
+        writer.writerow([f"{ev.clock_s:.6f}", ev.updates, *(ev.metrics.get(k, "") for k in keys)])
+    return out.getvalue()
+
+
+class _Progress:
+    """rich progress: training clock vs budget and the current target metric."""
+
+    def __init__(self, config: RunConfig, enabled: bool):
+        self.config, self.progress, self.task = config, None, None
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                     TextColumn("clock {task.completed:.1f}/{task.total:.0f} s"),
+                                     TextColumn("{task.fields[metric]}"), TimeElapsedColumn())
+
+    def __enter__(self) -> "_Progress":
+        if self.progress:
+            self.progress.start()
+            self.task = self.progress.add_task(self.config.name, total=self.config.budget.train_time_s, metric="")
+        return self
+
+    def update(self, ev: Evaluation) -> None:
+        if self.progress:
+            target = self.config.target
+            value = ev.metrics.get(target.metric, float("nan"))
+            self.progress.update(self.task, completed=ev.clock_s,
+                                 metric=f"{target.metric}={value:.4f} (target {target.value})")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress:
+            self.progress.stop()
+
+
+def execute_run(config: RunConfig, *, workspace: str | Path | None = None, tracking_uri: str | None = None,
+                experiment: str | None = None, tags: dict[str, str] | None = None,
+                parent_run_id: str | None = None, run_name: str | None = None,
+                progress: bool = False) -> RunResult:
+    """Run one config to its outcome and record it. Bad input raises ``ConfigError`` before
+    any MLflow run exists; an exception during training marks the run FAILED and re-raises."""
+    wall0 = time.perf_counter()
+    ws = workspace_dir(workspace)
+    tracking_uri = tracking_uri or default_tracking_uri(ws)
+    if config.cluster.backend == "dist":
+        from strategies.dist import execute_dist_run  # real processes (issue 5)
+
+        return execute_dist_run(config, workspace=ws, tracking_uri=tracking_uri, experiment=experiment, tags=tags,
+                                parent_run_id=parent_run_id, run_name=run_name, progress=progress)
+    with one_thread():
+        task = prepare_task(config)
+        if config.checkpointing.enabled:
+            from strategies.checkpointing import apply_checkpointing
+
+            apply_checkpointing(task.module, config.checkpointing)
+        client = open_client(tracking_uri)
+        exp_id = get_or_create_experiment(client, experiment or config.name,
+                                          artifacts_dir(ws).as_uri() if tracking_uri.startswith("sqlite") else None)
+        step_s = config.cluster.compute.step_s
+        step_source = "pinned"
+        if step_s is None:
+            step_s, step_source = calibrate_step_s(task, config), "calibrated"
+        act_bytes = measure_activation_bytes(task, config)
+        recorder = RunRecorder(client, exp_id, run_name or config.name,
+                               tags={**environment_tags(), "syncbench.backend": "sim",
+                                     "syncbench.step_s_source": step_source, **(tags or {})},
+                               parent_run_id=parent_run_id)
+        try:
+            recorder.log_params({**config.flat(), "backend": "sim"})
+            seed_everything(config.seed)
+            ctx = SimContext(config, task.module, task.train_set, step_s, task.collate)
+            strategy = STRATEGIES[config.strategy.name](ctx)
+            init_s = time.perf_counter() - wall0
+            evaluate_global = lambda s: evaluate(s.global_model(), task.val_batches)  # noqa: E731
+
+            def on_eval(ev: Evaluation) -> None:
+                recorder.metrics(ev.metrics, step=ev.updates, clock_s=ev.clock_s)
+                bar.update(ev)
+
+            with _Progress(config, progress) as bar:
+                loop = train_to_target(config, strategy, evaluate_global, on_eval)
+            result = _result(recorder.run_id, loop, init_s, step_s, strategy.summary_metrics())
+            summary = {k: getattr(result, k) for k in SUMMARY_KEYS if getattr(result, k) is not None}
+            summary.update(reached=float(loop.outcome == "reached"), init_s=init_s, step_time_s=step_s,
+                           activation_bytes=float(act_bytes or 0), **result.extra)
+            recorder.metrics(summary, step=strategy.stats.updates, clock_s=loop.clock_s)
+            recorder.set_tags({"outcome": loop.outcome})
+            recorder.log_text(config.to_yaml(), "config.yaml")
+            recorder.log_text(curve_csv(loop.evaluations), "curve.csv")
+            if hasattr(strategy, "staleness_histogram"):
+                recorder.log_text(json.dumps(strategy.staleness_histogram()), "staleness.json")
+            result.wall_s = time.perf_counter() - wall0
+            recorder.metrics({"wall_s": result.wall_s, "mlflow_log_s": recorder.log_seconds}, clock_s=loop.clock_s)
+            recorder.finish("FINISHED")
+            result.mlflow_log_s = recorder.log_seconds
+            return result
+        except BaseException as exc:
+            recorder.fail(exc)
+            raise
+
+
+def _result(run_id: str, loop: LoopResult, init_s: float, step_s: float, extra: dict[str, float]) -> RunResult:
+    return RunResult(run_id=run_id, outcome=loop.outcome, tta_s=loop.tta_s, samples_to_target=loop.samples_to_target,
+                     updates_to_target=loop.updates_to_target, best_val=loop.best_val, final_val=loop.final_val,
+                     clock_s=loop.clock_s, init_s=init_s, step_time_s=step_s, extra=extra)

@@ -1,0 +1,1 @@
+"""The Optuna sweep launcher and the `syncbench` command line."""
