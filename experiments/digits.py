@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from sklearn.datasets import load_digits
 from torch import nn
@@ -19,11 +21,16 @@ class MLP(ClassifierModule):
         return self.net(x)
 
 
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    return load_digits(return_X_y=True)  # parsed once per process: sweeps run many trials
+
+
 class DigitsData(ArrayDataModule):
     """A fixed 80/20 split (seeded permutation, independent of the run seed)."""
 
     def load_arrays(self):
-        x, y = load_digits(return_X_y=True)
+        x, y = _digits()
         x = (x / 16.0).astype(np.float32)
         order = np.random.default_rng(12345).permutation(len(x))
         n_train = int(0.8 * len(x))

@@ -34,7 +34,7 @@ class CNN(ClassifierModule):
 
 
 class MNIST1DData(ArrayDataModule):
-    def __init__(self, root: str | None = None, num_samples: int = 5000, **kwargs):
+    def __init__(self, root: str | None = None, num_samples: int = 10000, **kwargs):
         super().__init__(**kwargs)
         self.root, self.num_samples = root, num_samples
 

@@ -37,18 +37,38 @@ def environment_tags() -> dict[str, str]:
     return {"syncbench.git_commit": git_commit(), "syncbench.torch": torch.__version__, "syncbench.host": socket.gethostname()}
 
 
+def probe_store(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a store that does not answer: MLflow itself retries for minutes."""
+    scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme == "sqlite":
+        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(tracking_uri, connect_args={"connect_timeout": int(timeout_s)})
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    elif scheme in ("http", "https"):
+        import requests
+
+        requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+
+
 def open_client(tracking_uri: str):
     """An MlflowClient on a store that answers; an unreachable store is bad input (exit 2)."""
     from mlflow.tracking import MlflowClient
 
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=tracking_uri)
     try:
+        probe_store(tracking_uri)
+        client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
-        raise ConfigError(f"--tracking-uri {tracking_uri}: the MLflow store cannot be reached ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"--tracking-uri {tracking_uri}: the MLflow store cannot be reached "
+                          f"({type(exc).__name__}: {first_line})") from None
     return client
 
 

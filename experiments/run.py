@@ -27,6 +27,7 @@ from experiments.recording import RunRecorder, environment_tags, get_or_create_e
 from experiments.run_loop import Evaluation, LoopResult, train_to_target
 from experiments.workspace import artifacts_dir, default_tracking_uri, workspace_dir
 from strategies import STRATEGIES
+from strategies.base import SimStrategy
 from strategies.cluster import ShardedBatches, SimContext
 
 SUMMARY_KEYS = ("tta_s", "samples_to_target", "updates_to_target", "best_val", "final_val")
@@ -161,6 +162,13 @@ def measure_activation_bytes(task: PreparedTask, config: RunConfig) -> int | Non
         torch.set_rng_state(rng_state)
 
 
+def build_simulation(config: RunConfig, task: PreparedTask, step_s: float) -> SimStrategy:
+    """The configured strategy on a simulated cluster over the task's module and data."""
+    seed_everything(config.seed)
+    ctx = SimContext(config, task.module, task.train_set, step_s, task.collate)
+    return STRATEGIES[config.strategy.name](ctx)
+
+
 def curve_csv(evaluations: list[Evaluation]) -> str:
     keys = sorted({k for ev in evaluations for k in ev.metrics} - {"clock_s"})
     out = io.StringIO()
@@ -235,9 +243,7 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
                                parent_run_id=parent_run_id)
         try:
             recorder.log_params({**config.flat(), "backend": "sim"})
-            seed_everything(config.seed)
-            ctx = SimContext(config, task.module, task.train_set, step_s, task.collate)
-            strategy = STRATEGIES[config.strategy.name](ctx)
+            strategy = build_simulation(config, task, step_s)
             init_s = time.perf_counter() - wall0
             evaluate_global = lambda s: evaluate(s.global_model(), task.val_batches)  # noqa: E731
 

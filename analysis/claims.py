@@ -1,0 +1,442 @@
+"""Testing four common claims on one sweep's data.
+
+Each claim gets a verdict, the numbers behind it and the test used:
+
+- **supported**: the data show the claimed effect at the 5% level (the decision rule of each
+  claim below says exactly what must hold);
+- **refuted**: the data show the opposite effect at the same level (or, for a claim that
+  something grows, that it does not change at all);
+- **inconclusive**: neither, including when the answer differs between worker counts
+  (supported at some, refuted at others: "mixed");
+- **not testable**: the sweep lacks the runs the claim needs; the text says which would test it.
+
+Comparisons are made within a *variant* (grid keys other than strategy and workers held
+equal) and, for strategy comparisons, at equal worker count N >= 2 (at N = 1 sync and async
+are both plain SGD). A claim's overall verdict combines its comparisons: supported if at
+least one is supported and none refuted, refuted in the mirror case, inconclusive otherwise.
+Censored runs enter as described in ``analysis.stats``: +inf for ranks and medians, the
+budget only as a lower bound on a spread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from analysis.reader import RunRecord, SweepData, variant_label, variant_sort_key
+from analysis.stats import (
+    ALPHA,
+    bootstrap_ratio,
+    bootstrap_sd_ratio,
+    brown_forsythe,
+    censored_median,
+    cv,
+    log_sd_lower_bound,
+    mann_whitney,
+    spearman_trend,
+)
+
+SUPPORTED, REFUTED, INCONCLUSIVE, NOT_TESTABLE = "supported", "refuted", "inconclusive", "not testable"
+SLOWDOWN_MARGIN = 1.05  # claim (d): "without slowing training" = at most 5% slower step time
+MIN_SEEDS_COMPARE = 2  # per strategy, for (b)
+MIN_SEEDS_SPREAD = 3  # per strategy, for (c)
+
+
+@dataclass
+class Row:
+    label: str
+    verdict: str
+    values: dict[str, str]
+    note: str = ""
+
+
+@dataclass
+class Claim:
+    key: str
+    title: str
+    measure: str  # what is measured
+    test: str  # statistical test(s)
+    rule: str  # decision rule
+    columns: list[str] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    verdict: str = NOT_TESTABLE
+    summary: str = ""
+    how_to_test: str = ""  # the run that would test it (when not testable / to strengthen it)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "title": self.title, "verdict": self.verdict, "summary": self.summary,
+                "measure": self.measure, "test": self.test, "rule": self.rule, "how_to_test": self.how_to_test,
+                "notes": self.notes,
+                "comparisons": [{"label": r.label, "verdict": r.verdict, **r.values, "note": r.note} for r in self.rows]}
+
+
+def combine(claim: Claim) -> None:
+    """Overall verdict from the per-comparison verdicts (see module docstring)."""
+    tested = [r for r in claim.rows if r.verdict != NOT_TESTABLE]
+    if not tested:
+        claim.verdict = NOT_TESTABLE
+        return
+    sup = [r.label for r in tested if r.verdict == SUPPORTED]
+    ref = [r.label for r in tested if r.verdict == REFUTED]
+    if sup and not ref:
+        claim.verdict = SUPPORTED
+    elif ref and not sup:
+        claim.verdict = REFUTED
+    else:
+        claim.verdict = INCONCLUSIVE
+
+
+def summarize(claim: Claim, column: str, what: str) -> str:
+    """One paragraph: at how many settings each verdict was reached, with the key number."""
+    tested = [r for r in claim.rows if r.verdict != NOT_TESTABLE]
+    parts = []
+    for verdict in (SUPPORTED, REFUTED, INCONCLUSIVE):
+        rows = [r for r in tested if r.verdict == verdict]
+        if not rows:
+            continue
+        brief = len(rows) > 3
+        items = [f"{r.label}: {r.values[column].split(' [')[0] if brief else r.values[column]}" for r in rows]
+        where = "the only setting" if len(tested) == 1 else f"{len(rows)} of {len(tested)} settings"
+        parts.append(f"{verdict.capitalize()} at {where} ({what}: {'; '.join(items)})")
+    text = ". ".join(parts) + "."
+    if any(r.verdict == SUPPORTED for r in tested) and any(r.verdict == REFUTED for r in tested):
+        text = "Mixed: the answer depends on the setting. " + text
+    skipped = len(claim.rows) - len(tested)
+    if skipped:
+        text += f" {skipped} setting(s) could not be tested (see the table)."
+    return text
+
+
+def fmt(x: float | None, spec: str = ".3g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if math.isinf(x):
+        return "∞"
+    return format(x, spec)
+
+
+def fmt_tta(x: float, budget: float) -> str:
+    return f"> {budget:g} (censored)" if math.isinf(x) else f"{x:.4g}"
+
+
+def fmt_p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return "—"
+    return f"{p:.3g}" if p >= 1e-4 else "< 0.0001"
+
+
+def fmt_ci(est: float, low: float, high: float) -> str:
+    return f"{fmt(est)} [{fmt(low)}, {fmt(high)}]"
+
+
+def _variant_label(variant: tuple) -> str:
+    return variant_label(variant)
+
+
+def _where(n: int | None, variant: tuple) -> str:
+    parts = [f"N={n}"] if n is not None else []
+    if variant:
+        parts.append(_variant_label(variant))
+    return ", ".join(parts) or "all runs"
+
+
+def _by_variant(runs: list[RunRecord]) -> dict[tuple, list[RunRecord]]:
+    out: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        out[r.variant].append(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# (a) synchronous waiting grows with the number of workers
+
+
+def claim_sync_wait(sweep: SweepData) -> Claim:
+    claim = Claim(
+        key="a", title="Synchronous waiting grows with the number of workers",
+        measure="share of the workers' time spent waiting for the slowest gradient (time_wait_s / "
+                "(time_compute_s + time_comm_s + time_wait_s), mean over workers, whole run), sync runs",
+        test="Spearman rank correlation between N and the wait share over all sync runs (one point per run), "
+             "one-sided permutation p-value (exact for small sweeps)",
+        rule=f"supported when rho > 0 with p <= {ALPHA}; refuted when rho < 0 with p <= {ALPHA} (one-sided the other "
+             f"way), or when the wait share is identical at every N (no growth); inconclusive otherwise",
+        columns=["worker counts", "mean wait share by N", "Spearman rho", "p (rho > 0)", "runs"],
+        how_to_test="a sweep with strategy.name: sync at >= 3 worker counts (e.g. cluster.workers: [1, 2, 4, 8]), "
+                    ">= 3 seeds, and stragglers (cluster.stragglers: {kind: lognormal, sigma: 0.5})",
+    )
+    sync = [r for r in sweep.usable_runs if r.strategy == "sync" and r.wait_share is not None]
+    for variant, runs in _by_variant(sync).items():
+        ns = sorted({r.workers for r in runs})
+        label = _variant_label(variant) or "sync runs"
+        by_n = {n: [r.wait_share for r in runs if r.workers == n] for n in ns}
+        shares = "; ".join(f"N={n}: {100 * float(np.mean(v)):.1f}%" for n, v in by_n.items())
+        values = {"worker counts": ", ".join(map(str, ns)), "mean wait share by N": shares, "Spearman rho": "—",
+                  "p (rho > 0)": "—", "runs": str(len(runs))}
+        if len(ns) < 2 or len(runs) < 3:
+            claim.rows.append(Row(label, NOT_TESTABLE, values, "needs sync runs at >= 2 worker counts (>= 3 runs)"))
+            continue
+        x = [r.workers for r in runs]
+        y = [r.wait_share for r in runs]
+        if np.ptp(y) == 0:
+            stragglers = {r.params.get("cluster.stragglers.kind", "?") for r in runs}
+            note = f"the wait share is {100 * y[0]:.1f}% at every N: it does not grow"
+            if stragglers == {"none"}:
+                note += (" (this sweep has no stragglers: simulated sync workers with equal step times never "
+                         "wait; the claim concerns heterogeneous workers)")
+            claim.rows.append(Row(label, REFUTED, values, note))
+            continue
+        up = spearman_trend(x, y, "greater")
+        down = spearman_trend(x, y, "less")
+        values["Spearman rho"] = fmt(up.statistic)
+        values["p (rho > 0)"] = fmt_p(up.pvalue)
+        if up.statistic > 0 and up.pvalue <= ALPHA:
+            verdict = SUPPORTED
+        elif up.statistic < 0 and down.pvalue <= ALPHA:
+            verdict = REFUTED
+            values["p (rho > 0)"] += f" (p(rho < 0) = {fmt_p(down.pvalue)})"
+        else:
+            verdict = INCONCLUSIVE
+        claim.rows.append(Row(label, verdict, values))
+    combine(claim)
+    if claim.verdict == NOT_TESTABLE:
+        claim.summary = ("Not testable on this sweep: it needs synchronous runs at two or more worker counts. "
+                         f"Would test it: {claim.how_to_test}.")
+    elif not claim.summary:
+        claim.summary = summarize(claim, "mean wait share by N", "sync wait share")
+    return claim
+
+
+# ---------------------------------------------------------------------------------------
+# (b) async reaches the target faster than sync; (c) async is less consistent across seeds
+
+
+def _pairs(sweep: SweepData) -> dict[tuple, dict[str, list[RunRecord]]]:
+    """(variant, N) -> {"sync": runs, "async": runs} for N >= 2 where both strategies ran."""
+    groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for r in sweep.usable_runs:
+        if r.strategy in ("sync", "async"):
+            groups[(r.variant, r.workers)][r.strategy].append(r)
+    return {k: v for k, v in sorted(groups.items(), key=lambda kv: (variant_sort_key(kv[0][0]), kv[0][1]))
+            if k[1] >= 2 and "sync" in v and "async" in v}
+
+
+def claim_async_faster(sweep: SweepData) -> Claim:
+    claim = Claim(
+        key="b", title="Asynchronous updates reach the target faster than synchronous ones",
+        measure="time-to-accuracy (training clock at the first evaluation meeting the target) of async vs sync "
+                "at equal worker count N; censored runs count as slower than any run that reached it",
+        test="ratio of median TTA (async / sync) with a 95% percentile-bootstrap interval (stratified resampling, "
+             "censored runs kept as +inf); Mann–Whitney U (scipy) with censored runs tied at the top, one-sided "
+             "permutation p-value (exact for small groups)",
+        rule=f"at each N: supported when the whole 95% interval of the ratio is below 1 and Mann–Whitney p "
+             f"(async faster) <= {ALPHA}; refuted when the interval is above 1 and p (async slower) <= {ALPHA}; "
+             f"inconclusive otherwise",
+        columns=["seeds (async/sync)", "median TTA async (s)", "median TTA sync (s)", "ratio async/sync [95% CI]",
+                 "p (async faster)", "p (async slower)"],
+        how_to_test="a sweep with strategy.name: [sync, async] at the same worker counts >= 2 "
+                    "(e.g. cluster.workers: [2, 4, 8]) and >= 4 seeds",
+    )
+    pairs = _pairs(sweep)
+    for (variant, n), group in pairs.items():
+        a, s = group["async"], group["sync"]
+        label = _where(n, variant)
+        budget = max(r.budget for r in a + s)
+        ta, ts = [r.tta for r in a], [r.tta for r in s]
+        values = {"seeds (async/sync)": f"{len(a)}/{len(s)}",
+                  "median TTA async (s)": fmt_tta(censored_median(ta), budget),
+                  "median TTA sync (s)": fmt_tta(censored_median(ts), budget),
+                  "ratio async/sync [95% CI]": "—", "p (async faster)": "—", "p (async slower)": "—"}
+        if len(a) < MIN_SEEDS_COMPARE or len(s) < MIN_SEEDS_COMPARE:
+            claim.rows.append(Row(label, NOT_TESTABLE, values, f"needs >= {MIN_SEEDS_COMPARE} finished seeds each"))
+            continue
+        if all(math.isinf(t) for t in ta + ts):
+            claim.rows.append(Row(label, INCONCLUSIVE, values, "no run of either strategy reached the target"))
+            continue
+        ci = bootstrap_ratio(ta, ts)
+        less, greater = mann_whitney(ta, ts, "less"), mann_whitney(ta, ts, "greater")
+        values["ratio async/sync [95% CI]"] = fmt_ci(ci.estimate, ci.low, ci.high)
+        values["p (async faster)"], values["p (async slower)"] = fmt_p(less.pvalue), fmt_p(greater.pvalue)
+        side = ci.excludes_one()
+        if side == "below" and less.pvalue <= ALPHA:
+            verdict = SUPPORTED
+        elif side == "above" and greater.pvalue <= ALPHA:
+            verdict = REFUTED
+        else:
+            verdict = INCONCLUSIVE
+        note = ""
+        if verdict == INCONCLUSIVE and side and min(less.pvalue, greater.pvalue) > ALPHA:
+            note = "the interval excludes 1 but the rank test is not significant (too few seeds?)"
+        claim.rows.append(Row(label, verdict, values, note))
+    combine(claim)
+    if claim.verdict == NOT_TESTABLE:
+        claim.summary = ("Not testable on this sweep: it has no worker count N >= 2 with finished sync and async "
+                         f"runs. Would test it: {claim.how_to_test}.")
+    else:
+        claim.summary = summarize(claim, "ratio async/sync [95% CI]", "median TTA async/sync [95% CI]")
+    return claim
+
+
+def claim_async_inconsistent(sweep: SweepData) -> Claim:
+    claim = Claim(
+        key="c", title="Asynchronous results are less consistent across seeds",
+        measure="spread of TTA across seeds within a cell: SD of log TTA (scale-free; ≈ the coefficient of "
+                "variation) of async vs sync at equal N. Censored runs are placed at the budget, which makes a "
+                "group's spread a lower bound",
+        test="ratio of SDs of log TTA (async / sync) with a 95% percentile-bootstrap interval; Brown–Forsythe "
+             "test (scipy levene, median-centred) on log TTA; CV of the reached runs for reference",
+        rule=f"at each N (>= {MIN_SEEDS_SPREAD} finished seeds and >= 2 reached per strategy): supported when the "
+             f"interval is above 1 and Brown–Forsythe p <= {ALPHA} and sync has no censored run (else its spread is "
+             f"only a lower bound); refuted in the mirror case (interval below 1, p <= {ALPHA}, async has no "
+             f"censored run); inconclusive otherwise",
+        columns=["seeds (async/sync)", "CV async", "CV sync", "SD-ratio async/sync [95% CI]", "Brown–Forsythe p",
+                 "censored (async/sync)"],
+        how_to_test=f"a sweep with strategy.name: [sync, async] at the same worker counts >= 2 and >= 5 seeds",
+    )
+    for (variant, n), group in _pairs(sweep).items():
+        a, s = group["async"], group["sync"]
+        label = _where(n, variant)
+        budget = max(r.budget for r in a + s)
+        ta, ts = [r.tta for r in a], [r.tta for r in s]
+        ca, cs = sum(math.isinf(t) for t in ta), sum(math.isinf(t) for t in ts)
+        values = {"seeds (async/sync)": f"{len(a)}/{len(s)}", "CV async": fmt(cv(ta)), "CV sync": fmt(cv(ts)),
+                  "SD-ratio async/sync [95% CI]": "—", "Brown–Forsythe p": "—", "censored (async/sync)": f"{ca}/{cs}"}
+        if min(len(a), len(s)) < MIN_SEEDS_SPREAD or len(a) - ca < 2 or len(s) - cs < 2:
+            claim.rows.append(Row(label, NOT_TESTABLE, values,
+                                  f"needs >= {MIN_SEEDS_SPREAD} finished and >= 2 reached seeds per strategy"))
+            continue
+        la = [budget if math.isinf(t) else t for t in ta]
+        ls = [budget if math.isinf(t) else t for t in ts]
+        ci = bootstrap_sd_ratio(la, ls)
+        bf = brown_forsythe(la, ls)
+        values["SD-ratio async/sync [95% CI]"] = fmt_ci(ci.estimate, ci.low, ci.high)
+        values["Brown–Forsythe p"] = fmt_p(bf.pvalue)
+        side = ci.excludes_one()
+        significant = not math.isnan(bf.pvalue) and bf.pvalue <= ALPHA
+        note = ""
+        if side == "above" and significant:
+            verdict = SUPPORTED if cs == 0 else INCONCLUSIVE
+            if cs:
+                note = "sync has censored runs: its spread is only a lower bound"
+        elif side == "below" and significant:
+            verdict = REFUTED if ca == 0 else INCONCLUSIVE
+            if ca:
+                note = "async has censored runs: its spread is only a lower bound"
+        else:
+            verdict = INCONCLUSIVE
+        if ca or cs:
+            note = (note + "; " if note else "") + (
+                f"SDs use censored runs at the budget (lower bounds: async ≥ {fmt(log_sd_lower_bound(ta, budget))}, "
+                f"sync ≥ {fmt(log_sd_lower_bound(ts, budget))})")
+        claim.rows.append(Row(label, verdict, values, note))
+    combine(claim)
+    if claim.verdict == NOT_TESTABLE:
+        claim.summary = (f"Not testable on this sweep: it needs >= {MIN_SEEDS_SPREAD} finished seeds (>= 2 reaching the "
+                         f"target) of both sync and async at the same worker count >= 2. Would test it: "
+                         f"{claim.how_to_test}.")
+    else:
+        claim.summary = summarize(claim, "SD-ratio async/sync [95% CI]", "spread of log TTA async/sync [95% CI]")
+    return claim
+
+
+# ---------------------------------------------------------------------------------------
+# (d) activation checkpointing saves memory without slowing training
+
+
+def _step_time_pinned(runs: list[RunRecord]) -> bool:
+    """Sim runs whose step time was pinned by the config (not measured): the simulated clock
+    then cannot show the cost of recomputation."""
+    return all(r.tags.get("syncbench.step_s_source") == "pinned"
+               or (r.params.get("backend", r.params.get("cluster.backend")) == "sim"
+                   and r.params.get("cluster.compute.step_s") not in (None, "None", "null"))
+               for r in runs)
+
+
+def claim_checkpointing(sweep: SweepData) -> Claim:
+    claim = Claim(
+        key="d", title="Activation checkpointing saves memory without slowing training",
+        measure="memory (peak_mem_bytes when recorded, else activation_bytes) and step time (step_time_s), "
+                "checkpointing on vs off, in cells that differ only in checkpointing.enabled; TTA ratio for reference",
+        test=f"ratios of medians (on / off) with 95% percentile-bootstrap intervals; 'without slowing' = step time "
+             f"at most {SLOWDOWN_MARGIN - 1:.0%} slower (equivalence margin)",
+        rule=f"supported when the memory interval is below 1 and the step-time interval is at most "
+             f"{SLOWDOWN_MARGIN:g}; refuted when memory is not saved (interval at or above 1) or the step-time "
+             f"interval is entirely above {SLOWDOWN_MARGIN:g}; inconclusive otherwise, and whenever the step time "
+             f"was pinned in the config rather than measured",
+        columns=["runs (on/off)", "memory metric", "memory on/off [95% CI]", "step time on/off [95% CI]",
+                 "TTA on/off [95% CI]"],
+        how_to_test="a sweep with grid checkpointing.enabled: [false, true] on a task with several blocks "
+                    "(e.g. the char-LM transformer), with cluster.compute.step_s: null so each run measures its "
+                    "step time (or the dist backend)",
+    )
+    runs = [r for r in sweep.usable_runs if r.checkpointing is not None]
+    if not any(r.checkpointing for r in runs):
+        claim.summary = ("Not testable on this sweep: no run has checkpointing.enabled=true. "
+                         f"Would test it: {claim.how_to_test}.")
+        return claim
+    groups: dict[tuple, dict[bool, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        rest = tuple((k, v) for k, v in r.variant if k != "checkpointing.enabled")
+        groups[(r.strategy, r.workers, rest)][bool(r.checkpointing)].append(r)
+    for (strategy, n, rest), pair in sorted(groups.items()):
+        label = f"{strategy}, " + _where(n, rest)
+        on, off = pair.get(True, []), pair.get(False, [])
+        values = {c: "—" for c in claim.columns}
+        values["runs (on/off)"] = f"{len(on)}/{len(off)}"
+        if not on or not off:
+            claim.rows.append(Row(label, NOT_TESTABLE, values, "needs runs with checkpointing on and off"))
+            continue
+        mem_on, mem_off = [r.memory_bytes for r in on], [r.memory_bytes for r in off]
+        if any(m is None for m in mem_on + mem_off):
+            claim.rows.append(Row(label, INCONCLUSIVE, values, "memory was not recorded for every run"))
+            continue
+        values["memory metric"] = ", ".join(sorted({m[0] for m in mem_on + mem_off}))
+        mem = bootstrap_ratio([m[1] for m in mem_on], [m[1] for m in mem_off])
+        step = bootstrap_ratio([r.metrics.get("step_time_s", math.nan) for r in on],
+                               [r.metrics.get("step_time_s", math.nan) for r in off])
+        tta = bootstrap_ratio([r.tta for r in on], [r.tta for r in off])
+        values["memory on/off [95% CI]"] = fmt_ci(mem.estimate, mem.low, mem.high)
+        values["step time on/off [95% CI]"] = fmt_ci(step.estimate, step.low, step.high)
+        values["TTA on/off [95% CI]"] = fmt_ci(tta.estimate, tta.low, tta.high)
+        saved = mem.high < 1
+        not_saved = mem.low >= 1
+        pinned = _step_time_pinned(on + off)
+        note = ""
+        if not_saved:
+            verdict, note = REFUTED, "checkpointing did not reduce memory"
+        elif pinned:
+            verdict = INCONCLUSIVE
+            note = ("step time was pinned by cluster.compute.step_s, so the simulated clock cannot show the cost of "
+                    "recomputation; rerun with cluster.compute.step_s: null or the dist backend")
+        elif step.low > SLOWDOWN_MARGIN:
+            verdict, note = REFUTED, f"step time is more than {SLOWDOWN_MARGIN - 1:.0%} slower with checkpointing"
+        elif saved and step.high <= SLOWDOWN_MARGIN:
+            verdict = SUPPORTED
+        else:
+            verdict = INCONCLUSIVE
+        claim.rows.append(Row(label, verdict, values, note))
+    combine(claim)
+    if claim.verdict == NOT_TESTABLE:
+        claim.summary = ("Not testable on this sweep: no cell with checkpointing on has a twin with it off. "
+                         f"Would test it: {claim.how_to_test}.")
+    else:
+        for r in claim.rows:
+            r.values["memory, step time"] = (f"memory ×{r.values['memory on/off [95% CI]']}, "
+                                              f"step time ×{r.values['step time on/off [95% CI]']}")
+        claim.summary = summarize(claim, "memory, step time", "on/off ratios")
+    return claim
+
+
+def evaluate_claims(sweep: SweepData) -> list[Claim]:
+    return [claim_sync_wait(sweep), claim_async_faster(sweep), claim_async_inconsistent(sweep),
+            claim_checkpointing(sweep)]
+
+
+COMBINE_RULE = ("A claim is tested separately in each comparable setting (per worker count and per combination of "
+                "other grid keys). Its overall verdict is supported when at least one setting supports it and none "
+                "refutes it, refuted in the mirror case, and inconclusive when no setting is conclusive or when "
+                "settings disagree (mixed). Every test uses the 5% level; p-values are not adjusted for the number "
+                "of settings, so read a lone significant setting among many with care.")

@@ -1,0 +1,706 @@
+"""The sweep launcher: grid cells × seeds as Optuna trials and MLflow child runs,
+optionally tuned first, resumable, safe with several launchers on one storage.
+
+Layout in the stores (the report relies on it):
+
+* Optuna: the study ``<name>`` holds one *eval* trial per cell × seed (user attributes
+  ``cell``, ``seed``, ``phase``, ``overrides``; after the run ``outcome``, ``tta_s``,
+  ``mlflow_run_id``, ``wall_s``); with ``tune:``, each cell also has a study
+  ``<name>/tune/<cell id>`` of ``n_trials`` TPE trials (``phase = tune``). The value is
+  ``tta_s`` or a penalty (see :mod:`sweeps.trials`). Study user attributes keep the spec's
+  fingerprint, the calibrated ``step_s`` per task and the MLflow parent run id.
+* MLflow: the experiment ``<name>``; one parent run (run name ``<name>``, tags
+  ``syncbench.sweep``, ``syncbench.role=parent``; params ``base``, ``grid``, ``seeds``, ``set``,
+  ``tune``, ...); one child run per trial (tags ``syncbench.sweep``, ``syncbench.role=trial``,
+  ``syncbench.cell``, ``syncbench.seed``, ``syncbench.phase``, ``syncbench.optuna_trial =
+  <study>/<number>``; params: the whole flattened config).
+
+Work assignment: every eval trial is enqueued once (``Study.enqueue_trial``) and every
+trial is claimed with ``Study.ask()``, both under the storage-wide lock of
+:mod:`sweeps.storage`, after re-reading the study. So two launchers never enqueue the same
+cell × seed twice, never claim the same trial, and never sample more than ``n_trials``
+tuning trials per cell. Resume: enqueueing only what has no COMPLETE, RUNNING or WAITING
+trial makes a rerun finish what is missing (and retry what failed); a trial whose launcher
+died stops beating its heartbeat, and after the grace period the next launcher fails it,
+marks its MLflow run KILLED and enqueues a copy (``RetryHeartbeatStaleTrialCallback``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, Future, wait
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from experiments.config import ConfigError, apply_overrides, validate_config
+from experiments.workspace import artifacts_dir, default_optuna_storage, default_tracking_uri, workspace_dir
+from sweeps.progress import CellSummary, Counts, SweepDisplay
+from sweeps.spec import Cell, ParamSpec, Sweep, format_value, load_sweep, task_key
+from sweeps.storage import Heartbeat, StorageLock, normalize_url, open_storage, redact, use_wal
+from sweeps.trials import TrialJob, TrialReport, make_executor, objective_value, report_attrs, run_trial_job
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+MAX_STALE_RETRIES = 3  # a trial that keeps killing its launcher is retried this often per launch
+FINGERPRINT_ATTR, STEP_S_ATTR, PARENT_ATTR = "syncbench.fingerprint", "syncbench.step_s", "syncbench.mlflow_parent_run_id"
+
+
+@dataclass
+class LaunchOptions:
+    workspace: Path
+    storage_url: str
+    tracking_uri: str
+    jobs: int = 1
+    bar: bool = True  # rich progress bar (on a terminal)
+    lines: bool = True  # one line per finished trial
+    heartbeat_s: int = 5
+    grace_s: int = 30
+    poll_s: float = 1.0
+
+    @classmethod
+    def from_env(cls, workspace: Path, storage: str | None, tracking_uri: str | None, **kwargs: Any) -> "LaunchOptions":
+        """Defaults from the workspace; heartbeat timing from $SYNCBENCH_SWEEP_HEARTBEAT_S and
+        $SYNCBENCH_SWEEP_GRACE_S (a killed launcher's trials are retried after the grace)."""
+        heartbeat_s = _env_int("SYNCBENCH_SWEEP_HEARTBEAT_S", 5)
+        grace_s = _env_int("SYNCBENCH_SWEEP_GRACE_S", max(30, 3 * heartbeat_s))
+        if grace_s <= heartbeat_s:
+            raise ConfigError(f"SYNCBENCH_SWEEP_GRACE_S ({grace_s}) must exceed SYNCBENCH_SWEEP_HEARTBEAT_S ({heartbeat_s})")
+        return cls(workspace=workspace, storage_url=normalize_url(storage or default_optuna_storage(workspace)),
+                   tracking_uri=tracking_uri or default_tracking_uri(workspace), heartbeat_s=heartbeat_s,
+                   grace_s=grace_s, poll_s=min(1.0, heartbeat_s), **kwargs)
+
+
+@dataclass
+class SweepResult:
+    counts: Counts
+    wall_s: float
+    trials_run: int  # by this launcher
+    trials_wall_s: float  # Σ of those trials' own wall time (execute_run's wall_s)
+    parent_run_id: str
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if self.counts.failed or self.counts.done < self.counts.total else EXIT_OK
+
+
+class Idle(Enum):
+    WAIT = "wait"  # nothing to claim now, but trials are running (here or in another launcher)
+    DONE = "done"  # nothing waiting, nothing running: the sweep is finished
+
+
+@dataclass
+class Claim:
+    """A trial this launcher owns from ``ask()`` to ``tell()``."""
+
+    study: Any  # optuna.Study
+    trial: Any  # optuna.Trial
+    phase: str  # tune | eval
+    cell: Cell
+    seed: int
+    overrides: dict[str, Any]
+    extra_tags: dict[str, str] = field(default_factory=dict)
+    heartbeat: Heartbeat | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.study.study_name}/{self.trial.number}"
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    """``syncbench sweep``: exit 0 when every trial completed (whatever its outcome), 1 when a
+    trial failed, 2 on bad input (raised as ConfigError before anything is created)."""
+    sweep = load_sweep(args.spec, args.set)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: must be at least 1")
+    progress = not getattr(args, "no_progress", False)
+    options = LaunchOptions.from_env(workspace_dir(args.workspace), args.storage, args.tracking_uri,
+                                     jobs=args.jobs, bar=progress, lines=progress)
+    result = run_sweep(sweep, options)
+    return result.exit_code
+
+
+def run_sweep(sweep: Sweep, options: LaunchOptions) -> SweepResult:
+    """Check the tasks, open the stores, set the sweep up, run trials until none is left."""
+    t0 = time.perf_counter()
+    _quiet_optuna()
+    prepared = preflight(sweep)
+    launcher = Launcher(sweep, options)
+    try:
+        launcher.setup(prepared)
+        del prepared
+        interrupted = launcher.run()
+        return launcher.finish(time.perf_counter() - t0, interrupted)
+    finally:
+        launcher.close()
+
+
+def preflight(sweep: Sweep) -> dict[str, Any]:
+    """Build each distinct task once (import paths, constructor arguments, target metric),
+    with the tuned parameters at a sample value, so that a typo exits 2 before any store is
+    touched. Returns the built tasks by ``task_key`` for calibration."""
+    from experiments.run import one_thread, prepare_task
+
+    built: dict[str, Any] = {}
+    checked: set[str] = set()
+    for cell in sweep.cells:
+        samples = {key: p.samples()[0] for key, p in sweep.tune_params.get(cell.id, {}).items()}
+        for config in (validate_config(apply_overrides(cell.raw, samples)), cell.config):
+            ident = json.dumps([config.task.model_dump(mode="json"), config.target.metric], sort_keys=True)
+            if ident in checked:
+                continue
+            checked.add(ident)
+            try:
+                with one_thread():
+                    task = prepare_task(config)
+            except ConfigError as exc:
+                raise ConfigError(f"sweep spec {sweep.spec_path}, grid cell {cell.id}: {exc}") from None
+            if config is cell.config:
+                built.setdefault(task_key(config), task)
+    return built
+
+
+class StaleTrialHandler:
+    """Optuna's heartbeat-stale callback: mark the dead trial's MLflow run KILLED (a run
+    killed with its process stays RUNNING forever otherwise), then enqueue a retry."""
+
+    def __init__(self, grace_s: int):
+        import optuna
+
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_STALE_RETRIES)
+        self.grace_s = grace_s
+        self.client = None
+        self.experiment_id: str | None = None
+
+    def __call__(self, study, trial) -> None:
+        if self.client is not None:
+            mark_runs(self.client, self.experiment_id, f"{study.study_name}/{trial.number}", "KILLED",
+                      f"its launcher stopped (no heartbeat for over {self.grace_s} s); the trial is retried")
+        self.retry(study, trial)
+
+
+def mark_runs(client, experiment_id: str | None, trial_ref: str, status: str, reason: str) -> int:
+    """Terminate the still-RUNNING MLflow runs of one Optuna trial; returns how many."""
+    if experiment_id is None:
+        return 0
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    marked = 0
+    for run in runs:
+        if run.data.tags.get("syncbench.optuna_trial") == trial_ref:
+            client.set_tag(run.info.run_id, "outcome", "failed")
+            client.set_tag(run.info.run_id, "syncbench.error", reason)
+            client.set_terminated(run.info.run_id, status)
+            marked += 1
+    return marked
+
+
+class Launcher:
+    """One launcher process's view of a sweep: stores, studies, claims, trials in flight."""
+
+    def __init__(self, sweep: Sweep, options: LaunchOptions):
+        from experiments.recording import open_client
+
+        self.sweep, self.opt = sweep, options
+        self.cells = {cell.id: cell for cell in sweep.cells}
+        self.lock = StorageLock(options.storage_url)
+        self.stale = StaleTrialHandler(options.grace_s)
+        with self.lock():  # first use creates the tables: one launcher at a time
+            use_wal(options.storage_url)
+            use_wal(options.tracking_uri)
+            self.storage = open_storage(options.storage_url, heartbeat_s=options.heartbeat_s,
+                                        grace_s=options.grace_s, stale_callback=self.stale)
+            self.client = open_client(options.tracking_uri)
+        self.display = SweepDisplay(sweep.name, bar=options.bar, lines=options.lines)
+        self.executor: Executor | None = None
+        self.step_s: dict[str, float] = {}  # cell id -> step_s pinned by the sweep
+        self.eval_enqueued: set[str] = set()  # tuned cells whose eval trials this launch enqueued
+        self.untunable: set[str] = set()  # tuned cells without a single COMPLETE tuning trial
+        self.trials_run, self.trials_wall_s = 0, 0.0
+        # task modules imported once by the forkserver that the --jobs workers are forked from
+        self.preload = sorted({path.partition(":")[0] for cell in sweep.cells
+                               for path in (cell.config.task.module, cell.config.task.data)})
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self, prepared: dict[str, Any]) -> None:
+        """Create or load the studies, the experiment and the parent run; calibrate; enqueue."""
+        import optuna
+
+        with self.lock():
+            # eval trials are all enqueued, never sampled: the sampler is never consulted
+            self.study = optuna.create_study(study_name=self.sweep.name, storage=self.storage,
+                                             sampler=optuna.samplers.RandomSampler(seed=0),
+                                             direction="minimize", load_if_exists=True)
+            self._check_fingerprint()
+            self._calibrate(prepared)
+            self.experiment_id = self._experiment()
+            self.parent_run_id = self._parent_run()
+            self.stale.client, self.stale.experiment_id = self.client, self.experiment_id
+            self.tune_studies = {cell.id: self._tune_study(cell) for cell in self.sweep.cells} if self.sweep.tune else {}
+            self._fail_stale()
+            if not self.sweep.tune:
+                self._enqueue_eval(self.sweep.cells, {})
+
+    def _check_fingerprint(self) -> None:
+        """A resumed sweep must run the same base config and tuning (new cells and seeds are fine)."""
+        mine = json.loads(json.dumps(self.sweep.fingerprint()))
+        stored = self.study.user_attrs.get(FINGERPRINT_ATTR)
+        if stored is None:
+            self.study.set_user_attr(FINGERPRINT_ATTR, mine)
+            return
+        if stored == mine:
+            return
+        changes = _diff(stored.get("base", {}), mine["base"])
+        if stored.get("tune") != mine["tune"]:
+            changes.append(f"tune: {json.dumps(stored.get('tune'))} -> {json.dumps(mine['tune'])}")
+        raise ConfigError(
+            f"sweep {self.sweep.name!r} already exists in {redact(self.opt.storage_url)} with a different "
+            f"configuration ({'; '.join(changes[:8])}). Resuming would mix two experiments: give the spec a new "
+            f"name, or undo the change.")
+
+    def _calibrate(self, prepared: dict[str, Any]) -> None:
+        """DESIGN.md: a sweep calibrates step_s once per task and pins it for all its trials.
+        The value is kept in the study, so resumed and concurrent launchers reuse it."""
+        from experiments.run import calibrate_step_s, one_thread, prepare_task
+
+        stored: dict[str, float] = dict(self.study.user_attrs.get(STEP_S_ATTR, {}))
+        changed = False
+        for cell in self.sweep.cells:
+            config = cell.config
+            if config.cluster.backend != "sim" or config.cluster.compute.step_s is not None:
+                continue
+            key = task_key(config)
+            if key not in stored:
+                with one_thread():
+                    task = prepared.get(key) or prepare_task(config)
+                    stored[key] = calibrate_step_s(task, config)
+                changed = True
+            self.step_s[cell.id] = stored[key]
+        if changed:
+            self.study.set_user_attr(STEP_S_ATTR, stored)
+
+    def _experiment(self) -> str:
+        from experiments.recording import get_or_create_experiment
+
+        existing = self.client.get_experiment_by_name(self.sweep.name)
+        if existing is not None and existing.lifecycle_stage == "deleted":
+            raise ConfigError(f"the MLflow experiment {self.sweep.name!r} is deleted: restore it "
+                              f"(mlflow experiments restore) or purge it (mlflow gc) first")
+        location = artifacts_dir(self.opt.workspace).as_uri() if self.opt.tracking_uri.startswith("sqlite") else None
+        return get_or_create_experiment(self.client, self.sweep.name, location)
+
+    def _parent_run(self) -> str:
+        """The sweep's one parent run: found by its tags when resuming, else created."""
+        from mlflow.entities import Param, RunTag
+
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string="tags.`syncbench.role` = 'parent'",
+            order_by=["attributes.start_time ASC"], max_results=10)
+        found = [r for r in found if r.data.tags.get("syncbench.sweep") == self.sweep.name]
+        spec = self.sweep.spec
+        current = {"syncbench.grid": json.dumps(spec.grid), "syncbench.seeds": json.dumps(spec.seeds),
+                   "syncbench.storage": redact(self.opt.storage_url), "syncbench.optuna_study": self.sweep.name}
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {"syncbench.sweep": spec.name, "syncbench.role": "parent"}
+            run_id = self.client.create_run(self.experiment_id, run_name=spec.name, tags=tags).info.run_id
+            params = {"sweep": spec.name, "base": str(spec.base), "spec": str(self.sweep.spec_path),
+                      "grid": json.dumps(spec.grid), "seeds": json.dumps(spec.seeds),
+                      "set": json.dumps(self.sweep.overrides), "tune": json.dumps(spec.tune.model_dump(mode="json")
+                                                                                  if spec.tune else None),
+                      "cells": str(len(self.sweep.cells)), "trials": str(self.sweep.total_trials()),
+                      "step_s": json.dumps(self.step_s)}
+            self.client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+            self.client.log_artifact(run_id, str(self.sweep.spec_path))
+        # grid and seeds may grow on a resume: the tags always say what the sweep is now
+        self.client.log_batch(run_id, tags=[RunTag(k, v[:5000]) for k, v in current.items()])
+        self.study.set_user_attr(PARENT_ATTR, run_id)
+        return run_id
+
+    def _tune_study(self, cell: Cell):
+        """One TPE study per cell: search spaces differ between cells (``when``)."""
+        import optuna
+        import zlib
+
+        tune = self.sweep.tune
+        name = f"{self.sweep.name}/tune/{cell.id}"
+        try:
+            existing = len(optuna.load_study(study_name=name, storage=self.storage).trials)
+        except KeyError:
+            existing = 0
+        # the seed moves on with the trials already run, so a resumed launcher does not
+        # replay the first random points
+        seed = (tune.seed * 1_000_003 + zlib.crc32(cell.id.encode()) + existing) % 2**32
+        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True,
+                                             n_startup_trials=max(1, min(10, tune.n_trials // 2)))
+        return optuna.create_study(study_name=name, storage=self.storage, sampler=sampler,
+                                   direction="minimize", load_if_exists=True)
+
+    # ---------------------------------------------------------------- work assignment
+    def _studies(self) -> list[Any]:
+        return [self.study, *self.tune_studies.values()]
+
+    def _fail_stale(self) -> None:
+        """Fail (and retry) trials whose heartbeat stopped. Under the lock: on SQLite two
+        launchers could otherwise both fail the same trial and both enqueue a retry."""
+        import optuna
+
+        for study in self._studies():
+            optuna.storages.fail_stale_trials(study)
+
+    def _enqueue_eval(self, cells: list[Cell], overrides: dict[str, dict[str, Any]],
+                      tuned_from: dict[str, str] | None = None) -> None:
+        """Enqueue each cell × seed that has no COMPLETE, RUNNING or WAITING eval trial
+        (call under the lock). Seed-major order: every cell gets its first seed early."""
+        from optuna.trial import TrialState
+
+        live = {(t.user_attrs.get("cell"), t.user_attrs.get("seed"))
+                for t in self.study.get_trials(deepcopy=False,
+                                               states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))}
+        for seed in self.sweep.seeds:
+            for cell in cells:
+                if (cell.id, seed) in live:
+                    continue
+                attrs = {"cell": cell.id, "seed": seed, "phase": "eval", "overrides": overrides.get(cell.id, {})}
+                if tuned_from and cell.id in tuned_from:
+                    attrs["tuned_from"] = tuned_from[cell.id]
+                self.study.enqueue_trial({}, user_attrs=attrs)
+
+    def claim(self) -> Claim | Idle:
+        """The next trial for this launcher, or why there is none."""
+        with self.lock():
+            self._fail_stale()
+            claim = self._pop_eval()
+            if claim is None and self.sweep.tune:
+                claim = self._claim_tune()
+            if claim is not None:
+                return claim
+            return Idle.WAIT if self._running_anywhere() else Idle.DONE
+
+    def _pop_eval(self) -> Claim | None:
+        from optuna.trial import TrialState
+
+        while self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            trial = self.study.ask()  # pops the oldest WAITING trial
+            self.storage.record_heartbeat(trial._trial_id)  # no heartbeat row = never detected as stale
+            attrs = trial.user_attrs
+            cell = self.cells.get(attrs.get("cell"))
+            if cell is None or attrs.get("seed") not in self.sweep.seeds:
+                # enqueued by a launcher whose spec had this cell (the spec was edited since)
+                trial.set_user_attr("error", "cell × seed not in the current spec")
+                self.study.tell(trial, state=TrialState.FAIL)
+                continue
+            tags = {"syncbench.tuned_from": attrs["tuned_from"]} if "tuned_from" in attrs else {}
+            return Claim(self.study, trial, "eval", cell, attrs["seed"], dict(attrs.get("overrides") or {}), tags)
+        return None
+
+    def _claim_tune(self) -> Claim | None:
+        """A tuning trial of the first cell still short of ``n_trials``; cells whose tuning
+        is over get their eval trials enqueued (with the best parameters) on the way."""
+        from optuna.trial import TrialState
+
+        n_trials = self.sweep.tune.n_trials
+        for cell in self.sweep.cells:
+            study = self.tune_studies[cell.id]
+            trials = study.get_trials(deepcopy=False)
+            state = _tally(trials)
+            if state["WAITING"] or state["consumed"] < n_trials:
+                trial = study.ask()  # a stale trial's retry if one waits, else a new TPE trial
+                self.storage.record_heartbeat(trial._trial_id)
+                for key, param in self.sweep.tune_params[cell.id].items():
+                    _suggest(trial, key, param)  # a retry gets its recorded values back
+                trial.set_user_attr("cell", cell.id)
+                trial.set_user_attr("seed", self.sweep.seeds[0])
+                trial.set_user_attr("phase", "tune")
+                return Claim(study, trial, "tune", cell, self.sweep.seeds[0], dict(trial.params))
+            if state["RUNNING"] or cell.id in self.eval_enqueued:
+                continue
+            self.eval_enqueued.add(cell.id)
+            complete = [t for t in trials if t.state == TrialState.COMPLETE]
+            if not complete:
+                self.untunable.add(cell.id)
+                continue
+            best = study.best_trial
+            self._enqueue_eval([cell], {cell.id: dict(best.params)}, {cell.id: f"{study.study_name}/{best.number}"})
+            claim = self._pop_eval()
+            if claim is not None:
+                return claim
+        return None
+
+    def _running_anywhere(self) -> bool:
+        from optuna.trial import TrialState
+
+        return any(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) for study in self._studies())
+
+    # ---------------------------------------------------------------- running trials
+    def job(self, claim: Claim) -> TrialJob:
+        """The trial's full run config: the cell, its overrides, the seed, the pinned step."""
+        raw = apply_overrides(claim.cell.raw, {**claim.overrides, "seed": claim.seed})
+        tags = {"syncbench.sweep": self.sweep.name, "syncbench.role": "trial", "syncbench.cell": claim.cell.id,
+                "syncbench.seed": str(claim.seed), "syncbench.phase": claim.phase,
+                "syncbench.optuna_trial": claim.ref, **claim.extra_tags}
+        if claim.cell.id in self.step_s:
+            raw = apply_overrides(raw, {"cluster.compute.step_s": self.step_s[claim.cell.id]})
+            tags["syncbench.step_s_source"] = "sweep"
+        validate_config(raw, claim.ref)  # fail here, not in a worker, when a tuned value is invalid
+        run_name = (f"{claim.cell.label} seed={claim.seed}" if claim.phase == "eval"
+                    else f"tune {claim.cell.label} #{claim.trial.number}")
+        return TrialJob(config=raw, tags=tags, run_name=run_name, experiment=self.sweep.name,
+                        parent_run_id=self.parent_run_id, tracking_uri=self.opt.tracking_uri,
+                        workspace=str(self.opt.workspace))
+
+    def run(self) -> bool:
+        """Claim and run trials, ``jobs`` at a time, until the sweep is done. Returns True
+        when interrupted (Ctrl-C): trials in flight are failed, to be rerun by a resume."""
+        self.executor = make_executor(self.opt.jobs, self.preload)
+        inflight: dict[Future, Claim] = {}
+        try:
+            with self.display:
+                self.display.update(self.counts())
+                self._loop(inflight)
+        except KeyboardInterrupt:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            for claim in inflight.values():
+                self._abandon(claim, "interrupted (Ctrl-C)")
+            self.display.note("[red]interrupted[/]: rerun the same command to resume")
+            return True
+        self.executor.shutdown(wait=True)
+        return False
+
+    def _loop(self, inflight: dict[Future, Claim]) -> None:
+        waiting_noted = False
+        while True:
+            idle: Idle | None = None
+            while len(inflight) < self.opt.jobs:
+                claim = self.claim()
+                if isinstance(claim, Idle):
+                    idle = claim
+                    break
+                self._submit(claim, inflight)
+                self._collect(inflight)  # inline execution: the trial is already done
+            if inflight:
+                wait(list(inflight), timeout=self.opt.poll_s, return_when=FIRST_COMPLETED)
+                self._collect(inflight)
+                continue
+            if idle is Idle.DONE:
+                return
+            if not waiting_noted:  # trials of another (or a killed) launcher are still RUNNING
+                self.display.note(f"waiting for trials running elsewhere (a dead launcher's trials are "
+                                  f"retried {self.opt.grace_s} s after their last heartbeat)")
+                waiting_noted = True
+            self.display.update(self.counts())
+            time.sleep(self.opt.poll_s)
+
+    def _submit(self, claim: Claim, inflight: dict[Future, Claim]) -> None:
+        claim.heartbeat = Heartbeat(self.storage, claim.trial._trial_id, self.opt.heartbeat_s).start()
+        try:
+            job = self.job(claim)
+        except ConfigError as exc:
+            future: Future = Future()
+            future.set_result(TrialReport(outcome="failed", error=str(exc)))
+        else:
+            try:
+                future = self.executor.submit(run_trial_job, job)
+            except BrokenExecutor:
+                self.executor = make_executor(self.opt.jobs, self.preload)
+                future = self.executor.submit(run_trial_job, job)
+        inflight[future] = claim
+
+    def _collect(self, inflight: dict[Future, Claim]) -> None:
+        for future in [f for f in inflight if f.done()]:
+            claim = inflight.pop(future)
+            try:
+                report = future.result()
+            except BrokenExecutor as exc:  # a worker process died (OOM killer, a crash in native code)
+                report = TrialReport(outcome="failed", error=f"worker process died: {exc}")
+                mark_runs(self.client, self.experiment_id, claim.ref, "FAILED", report.error)
+                self.executor.shutdown(wait=False, cancel_futures=True)
+                self.executor = make_executor(self.opt.jobs, self.preload)
+            except Exception as exc:  # noqa: BLE001 - e.g. a KeyboardInterrupt result from a worker
+                report = TrialReport(outcome="failed", error=f"{type(exc).__name__}: {exc}")
+            self._tell(claim, report)
+
+    def _tell(self, claim: Claim, report: TrialReport) -> None:
+        """Record the result: a value (tta_s or the penalty) or FAIL, and the user attributes."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        claim.heartbeat.stop()
+        budget = claim.cell.config.budget.train_time_s
+        value = objective_value(report, budget)
+        attrs = report_attrs(report)
+        try:
+            for key, val in attrs.items():
+                claim.trial.set_user_attr(key, val)
+            if value is None:
+                claim.study.tell(claim.trial, state=TrialState.FAIL)
+            else:
+                claim.study.tell(claim.trial, value)
+        except UpdateFinishedTrialError:
+            # another launcher declared it stale (no heartbeat for the grace period) and
+            # enqueued a retry; this result stays in MLflow, the retry will be recorded too
+            self.display.note(f"[yellow]{claim.ref} was failed as stale while running; its retry will run again[/]")
+        self.trials_run += 1
+        self.trials_wall_s += report.wall_s
+        counts = self.counts()
+        self.display.update(counts)
+        self.display.trial_line(counts, claim.phase, claim.cell.label, claim.seed if claim.phase == "eval" else None,
+                                report.outcome, report.tta_s, report.wall_s or time.perf_counter() - claim.started,
+                                report.error)
+
+    def _abandon(self, claim: Claim, reason: str) -> None:
+        """Fail a trial we cannot finish; its MLflow run must not stay RUNNING."""
+        from optuna.trial import TrialState
+
+        if claim.heartbeat:
+            claim.heartbeat.stop()
+        try:
+            claim.trial.set_user_attr("error", reason)
+            claim.study.tell(claim.trial, state=TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - best effort on the way out; the heartbeat covers the rest
+            pass
+        mark_runs(self.client, self.experiment_id, claim.ref, "KILLED", reason)
+
+    # ---------------------------------------------------------------- accounting
+    def counts(self) -> Counts:
+        """Done / failed / running trials of the whole sweep, across launchers."""
+        counts = Counts(total=self.sweep.total_trials())
+        items = {(cell.id, seed) for cell in self.sweep.cells for seed in self.sweep.seeds}
+        per_item: dict[tuple[str, int], list] = {}
+        trials = self.study.get_trials(deepcopy=False)
+        replaced = _replaced(trials)
+        for t in trials:
+            key = (t.user_attrs.get("cell"), t.user_attrs.get("seed"))
+            if key in items:
+                per_item.setdefault(key, []).append(t)
+        for key in items:
+            states = {t.state.name for t in per_item.get(key, []) if t.number not in replaced}
+            if "COMPLETE" in states:
+                counts.done += 1
+            elif "RUNNING" in states:
+                counts.running += 1
+            elif "FAIL" in states and "WAITING" not in states:
+                counts.failed += 1
+            elif key[0] in self.untunable:
+                counts.failed += 1
+        n_trials = self.sweep.tune.n_trials if self.sweep.tune else 0
+        for study in self.tune_studies.values():
+            tally = _tally(study.get_trials(deepcopy=False))
+            done = min(n_trials, tally["COMPLETE"])
+            counts.done += done
+            counts.failed += min(n_trials - done, tally["FAIL"])
+            counts.running += tally["RUNNING"]
+        return counts
+
+    def summaries(self) -> list[CellSummary]:
+        """Per cell: the outcomes and TTAs of its COMPLETE eval trials (current seeds only)."""
+        from optuna.trial import TrialState
+
+        latest: dict[tuple[str, int], Any] = {}
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            latest[(t.user_attrs.get("cell"), t.user_attrs.get("seed"))] = t
+        rows = []
+        for cell in self.sweep.cells:
+            row = CellSummary(cell.label, len(self.sweep.seeds))
+            for seed in self.sweep.seeds:
+                t = latest.get((cell.id, seed))
+                if t is None:
+                    continue
+                row.outcomes.append(t.user_attrs.get("outcome", "?"))
+                if t.user_attrs.get("outcome") == "reached":
+                    row.tta.append(float(t.user_attrs["tta_s"]))
+                if self.sweep.tune:
+                    row.tuned = t.user_attrs.get("overrides")
+            if cell.id in self.untunable:
+                row.note = "every tuning trial failed"
+            rows.append(row)
+        return rows
+
+    def finish(self, wall_s: float, interrupted: bool) -> SweepResult:
+        """Close the parent run when the sweep is over, print the table, return the result."""
+        counts = self.counts()
+        result = SweepResult(counts, wall_s, self.trials_run, self.trials_wall_s, self.parent_run_id, interrupted)
+        finished = counts.running == 0 and counts.finished == counts.total
+        if interrupted:
+            self.client.set_terminated(self.parent_run_id, "KILLED")
+        elif finished:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.parent_run_id, metrics=[
+                Metric("trials_complete", counts.done, now, 0), Metric("trials_failed", counts.failed, now, 0)])
+            self.client.set_terminated(self.parent_run_id, "FAILED" if counts.failed else "FINISHED")
+        where = (f"MLflow: experiment {self.sweep.name!r}, parent run {self.parent_run_id} "
+                 f"({self.opt.tracking_uri}); Optuna: study {self.sweep.name!r} ({redact(self.opt.storage_url)})")
+        self.display.table(self.summaries(), counts, wall_s, where)
+        return result
+
+    def close(self) -> None:
+        self.lock.close()
+
+
+# -------------------------------------------------------------------- helpers
+def _suggest(trial, key: str, param: ParamSpec) -> Any:
+    if param.choices is not None:
+        return trial.suggest_categorical(key, param.choices)
+    if param.is_int:
+        return trial.suggest_int(key, int(param.low), int(param.high), step=int(param.step or 1), log=param.log)
+    return trial.suggest_float(key, float(param.low), float(param.high), step=param.step, log=param.log)
+
+
+def _replaced(trials: list) -> set[int]:
+    """Numbers of stale trials that a retry replaced (RetryHeartbeatStaleTrialCallback keeps
+    them in the retry's ``retry_history``)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def _tally(trials: list) -> dict[str, int]:
+    """Trials by state, and ``consumed``: all but the stale ones a retry replaced (an
+    exception-FAILed tuning trial uses up one of ``n_trials``; a killed one does not)."""
+    replaced = _replaced(trials)
+    tally = {"COMPLETE": 0, "RUNNING": 0, "WAITING": 0, "FAIL": 0, "PRUNED": 0, "consumed": 0}
+    for t in trials:
+        if t.number in replaced:
+            continue
+        tally[t.state.name] += 1
+        tally["consumed"] += 1
+    return tally
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {format_value(old.get(k))} -> {format_value(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"${name}={raw!r}: expected a whole number of seconds") from None
+    if value < 1:
+        raise ConfigError(f"${name}={raw!r}: must be at least 1")
+    return value
+
+
+def _quiet_optuna() -> None:
+    """Optuna logs every trial at INFO and warns that heartbeats are experimental; the
+    progress display says what matters."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # we record heartbeats ourselves around ask/tell (sweeps.storage.Heartbeat)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")

@@ -1,0 +1,315 @@
+"""Sweep specs (DESIGN.md "Sweep spec"): load, validate and expand into grid cells.
+
+A spec is checked completely before anything is created: every grid cell's run config
+is validated, every tuned parameter is validated with sample values on every cell it
+applies to, and every ``when`` condition must name a config key and match at least one
+cell. Any problem raises :class:`~experiments.config.ConfigError` naming the key.
+
+```yaml
+name: workers-scaling                    # the MLflow experiment and the Optuna study
+base: experiments/configs/mnist1d_cnn.yaml
+set: {budget.train_time_s: 30}           # optional overrides of the base, for every cell
+grid:                                    # every combination is a cell
+  strategy.name: [sync, local_sgd, async]
+  cluster.workers: [1, 2, 4, 8]
+seeds: [0, 1, 2]                         # each cell is run once per seed
+tune:                                    # optional: tune each cell, then run seeds with the best
+  n_trials: 8
+  seed: 0                                # TPE sampler seed (mixed with the cell id)
+  params:
+    task.module_args.lr: {low: 1.0e-3, high: 0.3, log: true}
+    strategy.local_steps: {choices: [2, 4, 8, 16], when: {strategy.name: local_sgd}}
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from experiments.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    flatten,
+    parse_override,
+    read_yaml,
+    validate_config,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+Scalar = bool | int | float | str | None  # what Optuna can store as a categorical choice
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParamSpec(_Strict):
+    """One tuned parameter: a range ``{low, high, log, step}`` or ``{choices}``, optionally
+    restricted to the cells whose config matches ``when`` (a list value means "any of").
+
+    Both bounds written as integers make an integer parameter (write ``0.0`` for a float).
+    """
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: list[Scalar] | None = None
+    when: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> "ParamSpec":
+        ranged = self.low is not None or self.high is not None
+        if self.choices is not None:
+            if ranged or self.log or self.step is not None:
+                raise ValueError("give either {low, high, log, step} or {choices}, not both")
+            if not self.choices:
+                raise ValueError("choices: must not be empty")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give {low, high} (optionally log, step) or {choices}")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be smaller than high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("step and log: true cannot be combined")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return self.choices is None and all(isinstance(v, int) and not isinstance(v, bool)
+                                            for v in (self.low, self.high))
+
+    def samples(self) -> list[Any]:
+        """Values to validate the config with: both bounds, or every choice."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+    def applies_to(self, flat_config: dict[str, Any]) -> bool:
+        return all(_matches(flat_config, key, want) for key, want in self.when.items())
+
+
+class TuneSpec(_Strict):
+    n_trials: int = Field(ge=1)
+    seed: int = 0
+    params: dict[str, ParamSpec] = Field(min_length=1)
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=NAME_PATTERN, max_length=100)
+    description: str = ""
+    base: str
+    set: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: list[int] = Field(min_length=1)
+    tune: TuneSpec | None = None
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty_distinct(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"{key}: needs at least one value")
+            shown = [format_value(v) for v in values]
+            if len(set(shown)) != len(shown):
+                raise ValueError(f"{key}: repeated values {shown}")
+        return grid
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"repeated seeds {seeds}")
+        return seeds
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of grid values, with its validated run config (seed not yet set)."""
+
+    id: str  # canonical: "key=value" in grid order, joined by ","
+    assignment: dict[str, Any]
+    raw: dict[str, Any]  # base + set + --set + assignment, before validation
+    config: RunConfig
+
+    @property
+    def label(self) -> str:
+        """Short form for displays: the last part of each key, e.g. 'name=sync workers=4'."""
+        return " ".join(f"{k.rsplit('.', 1)[-1]}={format_value(v)}" for k, v in self.assignment.items()) or self.id
+
+
+@dataclass
+class Sweep:
+    """A validated spec, expanded: what the launcher needs and nothing it must re-check."""
+
+    spec: SweepSpec
+    spec_path: Path
+    base_path: Path
+    base_raw: dict[str, Any]  # after the spec's `set` and the command line's --set
+    overrides: dict[str, Any]  # spec `set` then --set, as applied
+    cells: list[Cell]
+    tune_params: dict[str, dict[str, ParamSpec]] = field(default_factory=dict)  # cell id -> active params
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.spec.seeds
+
+    @property
+    def tune(self) -> TuneSpec | None:
+        return self.spec.tune
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change when a sweep is resumed: the base config (minus the keys the
+        grid and the seeds set) and the tuning. Adding grid values or seeds is allowed."""
+        owned = [*self.spec.grid, "seed"]
+        base = {k: v for k, v in flatten(self.base_raw).items() if not any(_under(k, o) for o in owned)}
+        return {"base": base, "tune": self.tune.model_dump(mode="json") if self.tune else None}
+
+    def total_trials(self) -> int:
+        per_cell = len(self.seeds) + (self.tune.n_trials if self.tune else 0)
+        return per_cell * len(self.cells)
+
+
+def format_value(value: Any) -> str:
+    """A grid value as it appears in a cell id: strings bare, anything else as compact JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def cell_id(assignment: dict[str, Any]) -> str:
+    return ",".join(f"{k}={format_value(v)}" for k, v in assignment.items()) or "base"
+
+
+def task_key(config: RunConfig) -> str:
+    """What a calibrated step time depends on: the model, its data, the per-worker batch and
+    activation checkpointing (not the seed, the strategy or the cluster)."""
+    ident = {"task": config.task.model_dump(mode="json"), "batch_size": config.batch_size,
+             "checkpointing": config.checkpointing.model_dump(mode="json")}
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Sweep:
+    """Read and fully validate a spec; raises ConfigError naming the offending key."""
+    path = Path(path)
+    raw = read_yaml(path)
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_spec_error(exc, path)) from None
+    _check_key_overlaps(spec, path)
+    base_path = _resolve_base(spec.base, path)
+    overrides = dict(spec.set)
+    for item in cli_overrides or []:
+        key, value = parse_override(item)
+        overrides[key] = value
+    if "seed" in overrides:
+        raise ConfigError(f"sweep spec {path}: set.seed: the seeds come from `seeds:`, not from an override")
+    base_raw = apply_overrides(read_yaml(base_path), overrides)
+    cells = _expand_cells(spec, base_raw, path)
+    sweep = Sweep(spec, path, base_path, base_raw, overrides, cells)
+    if spec.tune:
+        sweep.tune_params = _check_tune(spec.tune, cells, path)
+    return sweep
+
+
+def _resolve_base(base: str, spec_path: Path) -> Path:
+    """`base` as written (relative to the current directory), else next to the spec, else
+    relative to the repository root: specs are usually run from the root."""
+    candidates = [Path(base), spec_path.parent / base, REPO_ROOT / base]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise ConfigError(f"sweep spec {spec_path}: base: no such file {base!r} (tried {tried})")
+
+
+def _check_key_overlaps(spec: SweepSpec, path: Path) -> None:
+    """Grid and tune keys must be distinct and not nest (the order of overrides would matter)."""
+    if "seed" in spec.grid:
+        raise ConfigError(f"sweep spec {path}: grid.seed: put seeds under `seeds:`, not in the grid")
+    owners = [("grid", k) for k in spec.grid] + [("tune.params", k) for k in (spec.tune.params if spec.tune else {})]
+    if spec.tune and "seed" in spec.tune.params:
+        raise ConfigError(f"sweep spec {path}: tune.params.seed: seeds are not tuned; list them under `seeds:`")
+    for (sa, a), (sb, b) in itertools.combinations(owners, 2):
+        if a == b or _under(a, b) or _under(b, a):
+            raise ConfigError(f"sweep spec {path}: {sa}.{a} and {sb}.{b} set the same config key")
+
+
+def _expand_cells(spec: SweepSpec, base_raw: dict[str, Any], path: Path) -> list[Cell]:
+    keys = list(spec.grid)
+    cells = []
+    for values in itertools.product(*(spec.grid[k] for k in keys)):
+        assignment = dict(zip(keys, values))
+        cid = cell_id(assignment)
+        raw = apply_overrides(base_raw, assignment)
+        try:
+            config = validate_config(raw, f"{spec.base} in grid cell {cid}")
+        except ConfigError as exc:
+            raise ConfigError(f"sweep spec {path}: {exc}") from None
+        cells.append(Cell(cid, assignment, raw, config))
+    return cells
+
+
+def _check_tune(tune: TuneSpec, cells: list[Cell], path: Path) -> dict[str, dict[str, ParamSpec]]:
+    """Each param's `when` keys exist and match some cell; each sample value validates."""
+    flats = {cell.id: cell.config.flat() for cell in cells}
+    active: dict[str, dict[str, ParamSpec]] = {cell.id: {} for cell in cells}
+    for key, param in tune.params.items():
+        where = f"sweep spec {path}: tune.params.{key}"
+        for cond_key in param.when:
+            if not any(_under(k, cond_key) for k in flats[cells[0].id]):
+                raise ConfigError(f"{where}.when: {cond_key!r} is not a config key")
+        matching = [cell for cell in cells if param.applies_to(flats[cell.id])]
+        if not matching:
+            raise ConfigError(f"{where}.when: {param.when} matches no grid cell")
+        for cell in matching:
+            active[cell.id][key] = param
+            for value in param.samples():
+                try:
+                    validate_config(apply_overrides(cell.raw, {key: value}), f"with {key}={value!r}")
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: value {value!r} makes cell {cell.id} invalid: {exc}") from None
+    return active
+
+
+def _matches(flat: dict[str, Any], key: str, want: Any) -> bool:
+    """``when`` semantics: equality with the config value (or a nested mapping); a list
+    means any of its values."""
+    if key in flat:
+        have = flat[key]
+    else:
+        nested = {k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(key + ".")}
+        have = nested or None
+        if isinstance(want, dict):
+            want = flatten(want)
+    options = want if isinstance(want, list) else [want]
+    return any(have == option for option in options)
+
+
+def _under(key: str, prefix: str) -> bool:
+    """Whether dotted ``key`` is ``prefix`` or lies below it."""
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def _format_spec_error(exc: ValidationError, path: Path) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(err["type"], err["msg"])
+        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+        lines.append(f"  {loc}: {msg}{got}")
+    return f"invalid sweep spec {path}:\n" + "\n".join(lines)

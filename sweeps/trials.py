@@ -1,0 +1,126 @@
+"""Running one sweep trial, in the launcher's process or in a worker process.
+
+Sim trials run inside an already-imported interpreter (no ~5 s start per trial):
+``--jobs 1`` calls :func:`run_trial_job` in the launcher itself, ``--jobs K`` in a pool of K
+long-lived worker processes (forkserver: torch and Lightning are imported once in the
+server and every worker is forked from it, never from the launcher, whose torch thread pool
+may already be running). Dist-backend trials start their own processes inside
+``execute_run``.
+
+Objective (minimised): ``tta_s`` when the target was reached; a censored run (``budget``)
+scores ``BUDGET_PENALTY`` × ``budget.train_time_s`` and a diverged one ``DIVERGED_PENALTY`` ×
+``budget.train_time_s`` — finite, so the trial completes and the sampler learns from it, and
+always worse than any reached run (whose TTA is at most the budget), with divergence worse
+than censoring. NaN is never a value. A run that raised makes the trial FAIL.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import signal
+import traceback
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+BUDGET_PENALTY = 2.0
+DIVERGED_PENALTY = 4.0
+
+
+@dataclass
+class TrialJob:
+    """Everything a worker needs: plain data, picklable."""
+
+    config: dict[str, Any]  # the full raw run config, seed and pinned step_s included
+    tags: dict[str, str]
+    run_name: str
+    experiment: str
+    parent_run_id: str
+    tracking_uri: str
+    workspace: str
+
+
+@dataclass
+class TrialReport:
+    """What came back from a trial (``outcome`` is reached | budget | diverged | failed)."""
+
+    outcome: str
+    run_id: str | None = None
+    tta_s: float | None = None
+    wall_s: float = 0.0
+    mlflow_log_s: float = 0.0
+    init_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def run_trial_job(job: TrialJob) -> TrialReport:
+    """Validate and run one trial; an exception becomes a ``failed`` report (the MLflow run,
+    if one was created, is already marked FAILED by ``execute_run``)."""
+    from experiments.config import validate_config
+    from experiments.run import execute_run
+
+    try:
+        config = validate_config(job.config, job.run_name)
+        result = execute_run(config, workspace=job.workspace, tracking_uri=job.tracking_uri,
+                             experiment=job.experiment, tags=job.tags, parent_run_id=job.parent_run_id,
+                             run_name=job.run_name, progress=False)
+    except Exception as exc:  # noqa: BLE001 - reported to the launcher, which fails the trial
+        tb = traceback.format_exc(limit=6)
+        return TrialReport(outcome="failed", error=f"{type(exc).__name__}: {exc}", extra={"traceback": tb})
+    return TrialReport(outcome=result.outcome, run_id=result.run_id, tta_s=result.tta_s, wall_s=result.wall_s,
+                       mlflow_log_s=result.mlflow_log_s, init_s=result.init_s,
+                       extra={"best_val": result.best_val, "samples_to_target": result.samples_to_target})
+
+
+def objective_value(report: TrialReport, budget_s: float) -> float | None:
+    """The value Optuna minimises, or None when the trial must FAIL."""
+    if report.outcome == "reached" and report.tta_s is not None and math.isfinite(report.tta_s):
+        return float(report.tta_s)
+    if report.outcome == "budget":
+        return BUDGET_PENALTY * budget_s
+    if report.outcome == "diverged":
+        return DIVERGED_PENALTY * budget_s
+    return None
+
+
+def report_attrs(report: TrialReport) -> dict[str, Any]:
+    """The trial user attributes recorded with the result: few, since each is one write
+    (one commit) to the storage; everything else is in the MLflow run."""
+    attrs = {"outcome": report.outcome, "tta_s": report.tta_s, "mlflow_run_id": report.run_id,
+             "wall_s": round(report.wall_s, 4), "error": report.error}
+    return {k: v for k, v in attrs.items() if v is not None}
+
+
+class InlineExecutor(Executor):
+    """``--jobs 1``: run each trial at submit time in this process (no pool, no pickling)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def make_executor(jobs: int, preload: list[str]) -> Executor:
+    """The trial executor for ``--jobs``: inline for 1, a forkserver pool for more."""
+    if jobs <= 1:
+        return InlineExecutor()
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["experiments.run", "sweeps.trials", *preload])
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker)
+
+
+def _init_worker() -> None:
+    """Die with the launcher: a worker orphaned by ``kill -9`` would finish its trial and
+    record a second run of a cell × seed that the resumed sweep retries anyway."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: parent = the forkserver, which exits with the launcher
+        if os.getppid() == 1:  # the parent died before prctl
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
