@@ -14,6 +14,7 @@ cell) and to save a screenshot of it.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -92,8 +93,10 @@ class HeadlessChromium:
         from_chrome_r, from_chrome_w = os.pipe()
 
         def child_fds() -> None:  # Chromium reads commands on fd 3 and writes replies on fd 4
-            os.dup2(to_chrome_r, 3)
-            os.dup2(from_chrome_w, 4)
+            high_r = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)  # out of the way of 3 and 4 first
+            high_w = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
 
         self.proc = subprocess.Popen(
             [self.executable, *QUIET_FLAGS, f"--user-data-dir={self.user_data}",

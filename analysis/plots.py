@@ -99,7 +99,7 @@ def plot_tta_vs_workers(sweep: SweepData, cells: list[CellSummary], out_dir: Pat
             xs = [c.workers * off for c in series if c.tta_median_s is not None]
             ys = [c.tta_median_s for c in series if c.tta_median_s is not None]
             ax.plot(xs, ys, ls=ls, marker=marker, color=color, lw=2, ms=7, zorder=3,
-                    label=_series_label(strategy, variant, many) + " (median)")
+                    label=_series_label(strategy, variant, many) + " — median")
             for c in series:
                 x = c.workers * off
                 reached = [r.tta for r in c.usable if r.reached]
@@ -121,9 +121,10 @@ def plot_tta_vs_workers(sweep: SweepData, cells: list[CellSummary], out_dir: Pat
         base = min(one, key=lambda c: c.tta_median_s)
         grid = np.geomspace(1, max(workers), 50)
         ax.plot(grid, base.tta_median_s / grid, color="black", ls="--", lw=1,
-                label=f"ideal linear scaling: fastest 1-worker cell ({base.label}) ÷ N")
+                label="ideal linear scaling from the fastest 1-worker cell")
     if censored_drawn:
         ax.axhline(budget, color="0.5", ls=":", lw=1, label=f"budget {budget:g} s (censoring)")
+        ax.set_ylim(top=budget * 1.8)  # room for the k/n labels above the triangles
     ax.set_yscale("log")
     _workers_axis(ax, workers)
     ax.set_ylabel("time to accuracy (s of training clock, log scale)")
@@ -255,7 +256,7 @@ def plot_sync_breakdown(sweep: SweepData, cells: list[CellSummary], out_dir: Pat
         if len(variants) > 1:
             ax.set_title(_variant_label(variant))
         ax.grid(True, axis="y", alpha=0.25)
-    axes[0, 0].set_ylabel("share of worker time (%, mean over workers and seeds)")
+    axes[0, 0].set_ylabel("share of worker time (%)")
     axes[0, 0].legend(loc="lower left", framealpha=0.9)
     fig.suptitle("Synchronous training: compute, communication and waiting")
     fig.tight_layout()

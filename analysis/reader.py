@@ -261,6 +261,15 @@ def known_sweeps(client) -> list[str]:
         return []
 
 
+def _quote(value: str) -> str:
+    """A string literal for an MLflow search filter."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"sweep name {value!r}: contains both kinds of quote; MLflow filters cannot express it")
+
+
 def load_sweep(client, name: str, tracking_uri: str, *, curves: bool = True) -> SweepData:
     """All trials of the sweep ``name``; raises ConfigError when there is nothing to report."""
     exp = client.get_experiment_by_name(name)
@@ -268,7 +277,7 @@ def load_sweep(client, name: str, tracking_uri: str, *, curves: bool = True) -> 
         others = known_sweeps(client)
         hint = f" Experiments in this store: {', '.join(others)}." if others else " The store has no experiments."
         raise ConfigError(f"sweep {name!r}: no MLflow experiment of that name at {tracking_uri}.{hint}")
-    sweep_filter = f"tags.`syncbench.sweep` = '{name}'"
+    sweep_filter = f"tags.`syncbench.sweep` = {_quote(name)}"
     parents = search_all(client, exp.experiment_id, f"{sweep_filter} and tags.`syncbench.role` = 'parent'")
     parents.sort(key=lambda r: r.info.start_time or 0)
     trials = [_record(r) for r in search_all(client, exp.experiment_id, f"{sweep_filter} and tags.`syncbench.role` = 'trial'")]

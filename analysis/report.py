@@ -31,6 +31,8 @@ from experiments.config import ConfigError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 REPORT_FILES = ("report.html", "report.md", "summary.csv", "claims.json")
+STEP_SOURCES = {"pinned": "pinned in the config", "calibrated": "calibrated by each run on its machine",
+                "sweep": "calibrated once per task by the sweep"}
 EVAL_RESOLUTION_LIMIT = 0.05  # DESIGN.md: the eval interval should be <= 5% of the 1-worker TTA
 
 
@@ -140,11 +142,11 @@ def provenance(sweep: SweepData) -> list[tuple[str, str]]:
                                                if backends == ["sim"] else ""))]
     sim = [r for r in runs if (r.params.get("backend") or r.params.get("cluster.backend")) == "sim"]
     if sim:
-        pinned = sorted({r.params.get("cluster.compute.step_s", "None") for r in sim})
-        sources = sorted({r.tags.get("syncbench.step_s_source", "?") for r in sim})
-        measured = sorted({f"{r.metrics['step_time_s']:.4g}" for r in sim if "step_time_s" in r.metrics})
-        rows.append(("Sim compute: step_s per worker step",
-                     f"{', '.join(pinned)} s ({'/'.join(sources)}); step_time_s used: {', '.join(measured) or '—'} s"))
+        sources = sorted({STEP_SOURCES.get(r.tags.get("syncbench.step_s_source", ""), "source not recorded")
+                          for r in sim})
+        used = sorted({float(r.metrics["step_time_s"]) for r in sim if "step_time_s" in r.metrics})
+        shown = ", ".join(f"{v:.4g}" for v in used[:6]) + (f" … ({len(used)} values)" if len(used) > 6 else "")
+        rows.append(("Sim compute: seconds per worker step", f"{shown or '—'} s ({'; '.join(sources)})"))
         rows.append(("Sim network: latency (alpha)", f"{_distinct(sweep, 'cluster.network.latency_s')} s"))
         rows.append(("Sim network: bandwidth (beta)", f"{_distinct(sweep, 'cluster.network.bandwidth_gbps')} Gbit/s"))
         straggler_keys = sorted({k for r in sim for k in r.params if k.startswith("cluster.stragglers.")})
@@ -169,12 +171,33 @@ def provenance(sweep: SweepData) -> list[tuple[str, str]]:
     if lr:
         rows.append(("Learning rate(s)", ", ".join(lr)))
     rows.append(("Seeds", ", ".join(map(str, sorted({r.seed for r in runs if r.seed is not None})))))
+    differing = within_cell_differences(sweep)
+    if differing:
+        rows.append(("Differences within a cell", "; ".join(differing) + "  (runs of one cell are not identical "
+                                                                        "apart from the seed: read its spread with care)"))
     rows.append(("Machine (host)", ", ".join(sweep.tag_values("syncbench.host")) or "—"))
     rows.append(("torch", ", ".join(sweep.tag_values("syncbench.torch")) or "—"))
     commits = sweep.tag_values("syncbench.git_commit")
     rows.append(("Git commit", ", ".join(c[:12] for c in commits) + ("  (runs span several commits!)"
                                                                       if len(commits) > 1 else "") or "—"))
     return rows
+
+
+IGNORED_WITHIN_CELL = {"seed", "name"}
+
+
+def within_cell_differences(sweep: SweepData) -> list[str]:
+    """Config keys whose value differs between the seeds of one cell (other than the seed)."""
+    by_cell: dict[str, list] = {}
+    for r in sweep.runs:
+        by_cell.setdefault(r.cell, []).append(r)
+    out = []
+    for cell, runs in by_cell.items():
+        keys = sorted({k for r in runs for k in r.params} - IGNORED_WITHIN_CELL)
+        varying = [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
+        if varying:
+            out.append(f"{cell}: {', '.join(varying)}")
+    return out
 
 
 def grid_keys(sweep: SweepData) -> list[str]:
@@ -313,9 +336,13 @@ def write_report(client, sweep_name: str, out_dir: Path, *, tracking_uri: str,
             result.warnings.append(f"sweep {sweep_name!r} has no parent run (syncbench.role=parent): the report was "
                                    f"not logged to MLflow")
         else:
-            for path in files:
-                client.log_artifact(sweep.parent_run_id, str(path), artifact_path="report")
-            result.logged_to_parent = True
+            try:
+                for path in files:
+                    client.log_artifact(sweep.parent_run_id, str(path), artifact_path="report")
+                result.logged_to_parent = True
+            except Exception as exc:  # noqa: BLE001 - the report is written; say why MLflow lacks it
+                result.warnings.append(f"the report was written to {out_dir} but could not be logged to the parent "
+                                       f"run {sweep.parent_run_id}: {type(exc).__name__}: {exc}")
     return result
 
 

@@ -59,7 +59,25 @@ def main(argv: list[str] | None = None) -> None:
         runs.append({"name": name, "module": module, "opt": build_optimizer(module), "wrapped": wrapped,
                      "bytes": activation_bytes(module, batches[0]), "times": []})
 
+    # Chen et al.'s prediction: a checkpointed block costs one extra (no-grad) forward.
+    # Time each block's forward alone, on the input it sees in training, in the same loop.
+    blocks = list(base.checkpoint_blocks())
+    inputs: dict[int, tuple] = {}
+    hooks = [b.register_forward_pre_hook(lambda mod, a, i=i: inputs.setdefault(i, tuple(t.detach() for t in a)))
+             for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        base(batches[0][0])
+    for h in hooks:
+        h.remove()
+    block_times: list[list[float]] = [[] for _ in blocks]
+
     for rep, batch in enumerate(batches):
+        with torch.no_grad():
+            for i, block in enumerate(blocks):
+                start = time.perf_counter()
+                block(*inputs[i])
+                if rep >= args.warmup:
+                    block_times[i].append(time.perf_counter() - start)
         for run in runs:  # interleaved: drift affects every variant alike
             module, opt = run["module"], run["opt"]
             start = time.perf_counter()
@@ -74,11 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     n_blocks = len(base.checkpoint_blocks())
     print(f"charlm {config.task.module_args} batch {config.batch_size}, {n_blocks} blocks, one thread, "
           f"{args.reps} interleaved reps")
-    print(f"{'variant':<20}{'blocks':>7}{'step ms':>10}{'time x':>8}{'act. MiB':>10}{'memory x':>10}")
-    for run in runs:
+    print(f"{'variant':<20}{'blocks':>7}{'step ms':>10}{'time x':>8}{'Chen x':>8}{'act. MiB':>10}{'memory x':>10}")
+    for run, (_, cfg) in zip(runs, VARIANTS):
         t = statistics.median(run["times"])
-        print(f"{run['name']:<20}{run['wrapped']:>7}{1000 * t:>10.2f}{t / t_off:>8.3f}"
+        wrapped = range(0, n_blocks, cfg.every) if cfg.enabled else []
+        predicted = 1 + sum(statistics.median(block_times[i]) for i in wrapped) / t_off
+        print(f"{run['name']:<20}{run['wrapped']:>7}{1000 * t:>10.2f}{t / t_off:>8.3f}{predicted:>8.3f}"
               f"{run['bytes'] / 2**20:>10.2f}{run['bytes'] / b_off:>10.3f}")
+    print("time x: median step time / off; Chen x: 1 + no-grad forward time of the wrapped blocks / off "
+          "(one recomputation, no overhead); memory x: activation_bytes / off")
 
 
 if __name__ == "__main__":

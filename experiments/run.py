@@ -188,7 +188,7 @@ class _Progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                     TextColumn("clock {task.completed:.1f}/{task.total:.0f} s"),
+                                     TextColumn("clock {task.completed:.2f}/{task.total:g} s"),
                                      TextColumn("{task.fields[metric]}"), TimeElapsedColumn())
 
     def __enter__(self) -> "_Progress":

@@ -25,7 +25,12 @@ CheckpointFunction of Megatron-LM/DeepSpeed; ``partition_activations`` and
 ``cpu_checkpointing`` are passed to ``deepspeed.checkpointing.configure``). ``impl: torch``
 uses ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``, the reference.
 Both restore the forward's CPU (and device) RNG state for the recomputation, so dropout
-draws the same masks and the gradients equal those without checkpointing.
+draws the same masks and the gradients equal those without checkpointing. DeepSpeed keeps
+the block inputs outside ``save_for_backward`` (``ctx.deepspeed_saved_tensors``), and with
+``partition_activations`` it empties each input's ``.data`` in place (Megatron-LM's
+assumption that nothing else saved a block's input). On a CPU model
+``cpu_checkpointing`` is rejected: DeepSpeed's "copy" to the CPU is then the input
+itself, which it empties, and the backward pass fails.
 
 How the wrapping survives copies
 --------------------------------

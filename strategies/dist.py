@@ -50,6 +50,7 @@ ENV_WORKER = "SYNCBENCH_DIST_WORKER"
 ENV_EMULATE = "SYNCBENCH_DIST_EMULATE"
 ENV_DEBUG = "SYNCBENCH_DIST_DEBUG_DIR"
 ENV_DEVICE = "SYNCBENCH_DIST_DEVICE"  # auto (default) | cpu
+ENV_THREADS = "SYNCBENCH_DIST_THREADS"  # intra-op threads per worker (default: cores owned / local workers)
 HEARTBEAT_S = 0.25
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,6 +97,11 @@ def cores_owned() -> int:
 
 
 def threads_per_worker(local_world: int) -> int:
+    """One intra-op thread per core the worker owns (cores of this process's affinity mask
+    divided among the workers of this machine); ``SYNCBENCH_DIST_THREADS`` overrides."""
+    override = os.environ.get(ENV_THREADS)
+    if override:
+        return max(1, int(override))
     return max(1, cores_owned() // max(1, local_world))
 
 
@@ -373,6 +379,7 @@ def _run_workers(control: Path, n: int, timeout_s: float, progress: bool, config
             with _main_module_hidden():
                 process.start()
             procs.append(_Worker(process))
+        _write_json(control / "workers.json", [p.pid for p in procs])
         return _watch(procs, control, timeout_s, progress, config)
     finally:
         _kill_all(procs)
@@ -664,6 +671,8 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
         monitor = None
         if rank == 0:
             recorder = _open_recorder(attach, create)
+            if create is not None:
+                recorder.log_params({**config.flat(), "backend": "dist"})
             eval_module = copy.deepcopy(task.module).cpu()
             monitor = TTAMonitor(config, eval_module, task.val_batches,
                                  on_eval=_on_eval(recorder, control if progress else None))

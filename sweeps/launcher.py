@@ -43,9 +43,10 @@ from experiments.workspace import artifacts_dir, default_optuna_storage, default
 from sweeps.progress import CellSummary, Counts, SweepDisplay
 from sweeps.spec import Cell, ParamSpec, Sweep, format_value, load_sweep, task_key
 from sweeps.storage import Heartbeat, StorageLock, normalize_url, open_storage, redact, use_wal
-from sweeps.trials import TrialJob, TrialReport, make_executor, objective_value, report_attrs, run_trial_job
+from sweeps.trials import TrialJob, TrialReport, make_executor, objective_value, report_attrs, run_trial_job, warm_up
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+CALIBRATION_REPEATS = 5  # calibrate_step_s calls per task; ~20 steps each
 MAX_STALE_RETRIES = 3  # a trial that keeps killing its launcher is retried this often per launch
 FINGERPRINT_ATTR, STEP_S_ATTR, PARENT_ATTR = "syncbench.fingerprint", "syncbench.step_s", "syncbench.mlflow_parent_run_id"
 
@@ -219,7 +220,6 @@ class Launcher:
                                         grace_s=options.grace_s, stale_callback=self.stale)
             self.client = open_client(options.tracking_uri)
         self.display = SweepDisplay(sweep.name, bar=options.bar, lines=options.lines)
-        self.executor: Executor | None = None
         self.step_s: dict[str, float] = {}  # cell id -> step_s pinned by the sweep
         self.eval_enqueued: set[str] = set()  # tuned cells whose eval trials this launch enqueued
         self.untunable: set[str] = set()  # tuned cells without a single COMPLETE tuning trial
@@ -227,6 +227,7 @@ class Launcher:
         # task modules imported once by the forkserver that the --jobs workers are forked from
         self.preload = sorted({path.partition(":")[0] for cell in sweep.cells
                                for path in (cell.config.task.module, cell.config.task.data)})
+        self.executor: Executor | None = None
 
     # ---------------------------------------------------------------- set-up
     def setup(self, prepared: dict[str, Any]) -> None:
@@ -247,6 +248,11 @@ class Launcher:
             self._fail_stale()
             if not self.sweep.tune:
                 self._enqueue_eval(self.sweep.cells, {})
+        # the pool starts after calibration, which must time a step on an otherwise idle machine
+        self.executor = make_executor(self.opt.jobs, self.preload)
+        if self.opt.jobs > 1:
+            for _ in range(self.opt.jobs):
+                self.executor.submit(warm_up, self.opt.tracking_uri)
 
     def _check_fingerprint(self) -> None:
         """A resumed sweep must run the same base config and tuning (new cells and seeds are fine)."""
@@ -280,7 +286,10 @@ class Launcher:
             if key not in stored:
                 with one_thread():
                     task = prepared.get(key) or prepare_task(config)
-                    stored[key] = calibrate_step_s(task, config)
+                    # the least of a few medians: a burst of load from other processes
+                    # inflates one median (measured here: 4-10 ms against 1.5 ms idle), and
+                    # an inflated step_s stretches every simulated clock of the sweep
+                    stored[key] = min(calibrate_step_s(task, config) for _ in range(CALIBRATION_REPEATS))
                 changed = True
             self.step_s[cell.id] = stored[key]
         if changed:
@@ -462,7 +471,6 @@ class Launcher:
     def run(self) -> bool:
         """Claim and run trials, ``jobs`` at a time, until the sweep is done. Returns True
         when interrupted (Ctrl-C): trials in flight are failed, to be rerun by a resume."""
-        self.executor = make_executor(self.opt.jobs, self.preload)
         inflight: dict[Future, Claim] = {}
         try:
             with self.display:
@@ -646,6 +654,8 @@ class Launcher:
         return result
 
     def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)  # a no-op after run() shut it down
         self.lock.close()
 
 

@@ -75,6 +75,14 @@ def run_trial_job(job: TrialJob) -> TrialReport:
                        extra={"best_val": result.best_val, "samples_to_target": result.samples_to_target})
 
 
+def warm_up(tracking_uri: str) -> None:
+    """A pool worker's one-time costs (the MLflow store's engine and schema check, ~1.5 s),
+    paid while the launcher is still setting up rather than in the first trial."""
+    from experiments.recording import open_client
+
+    open_client(tracking_uri)
+
+
 def objective_value(report: TrialReport, budget_s: float) -> float | None:
     """The value Optuna minimises, or None when the trial must FAIL."""
     if report.outcome == "reached" and report.tta_s is not None and math.isfinite(report.tta_s):

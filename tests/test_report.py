@@ -127,17 +127,17 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def report_ws(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("report-ws")
 
 
 @pytest.fixture(scope="module")
-def small(workspace):
+def small(report_ws):
     """digits: {sync, async} x {1, 4} workers x 2 seeds, and its report."""
     name = "small-sweep"
-    uri, parent = build_sweep(workspace, name, grid(["sync", "async"], [1, 4]), [0, 1], SMALL_BASE)
-    assert report(workspace, name) == 0
-    out = workspace / "reports" / name
+    uri, parent = build_sweep(report_ws, name, grid(["sync", "async"], [1, 4]), [0, 1], SMALL_BASE)
+    assert report(report_ws, name) == 0
+    out = report_ws / "reports" / name
     return {"name": name, "uri": uri, "parent": parent, "out": out}
 
 
@@ -166,7 +166,7 @@ def test_report_states_backend_cost_model_eval_interval_and_provenance(small):
 
     html = (small["out"] / "report.html").read_text()
     for needle in ("Backend", "sim", "0.0005", "lognormal", "sigma=0.5", "5e-05", "Gbit/s", "Evaluation interval",
-                   "0.005 s of training clock", "Machine (host)", socket.gethostname(), torch.__version__,
+                   "0.005 s of training clock", "pinned in the config", "Machine (host)", socket.gethostname(), torch.__version__,
                    "Git commit"):
         assert needle in html, needle
 
@@ -249,8 +249,8 @@ def test_claims_section_is_complete_on_the_small_sweep(small):
     assert "Decision rule" in html and "Mann–Whitney" in html and "bootstrap" in html
 
 
-def test_report_of_an_unknown_sweep_is_bad_input(small, workspace, tmp_path, capsys):
-    assert report(workspace, "no-such-sweep") == 2
+def test_report_of_an_unknown_sweep_is_bad_input(small, report_ws, tmp_path, capsys):
+    assert report(report_ws, "no-such-sweep") == 2
     assert "no-such-sweep" in capsys.readouterr().err
     assert report(tmp_path / "empty-ws", "small-sweep") == 2  # no store there: nothing is created
     assert not (tmp_path / "empty-ws" / "mlflow.db").exists()
@@ -267,16 +267,16 @@ def test_report_honours_out_and_tracking_uri(small, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def censored(workspace):
+def censored(report_ws):
     """sync N=1 reaches; async N=4 reaches for seed 0 only: seeds 1 and 2 run on a link so slow
     (0.005 Gbit/s) that they are censored at the 0.3 s budget."""
     name = "censored-sweep"
     slow = ["cluster.network.bandwidth_gbps=0.005"]
     base = ["budget.train_time_s=0.3", "eval.every_s=0.01"]
-    uri, parent = build_sweep(workspace, name, grid(["sync"], [1]) + grid(["async"], [4]), [0, 1, 2], base,
+    uri, parent = build_sweep(report_ws, name, grid(["sync"], [1]) + grid(["async"], [4]), [0, 1, 2], base,
                               per_seed={(1, 1): slow, (1, 2): slow})
-    assert report(workspace, name) == 0
-    return {"name": name, "uri": uri, "out": workspace / "reports" / name}
+    assert report(report_ws, name) == 0
+    return {"name": name, "uri": uri, "out": report_ws / "reports" / name}
 
 
 def test_censored_runs_are_shown_as_censored_never_as_their_budget(censored):
@@ -305,6 +305,8 @@ def test_censored_runs_are_shown_as_censored_never_as_their_budget(censored):
     assert section.count("censored (&gt; 0.3 s budget)") == 2  # both censored runs listed
     md = (censored["out"] / "report.md").read_text()
     assert "> 0.3 (censored)" in md
+    # this cell's seeds ran on different networks on purpose: the report says so
+    assert "Differences within a cell" in md and "cluster.network.bandwidth_gbps" in md
 
 
 # ---------------------------------------------------------------------------------------
@@ -312,14 +314,14 @@ def test_censored_runs_are_shown_as_censored_never_as_their_budget(censored):
 
 
 @pytest.mark.heavy
-def test_claim_async_faster_is_supported_under_heavy_stragglers(workspace):
+def test_claim_async_faster_is_supported_under_heavy_stragglers(report_ws):
     """8 workers, each step 20x slower with probability 0.2: a sync round waits for its slowest
     worker almost every time, async does not wait at all."""
     name = "async-wins"
-    build_sweep(workspace, name, grid(["sync", "async"], [8]), [0, 1, 2, 3],
+    build_sweep(report_ws, name, grid(["sync", "async"], [8]), [0, 1, 2, 3],
                 ["cluster.stragglers={kind: bimodal, p: 0.2, slowdown: 20}", "eval.every_s=0.005"])
-    assert report(workspace, name) == 0
-    out = workspace / "reports" / name
+    assert report(report_ws, name) == 0
+    out = report_ws / "reports" / name
     b = claims_of(out)["b"]
     assert b["verdict"] == "supported", b
     (row,) = b["comparisons"]
@@ -330,14 +332,14 @@ def test_claim_async_faster_is_supported_under_heavy_stragglers(workspace):
 
 
 @pytest.mark.heavy
-def test_claim_async_faster_is_refuted_on_a_slow_network(workspace):
+def test_claim_async_faster_is_refuted_on_a_slow_network(report_ws):
     """8 workers on a 0.05 Gbit/s network: every async update pushes and pulls the model
     through the parameter server's one link, sync all-reduces once per 8 gradients."""
     name = "async-loses"
-    build_sweep(workspace, name, grid(["sync", "async"], [8]), [0, 1, 2, 3],
+    build_sweep(report_ws, name, grid(["sync", "async"], [8]), [0, 1, 2, 3],
                 ["cluster.network.bandwidth_gbps=0.05", "eval.every_s=0.01"])
-    assert report(workspace, name) == 0
-    out = workspace / "reports" / name
+    assert report(report_ws, name) == 0
+    out = report_ws / "reports" / name
     b = claims_of(out)["b"]
     assert b["verdict"] == "refuted", b
     html = (out / "report.html").read_text()
@@ -350,12 +352,12 @@ def test_claim_async_faster_is_refuted_on_a_slow_network(workspace):
 
 
 @pytest.mark.heavy
-def test_mlflow_server_serves_the_sweep_runs_and_the_report(small, workspace):
+def test_mlflow_server_serves_the_sweep_runs_and_the_report(small, report_ws):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", small["uri"], "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=workspace,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=report_ws,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # GenAI job runner: not needed
     base = f"http://127.0.0.1:{port}"
     try:

@@ -53,6 +53,10 @@ def test_mann_whitney_ties_censored_runs_at_the_top():
 def test_spearman_trend_with_permutation_p():
     up = stats.spearman_trend([1, 1, 2, 2, 4, 4, 8, 8], [0, 0.01, 0.1, 0.05, 0.2, 0.3, 0.5, 0.4])
     assert up.statistic > 0.9 and up.pvalue < 0.01
+    from scipy.stats import spearmanr
+
+    x, y = [1, 1, 2, 2, 4, 4, 8, 8], [0, 0.01, 0.1, 0.05, 0.2, 0.3, 0.5, 0.4]
+    assert up.statistic == pytest.approx(spearmanr(x, y).statistic)
     assert math.isnan(stats.spearman_trend([1, 2, 4], [0, 0, 0]).pvalue)
 
 
@@ -61,3 +65,121 @@ def test_log_sd_lower_bound_places_censored_runs_at_the_budget():
     bound = stats.log_sd_lower_bound(x, budget=5.0)
     assert bound == pytest.approx(stats.log_sd([1.0, 1.2, 5.0]))
     assert bound < stats.log_sd([1.0, 1.2, 50.0])  # a later true TTA only widens the spread
+
+
+# ---------------------------------------------------------------------------------------
+# decision rules of the claims and the cell summary, on hand-made run records
+
+
+def rec(strategy: str, workers: int, seed: int, tta: float | None, *, budget: float = 1.0, variant: dict | None = None,
+        metrics: dict | None = None, params: dict | None = None, tags: dict | None = None):
+    from analysis.reader import RunRecord
+
+    assignments = {"strategy.name": strategy, "cluster.workers": str(workers), **(variant or {})}
+    m = {"clock_s": tta if tta is not None else budget, "samples": 1000.0, **(metrics or {})}
+    if tta is not None:
+        m.update(tta_s=tta, samples_to_target=1000.0, updates_to_target=10.0)
+    p = {"strategy.name": strategy, "cluster.workers": str(workers), "budget.train_time_s": str(budget),
+         "backend": "sim", "cluster.compute.step_s": "None", "cluster.stragglers.kind": "lognormal", **(params or {})}
+    return RunRecord(run_id=f"{strategy}-{workers}-{seed}-{len(str(variant))}", run_name="", status="FINISHED",
+                     start_time=seed, cell=",".join(f"{k}={v}" for k, v in assignments.items()),
+                     assignments=assignments, strategy=strategy, workers=workers, seed=seed, phase="eval",
+                     outcome="reached" if tta is not None else "budget", params=p, metrics=m, tags=dict(tags or {}),
+                     artifact_uri="")
+
+
+def sweep_of(runs):
+    from analysis.reader import SweepData
+
+    return SweepData(name="t", tracking_uri="sqlite://", experiment_id="0", parent_run_id=None, parent_tags={},
+                     runs=runs, tune_runs=[])
+
+
+def wait_metrics(share: float) -> dict:
+    return {"time_compute_s": 1 - share, "time_comm_s": 0.0, "time_wait_s": share}
+
+
+def test_claim_a_supported_by_a_rising_wait_share_and_refuted_by_none_at_all():
+    from analysis.claims import claim_sync_wait
+
+    rising = [rec("sync", n, s, 0.1, metrics=wait_metrics(0.05 * i + 0.01 * s))
+              for i, n in enumerate([1, 2, 4, 8]) for s in range(3)]
+    assert claim_sync_wait(sweep_of(rising)).verdict == "supported"
+    flat = [rec("sync", n, s, 0.1, metrics=wait_metrics(0.0), params={"cluster.stragglers.kind": "none"})
+            for n in (1, 4) for s in range(3)]
+    claim = claim_sync_wait(sweep_of(flat))
+    assert claim.verdict == "refuted" and "no stragglers" in claim.rows[0].note
+    assert claim_sync_wait(sweep_of([rec("async", 4, 0, 0.1)])).verdict == "not testable"
+
+
+def test_claim_b_counts_censored_async_runs_as_slower_not_as_their_budget():
+    from analysis.claims import claim_async_faster
+
+    runs = [rec("sync", 4, s, 0.2 + 0.01 * s) for s in range(4)] + [rec("async", 4, s, None) for s in range(4)]
+    claim = claim_async_faster(sweep_of(runs))
+    assert claim.verdict == "refuted"
+    assert claim.rows[0].values["median TTA async (s)"].startswith("> 1 (censored)")
+    assert claim.rows[0].values["ratio async/sync [95% CI]"].startswith("∞")
+    faster = [rec("sync", 4, s, 0.2 + 0.01 * s) for s in range(4)] + [rec("async", 4, s, 0.1 + 0.01 * s)
+                                                                        for s in range(4)]
+    assert claim_async_faster(sweep_of(faster)).verdict == "supported"
+    two_seeds = faster[:2] + faster[4:6]
+    assert claim_async_faster(sweep_of(two_seeds)).verdict == "inconclusive"  # p >= 1/6 with 2 vs 2
+
+
+def test_claim_b_mixed_settings_are_inconclusive():
+    from analysis.claims import claim_async_faster
+
+    runs = [rec("sync", 2, s, 0.2 + 0.01 * s) for s in range(4)] + [rec("async", 2, s, 0.1 + 0.01 * s)
+                                                                      for s in range(4)]
+    runs += [rec("sync", 8, s, 0.1 + 0.01 * s) for s in range(4)] + [rec("async", 8, s, 0.3 + 0.01 * s)
+                                                                       for s in range(4)]
+    claim = claim_async_faster(sweep_of(runs))
+    assert [r.verdict for r in claim.rows] == ["supported", "refuted"]
+    assert claim.verdict == "inconclusive" and claim.summary.startswith("Mixed")
+
+
+def test_claim_c_uses_censored_runs_only_as_a_lower_bound_on_spread():
+    from analysis.claims import claim_async_inconsistent
+
+    sync = [rec("sync", 4, s, 0.200 + 0.001 * s) for s in range(6)]
+    spread = [rec("async", 4, s, t) for s, t in enumerate([0.05, 0.4, 0.1, 0.8, 0.07, 0.5])]
+    assert claim_async_inconsistent(sweep_of(sync + spread)).verdict == "supported"
+    with_censored = spread[:4] + [rec("async", 4, 4, None), rec("async", 4, 5, None)]
+    assert claim_async_inconsistent(sweep_of(sync + with_censored)).verdict == "supported"
+    sync_censored = sync[:5] + [rec("sync", 4, 5, None)]  # sync's spread is then only a lower bound
+    claim = claim_async_inconsistent(sweep_of(sync_censored + spread))
+    assert claim.verdict == "inconclusive" and "lower bound" in claim.rows[0].note
+
+
+def test_claim_d_needs_a_measured_step_time():
+    from analysis.claims import claim_checkpointing
+
+    def runs(step_on: float, mem_on: float, source: str):
+        out = []
+        for enabled, step, mem in (("True", step_on, mem_on), ("False", 0.010, 1000.0)):
+            for s in range(3):
+                out.append(rec("sync", 1, s, 0.1, variant={"checkpointing.enabled": enabled.lower()},
+                               params={"checkpointing.enabled": enabled},
+                               metrics={"step_time_s": step * (1 + 0.01 * s), "activation_bytes": mem},
+                               tags={"syncbench.step_s_source": source}))
+        return out
+
+    assert claim_checkpointing(sweep_of(runs(0.014, 100.0, "calibrated"))).verdict == "refuted"  # 40% slower
+    assert claim_checkpointing(sweep_of(runs(0.010, 100.0, "sweep"))).verdict == "supported"
+    assert claim_checkpointing(sweep_of(runs(0.010, 1000.0, "calibrated"))).verdict == "refuted"  # no saving
+    pinned = claim_checkpointing(sweep_of(runs(0.010, 100.0, "pinned")))
+    assert pinned.verdict == "inconclusive" and "pinned" in pinned.rows[0].note
+    assert claim_checkpointing(sweep_of(runs(0.010, 100.0, "calibrated")[3:])).verdict == "not testable"
+
+
+def test_cell_summary_with_censored_seeds():
+    from analysis.summary import summarize_cells
+
+    runs = [rec("sync", 1, 0, 0.1), rec("sync", 1, 1, 0.3), rec("sync", 1, 2, None), rec("sync", 1, 3, None)]
+    (cell,) = summarize_cells(sweep_of(runs))
+    assert cell.tta_median_s is None and cell.median_note == "censored (> 1 s)"  # median falls on a censored run
+    assert cell.tta_min_s == 0.1 and cell.tta_max_s is None and cell.n_censored == 2
+    five = [rec("sync", 1, s, t) for s, t in enumerate([0.1, 0.2, 0.3, 0.4, None])]
+    (cell,) = summarize_cells(sweep_of(five))
+    assert cell.tta_median_s == pytest.approx(0.3) and cell.tta_mlperf_mean_s == pytest.approx(0.3)

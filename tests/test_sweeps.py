@@ -258,23 +258,52 @@ def _run(cmd: list[str]) -> None:
 @pytest.mark.heavy
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
 def test_two_launchers_run_each_cell_and_seed_exactly_once(backend, ws, tmp_path, request):
+    from sweeps.launcher import LaunchOptions, run_sweep
+    from sweeps.spec import load_sweep
+
     storage = request.getfixturevalue("postgres") if backend == "postgresql" else f"sqlite:///{ws / 'optuna.db'}"
     name = f"two-launchers-{backend}"
     spec = write_spec(tmp_path / "two.yaml", name, grid={"strategy.name": ["sync", "async"],
                                                          "cluster.workers": [1, 2]},
-                      seeds=[0, 1], set={**SLOW, "budget.train_time_s": 0.5})
-    # one launcher with a pool of two worker processes, one running trials in-process
-    procs = [launcher(spec, ws, "--storage", storage, "--jobs", "2"), launcher(spec, ws, "--storage", storage)]
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+                      seeds=[0, 1, 2], set={**SLOW, "budget.train_time_s": 0.5})
+    # launcher 1: its own process, with a pool of two worker processes
+    proc = launcher(spec, ws, "--storage", storage, "--jobs", "2")
+    deadline = time.monotonic() + 180
+    while not _running_trials(name, ws, storage):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "launcher 1 never started a trial"
+        time.sleep(0.2)
+    # launcher 2: this process, trials in-process, joining while launcher 1 is busy
+    options = LaunchOptions.from_env(ws, storage, None, bar=False, lines=False)
+    mine = run_sweep(load_sweep(spec), options)
+    assert proc.wait(timeout=180) == 0, proc.communicate()[0]
+    assert mine.exit_code == 0
+    assert 1 <= mine.trials_run < 12, "both launchers should have run trials"
 
     trials = study(name, ws, storage).trials
-    assert states(trials) == {"COMPLETE": 8}  # no duplicate, no stray sampled trial
-    assert sorted(items(trials).values()) == [1] * 8
+    assert states(trials) == {"COMPLETE": 12}  # no duplicate, no stray sampled trial
+    assert sorted(items(trials).values()) == [1] * 12
     parents, children = mlflow_runs(name, ws)
-    assert len(parents) == 1 and len(children) == 8
-    assert sorted(Counter(run_key(r) for r in children).values()) == [1] * 8
+    assert len(parents) == 1 and len(children) == 12
+    assert sorted(Counter(run_key(r) for r in children).values()) == [1] * 12
     assert all(r.info.status == "FINISHED" for r in children)
+
+
+def _running_trials(name: str, ws: Path, storage: str) -> int:
+    """RUNNING trials of a sweep, read without creating anything (the launcher may still be
+    creating the tables)."""
+    if storage.startswith("sqlite"):
+        return sql(ws / "optuna.db", "SELECT count(*) FROM trials WHERE state = 'RUNNING'")
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(storage.replace("postgresql://", "postgresql+psycopg2://"))
+    try:
+        with engine.connect() as con:
+            return con.execute(sqlalchemy.text("SELECT count(*) FROM trials WHERE state = 'RUNNING'")).scalar()
+    except sqlalchemy.exc.SQLAlchemyError:
+        return 0
+    finally:
+        engine.dispose()
 
 
 # ------------------------------------------------------------------ tune then evaluate

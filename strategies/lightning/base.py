@@ -490,6 +490,7 @@ class WorkerStrategy(Strategy):
         if pad > 0:
             time.sleep(pad)
             self.worker.ledger.pad_compute += pad
+            self._step_excluded += pad  # the padding is not part of the measured compute step
         self._before_backward()
         out = super().backward(closure_loss, optimizer, *args, **kwargs)
         self._after_backward()
@@ -508,7 +509,8 @@ class WorkerStrategy(Strategy):
         raise NotImplementedError
 
     def _exclude(self, seconds: float) -> None:
-        """Seconds inside the current step that are not compute (blocking, padding, evaluation)."""
+        """Seconds inside the current step that are not measured compute (blocking, padding,
+        evaluation): what the straggler padding's measurement leaves out."""
         self._step_excluded += seconds
 
     def _end_step(self) -> None:
@@ -516,12 +518,9 @@ class WorkerStrategy(Strategy):
         now = time.perf_counter()
         self.worker.ledger.steps += 1
         wall = now - self._step_begin
-        self.worker.emulation.record_compute(wall - self._step_excluded - self._pad_this_step())
+        self.worker.emulation.record_compute(wall - self._step_excluded)
         if self.worker.debug:
             self.worker.ledger.step_times.append(wall)
-
-    def _pad_this_step(self) -> float:
-        return 0.0
 
     def _stop_now(self) -> None:
         self.worker.stopped = True

@@ -1,0 +1,82 @@
+"""Fidelity of the simulator: does the sim backend, calibrated on this machine, predict the
+dist backend's sync step time at N=2 within ±20%? 5.26M-parameter MLP over gloo.
+
+    python -m benchmarks.dist_fidelity [--reps 3] [--budget 6]
+
+Calibration, as the sim does it:
+* ``step_s``: ``experiments.run.calibrate_step_s`` — the median forward/backward/optimizer
+  step of the module at the per-worker batch size, one thread, in this process;
+* network: a gloo all-reduce at N=2 timed for sizes 64 KB..32 MB in two processes, fitted to
+  the ring model t = 2(N-1)·α + 2(N-1)/N · S/β (least squares) -> ``latency_s`` = α,
+  ``bandwidth_gbps`` = 8β/1e9.
+Prediction: the sim backend runs the same config (sync, N=2) with that ``step_s`` and network
+pinned; its training clock per update is the predicted step. Measurement: the dist backend's
+wall seconds per step on the training clock (rank 0: (elapsed - evaluation) / steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from benchmarks.dist_common import (
+    allreduce_times,
+    bench_config,
+    fit_alpha_beta,
+    load_note,
+    loop_step_s,
+    run_dist,
+)
+
+
+def sim_step_s(step_s: float, latency_s: float, bandwidth_gbps: float, ws: Path) -> float:
+    from experiments.run import execute_run
+
+    config = bench_config("sync", 2, 1.0, **{"cluster.backend": "sim", "cluster.compute.step_s": step_s,
+                                              "cluster.network.latency_s": latency_s,
+                                              "cluster.network.bandwidth_gbps": bandwidth_gbps})
+    result = execute_run(config, workspace=ws)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    updates = client.get_metric_history(result.run_id, "clock_s")[-1].step
+    return result.clock_s / max(1, updates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=6.0)
+    args = parser.parse_args()
+    from experiments.run import calibrate_step_s, one_thread, prepare_task
+
+    ws = Path(tempfile.mkdtemp(prefix="bench-ws-"))
+    print(f"# sim-vs-dist fidelity, sync, 5.26M MLP, batch 64/worker, N=2, gloo; {load_note()}")
+    config = bench_config("sync", 2, args.budget)
+    with one_thread():
+        task = prepare_task(config)
+    sizes = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20]
+    predicted, measured = [], []
+    for rep in range(args.reps):
+        with one_thread():
+            step_s = calibrate_step_s(task, config, warmup=5, measured=30)
+        times = allreduce_times(sizes, 2)
+        alpha, beta = fit_alpha_beta(times, 2)
+        gbps = beta * 8 / 1e9
+        pred = sim_step_s(step_s, alpha, gbps, ws)
+        meas = loop_step_s(run_dist(config, ws)["dumps"])
+        predicted.append(pred)
+        measured.append(meas)
+        print(f"rep {rep}: step_s {step_s * 1e3:.1f} ms; all-reduce fit alpha {alpha * 1e6:.0f} us, "
+              f"beta {gbps:.2f} Gbit/s (21 MB in {times[16 << 20] * 1e3:.1f}/{times[32 << 20] * 1e3:.1f} ms for "
+              f"16/32 MB); sim {pred * 1e3:.1f} ms/update, dist {meas * 1e3:.1f} ms/update, "
+              f"sim/dist {pred / meas:.3f}", flush=True)
+    p, m = statistics.median(predicted), statistics.median(measured)
+    print(f"median: sim predicts {p * 1e3:.1f} ms/update, dist measures {m * 1e3:.1f} ms/update")
+    print(f"sim / dist = {p / m:.3f}   (target 0.80 .. 1.20)")
+
+
+if __name__ == "__main__":
+    main()
