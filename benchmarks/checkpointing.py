@@ -9,6 +9,10 @@ ds-2, ..., off, ds-1, ...) so that drift of the machine (frequency, other tenant
 all of them alike; the table reports median step time (forward + backward + optimizer
 step) and ``activation_bytes`` as ratios to "off". Chen et al. (2016) predict about one
 extra forward of the checkpointed blocks, i.e. a step-time ratio near 4/3 for every = 1.
+
+Measured on the 2-core development machine (otherwise idle, 80 reps; off = 31.7 ms):
+DeepSpeed every=1 1.33x time for 0.111x activation bytes (Chen bound 1.28x), every=2 and
+every=3 (blocks {0, 2} and {0, 3} of 4) 1.18x for 0.556x, torch every=1 1.36x for 0.111x.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ user's module works unchanged and we see exactly the names it logs.
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,28 +18,30 @@ import torch
 _LOGGED = "_syncbench_logged"
 
 
-def _log(module: pl.LightningModule, name: str, value: Any, *args: Any, batch_size: int | None = None,
-         **kwargs: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        value = value.detach()
-        value = value.float().mean().item() if value.numel() != 1 else value.item()
-    getattr(module, _LOGGED)[name] = (float(value), batch_size)
+class _LogCapture:
+    """Stands in for ``module.log``/``module.log_dict``: records into ``module._syncbench_logged``.
 
+    A plain object holding its module, so ``copy.deepcopy`` and ``pickle`` carry it over
+    to the copy (a closure would keep writing into the original's dict)."""
 
-def _log_dict(module: pl.LightningModule, dictionary: dict[str, Any], *args: Any, batch_size: int | None = None,
-              **kwargs: Any) -> None:
-    for key, value in dictionary.items():
-        _log(module, key, value, batch_size=batch_size)
+    def __init__(self, module: pl.LightningModule, many: bool = False):
+        self.module, self.many = module, many
+
+    def __call__(self, name: Any, value: Any = None, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+        items = name.items() if self.many else [(name, value)]
+        logged = getattr(self.module, _LOGGED)
+        for key, val in items:
+            if isinstance(val, torch.Tensor):
+                val = val.detach()
+                val = val.float().mean().item() if val.numel() != 1 else val.item()
+            logged[key] = (float(val), batch_size)
 
 
 def capture_logs(module: pl.LightningModule) -> None:
-    """Make ``module.log``/``module.log_dict`` record into ``module._syncbench_logged``.
-
-    They are bound methods stored on the instance: ``copy.deepcopy`` rebinds them to the
-    copy, so every replica of a captured module records into its own dict."""
+    """Make ``module.log``/``module.log_dict`` record into ``module._syncbench_logged``."""
     setattr(module, _LOGGED, {})
-    module.log = types.MethodType(_log, module)  # type: ignore[method-assign]
-    module.log_dict = types.MethodType(_log_dict, module)  # type: ignore[method-assign]
+    module.log = _LogCapture(module)  # type: ignore[method-assign]
+    module.log_dict = _LogCapture(module, many=True)  # type: ignore[method-assign]
 
 
 def take_logged(module: pl.LightningModule) -> dict[str, tuple[float, int | None]]:

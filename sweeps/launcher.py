@@ -480,7 +480,7 @@ class Launcher:
             self.executor.shutdown(wait=False, cancel_futures=True)
             for claim in inflight.values():
                 self._abandon(claim, "interrupted (Ctrl-C)")
-            self.display.note("[red]interrupted[/]: rerun the same command to resume")
+            self.display.err.print("[red]interrupted[/]: rerun the same command to resume", highlight=False)
             return True
         self.executor.shutdown(wait=True)
         return False
@@ -511,6 +511,8 @@ class Launcher:
 
     def _submit(self, claim: Claim, inflight: dict[Future, Claim]) -> None:
         claim.heartbeat = Heartbeat(self.storage, claim.trial._trial_id, self.opt.heartbeat_s).start()
+        if self.display.progress:
+            self.display.update(self.counts())  # show the trial as running (inline: for its whole run)
         try:
             job = self.job(claim)
         except ConfigError as exc:
@@ -518,10 +520,13 @@ class Launcher:
             future.set_result(TrialReport(outcome="failed", error=str(exc)))
         else:
             try:
-                future = self.executor.submit(run_trial_job, job)
+                future = self.executor.submit(run_trial_job, job)  # --jobs 1: runs the trial now
             except BrokenExecutor:
                 self.executor = make_executor(self.opt.jobs, self.preload)
                 future = self.executor.submit(run_trial_job, job)
+            except KeyboardInterrupt:
+                self._abandon(claim, "interrupted (Ctrl-C)")  # not in `inflight` yet
+                raise
         inflight[future] = claim
 
     def _collect(self, inflight: dict[Future, Claim]) -> None:
@@ -615,14 +620,21 @@ class Launcher:
         from optuna.trial import TrialState
 
         latest: dict[tuple[str, int], Any] = {}
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            latest[(t.user_attrs.get("cell"), t.user_attrs.get("seed"))] = t
+        failed: set[tuple[str, int]] = set()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            key = (t.user_attrs.get("cell"), t.user_attrs.get("seed"))
+            if t.state == TrialState.COMPLETE:
+                latest[key] = t
+            else:
+                failed.add(key)
         rows = []
         for cell in self.sweep.cells:
             row = CellSummary(cell.label, len(self.sweep.seeds))
             for seed in self.sweep.seeds:
                 t = latest.get((cell.id, seed))
                 if t is None:
+                    if (cell.id, seed) in failed:
+                        row.outcomes.append("failed")
                     continue
                 row.outcomes.append(t.user_attrs.get("outcome", "?"))
                 if t.user_attrs.get("outcome") == "reached":

@@ -65,8 +65,6 @@ def ws(tmp_path, empty_stores, monkeypatch) -> Path:
     for name in ("mlflow.db", "optuna.db"):
         shutil.copy(empty_stores / name, workspace / name)
     monkeypatch.setenv("SYNCBENCH_WORKSPACE", str(workspace))
-    for key, value in FAST_HEARTBEAT.items():
-        monkeypatch.setenv(key, value)
     return workspace
 
 
@@ -81,9 +79,9 @@ def sweep(spec: str, ws: Path, *args: str) -> int:
     return main(["sweep", spec, "--workspace", str(ws), "--no-progress", *args])
 
 
-def launcher(spec: str, ws: Path, *args: str) -> subprocess.Popen:
+def launcher(spec: str, ws: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`syncbench sweep` as its own process, as a user would start it."""
-    env = {**os.environ, **FAST_HEARTBEAT, "SYNCBENCH_WORKSPACE": str(ws)}
+    env = {**os.environ, **(env or {}), "SYNCBENCH_WORKSPACE": str(ws)}
     return subprocess.Popen([sys.executable, "-m", "sweeps.cli", "sweep", spec, "--workspace", str(ws),
                              "--no-progress", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -175,10 +173,12 @@ def test_grid_sweep_runs_each_cell_and_seed_once_then_resumes_to_nothing(ws, cap
 
 # ------------------------------------------------------------------ kill -9 and resume
 @pytest.mark.heavy
-def test_killed_launcher_leaves_nothing_running_after_resume(ws, tmp_path):
+def test_killed_launcher_leaves_nothing_running_after_resume(ws, tmp_path, monkeypatch):
+    for key, value in FAST_HEARTBEAT.items():  # the resume waits out the grace period: keep it short
+        monkeypatch.setenv(key, value)
     spec = write_spec(tmp_path / "slow.yaml", "killed", grid={"cluster.workers": [1, 2]}, seeds=[0, 1],
                       set={**SLOW, "budget.train_time_s": 2.0})
-    proc = launcher(spec, ws)
+    proc = launcher(spec, ws, env=FAST_HEARTBEAT)
     deadline = time.monotonic() + 120
     # kill when one trial is COMPLETE and the next one has its MLflow run open
     while not (sql(ws / "optuna.db", "SELECT count(*) FROM trials WHERE state = 'COMPLETE'") >= 1
@@ -349,6 +349,22 @@ def test_a_diverging_cell_completes_with_a_penalty_and_is_never_best(ws, tmp_pat
     budget = 5.0  # digits_mlp.yaml
     assert all(t.value == 4 * budget for t in s.trials if t.user_attrs["outcome"] == "diverged")
     assert s.best_trial.user_attrs["outcome"] == "reached"
+
+
+def test_a_run_that_raises_fails_its_trial_and_the_sweep_exits_1(ws, tmp_path):
+    # a learning rate the optimizer rejects only when training starts (not a config error)
+    spec = write_spec(tmp_path / "raises.yaml", "raises", grid={"task.module_args.lr": [0.01, "fast"]}, seeds=[0])
+    assert sweep(spec, ws) == 1
+    trials = study("raises", ws).trials
+    assert sorted(states(trials).items()) == [("COMPLETE", 1), ("FAIL", 1)]
+    failed = next(t for t in trials if t.state.name == "FAIL")
+    assert failed.user_attrs["outcome"] == "failed" and "TypeError" in failed.user_attrs["error"]
+    parents, children = mlflow_runs("raises", ws)
+    assert parents[0].info.status == "FAILED"
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
+    # a rerun retries what failed, not what completed
+    assert sweep(spec, ws) == 1
+    assert sorted(states(study("raises", ws).trials).items()) == [("COMPLETE", 1), ("FAIL", 2)]
 
 
 # ------------------------------------------------------------------ bad input
