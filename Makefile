@@ -20,7 +20,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q -rs tests
 
 demo: setup
-	$(VENV)/bin/syncbench sweep sweeps/specs/demo.yaml
+	$(VENV)/bin/syncbench sweep sweeps/specs/demo.yaml --jobs 2
 	$(VENV)/bin/syncbench report demo
 
 clean:

@@ -64,7 +64,7 @@ def in_process(spec: Path, workspace: Path) -> tuple[float, int, float]:
     from sweeps.spec import load_sweep
 
     sweep = load_sweep(spec)
-    options = LaunchOptions.from_env(workspace, None, None, bar=False, lines=False)
+    options = LaunchOptions.from_env(workspace, None, None, bar=False, lines=False, table=False)
     t0 = time.perf_counter()
     result = run_sweep(sweep, options)
     return time.perf_counter() - t0, result.trials_run, result.trials_wall_s

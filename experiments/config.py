@@ -240,8 +240,9 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
-        lines.append(f"  {loc or '<root>'}: {msg}{got}")
+        # a cross-key check fails at the root, where the "input" is the whole config
+        got = "" if err["type"] in ("extra_forbidden", "missing") or not loc else f" (got {err.get('input')!r})"
+        lines.append(f"  {loc}: {msg}{got}" if loc else f"  {msg.removeprefix('Value error, ')}")
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 

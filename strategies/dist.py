@@ -39,7 +39,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -368,21 +367,72 @@ def _run_workers(control: Path, n: int, timeout_s: float, progress: bool, config
     """Start N workers and watch them; returns {ok} or {message}."""
     for stale in list(control.glob("hb.*")) + list(control.glob("error.*")) + list(control.glob("result.json")):
         stale.unlink(missing_ok=True)
+    import multiprocessing as mp
+
     port = free_port()
     threads = threads_per_worker(n)
-    ctx = _forkserver_context(config)
-    procs: list[_Worker] = []
+    # a daemonic process (e.g. a pool worker running a sweep's trial) may not have
+    # multiprocessing children: start fresh interpreters instead
+    fork = not mp.current_process().daemon
+    ctx = _forkserver_context(config) if fork else None
+    procs: list[Any] = []
     try:
         for r in range(n):
-            process = ctx.Process(target=_forked_worker, args=(str(control / "spec.json"), r, n, port, threads),
-                                  name=f"syncbench-worker-{r}", daemon=False)
-            with _main_module_hidden():
-                process.start()
-            procs.append(_Worker(process))
+            if ctx is not None:
+                process = ctx.Process(target=_forked_worker, args=(str(control / "spec.json"), r, n, port, threads),
+                                      name=f"syncbench-worker-{r}", daemon=False)
+                with _main_module_hidden():
+                    process.start()
+                procs.append(_Worker(process))
+            else:
+                procs.append(_spawn_worker(control, r, n, port, threads))
         _write_json(control / "workers.json", [p.pid for p in procs])
         return _watch(procs, control, timeout_s, progress, config)
     finally:
         _kill_all(procs)
+
+
+class _PopenWorker:
+    """A worker started as ``python -m strategies.dist --worker SPEC --rank R``."""
+
+    def __init__(self, popen: Any, log: Any):
+        self.popen, self.log = popen, log
+
+    @property
+    def pid(self) -> int:
+        return int(self.popen.pid)
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.kill()
+
+    def wait(self, timeout: float | None = None) -> None:
+        import subprocess
+
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=timeout)
+        self.log.close()
+
+
+def _spawn_worker(control: Path, rank: int, world: int, port: int, threads: int) -> _PopenWorker:
+    import subprocess
+
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+               LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
+    env[ENV_WORKER] = "1"
+    log = open(control / f"rank{rank}.log", "wb")
+    popen = subprocess.Popen([sys.executable, "-m", "strategies.dist", "--worker", str(control / "spec.json"),
+                              "--rank", str(rank), "--threads", str(threads)],
+                             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    return _PopenWorker(popen, log)
 
 
 def _kill_all(procs: list[Any]) -> None:

@@ -59,6 +59,7 @@ class LaunchOptions:
     jobs: int = 1
     bar: bool = True  # rich progress bar (on a terminal)
     lines: bool = True  # one line per finished trial
+    table: bool = True  # the summary table at the end
     heartbeat_s: int = 5
     grace_s: int = 30
     poll_s: float = 1.0
@@ -315,7 +316,8 @@ class Launcher:
         found = [r for r in found if r.data.tags.get("syncbench.sweep") == self.sweep.name]
         spec = self.sweep.spec
         current = {"syncbench.grid": json.dumps(spec.grid), "syncbench.seeds": json.dumps(spec.seeds),
-                   "syncbench.storage": redact(self.opt.storage_url), "syncbench.optuna_study": self.sweep.name}
+                   "syncbench.storage": redact(self.opt.storage_url), "syncbench.optuna_study": self.sweep.name,
+                   "syncbench.step_s": json.dumps(sorted(set(self.step_s.values())))}
         if found:
             run_id = found[0].info.run_id
             if found[0].info.status != "RUNNING":
@@ -327,8 +329,7 @@ class Launcher:
                       "grid": json.dumps(spec.grid), "seeds": json.dumps(spec.seeds),
                       "set": json.dumps(self.sweep.overrides), "tune": json.dumps(spec.tune.model_dump(mode="json")
                                                                                   if spec.tune else None),
-                      "cells": str(len(self.sweep.cells)), "trials": str(self.sweep.total_trials()),
-                      "step_s": json.dumps(self.step_s)}
+                      "cells": str(len(self.sweep.cells)), "trials": str(self.sweep.total_trials())}
             self.client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
             self.client.log_artifact(run_id, str(self.sweep.spec_path))
         # grid and seeds may grow on a resume: the tags always say what the sweep is now
@@ -370,20 +371,24 @@ class Launcher:
     def _enqueue_eval(self, cells: list[Cell], overrides: dict[str, dict[str, Any]],
                       tuned_from: dict[str, str] | None = None) -> None:
         """Enqueue each cell × seed that has no COMPLETE, RUNNING or WAITING eval trial
-        (call under the lock). Seed-major order: every cell gets its first seed early."""
+        (call under the lock). Largest clusters first: a sim trial computes every worker's
+        gradients, so its wall time grows with ``cluster.workers``, and with ``--jobs K``
+        starting the longest trials first keeps one long trial from running alone at the
+        end (longest-processing-time-first). Then seed-major, in grid order."""
         from optuna.trial import TrialState
 
         live = {(t.user_attrs.get("cell"), t.user_attrs.get("seed"))
                 for t in self.study.get_trials(deepcopy=False,
                                                states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))}
-        for seed in self.sweep.seeds:
-            for cell in cells:
-                if (cell.id, seed) in live:
-                    continue
-                attrs = {"cell": cell.id, "seed": seed, "phase": "eval", "overrides": overrides.get(cell.id, {})}
-                if tuned_from and cell.id in tuned_from:
-                    attrs["tuned_from"] = tuned_from[cell.id]
-                self.study.enqueue_trial({}, user_attrs=attrs)
+        order = sorted(((cell, seed) for seed in self.sweep.seeds for cell in cells),
+                       key=lambda item: -item[0].config.cluster.workers)  # stable: seed-major, grid order
+        for cell, seed in order:
+            if (cell.id, seed) in live:
+                continue
+            attrs = {"cell": cell.id, "seed": seed, "phase": "eval", "overrides": overrides.get(cell.id, {})}
+            if tuned_from and cell.id in tuned_from:
+                attrs["tuned_from"] = tuned_from[cell.id]
+            self.study.enqueue_trial({}, user_attrs=attrs)
 
     def claim(self) -> Claim | Idle:
         """The next trial for this launcher, or why there is none."""
@@ -662,7 +667,8 @@ class Launcher:
             self.client.set_terminated(self.parent_run_id, "FAILED" if counts.failed else "FINISHED")
         where = (f"MLflow: experiment {self.sweep.name!r}, parent run {self.parent_run_id} "
                  f"({self.opt.tracking_uri}); Optuna: study {self.sweep.name!r} ({redact(self.opt.storage_url)})")
-        self.display.table(self.summaries(), counts, wall_s, where)
+        if self.opt.table:
+            self.display.table(self.summaries(), counts, wall_s, where)
         return result
 
     def close(self) -> None:

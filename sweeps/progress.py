@@ -4,7 +4,6 @@ failed, ETA; one line per finished trial) and at the end (a table of cells)."""
 from __future__ import annotations
 
 import statistics
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +50,8 @@ class SweepDisplay:
         self.name = name
         self.err = Console(stderr=True)
         self.out = Console()
+        if not self.out.is_terminal:  # a log file or a pipe: rich would assume 80 columns
+            self.out = Console(width=140)
         self.lines = lines
         self.progress: Progress | None = None
         if bar and self.err.is_terminal:
@@ -99,7 +100,7 @@ class SweepDisplay:
         table.add_column("cell", no_wrap=True)
         table.add_column("reached", justify="right")
         table.add_column("median tta_s", justify="right")
-        table.add_column("min–max tta_s", justify="right")
+        table.add_column("min–max tta_s", justify="right", no_wrap=True)
         table.add_column("other outcomes")
         if any(c.tuned for c in cells):
             table.add_column("tuned")
@@ -124,6 +125,3 @@ class SweepDisplay:
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
-
-def stderr_is_terminal() -> bool:
-    return sys.stderr.isatty()

@@ -310,6 +310,9 @@ def _format_spec_error(exc: ValidationError, path: Path) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(err["type"], err["msg"])
-        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+        msg = msg.removeprefix("Value error, ")
+        shown = repr(err.get("input"))
+        quiet = err["type"] in ("extra_forbidden", "missing", "value_error") or len(shown) > 80
+        got = "" if quiet else f" (got {shown})"
         lines.append(f"  {loc}: {msg}{got}")
     return f"invalid sweep spec {path}:\n" + "\n".join(lines)

@@ -2,9 +2,11 @@
 
 Sim trials run inside an already-imported interpreter (no ~5 s start per trial):
 ``--jobs 1`` calls :func:`run_trial_job` in the launcher itself, ``--jobs K`` in a pool of K
-long-lived worker processes (forkserver: torch and Lightning are imported once in the
-server and every worker is forked from it, never from the launcher, whose torch thread pool
-may already be running). Dist-backend trials start their own processes inside
+long-lived worker processes that each import torch once and run many trials. The pool uses
+``spawn``: not ``fork`` (the launcher has already run torch, whose thread pools do not
+survive a fork) and not ``forkserver`` (its workers would be children of the server, which
+outlives a killed launcher because every worker holds its "alive" pipe open, so they could
+not be tied to the launcher's life). Dist-backend trials start their own processes inside
 ``execute_run``.
 
 Objective (minimised): ``tta_s`` when the target was reached; a censored run (``budget``)
@@ -112,23 +114,30 @@ class InlineExecutor(Executor):
 
 
 def make_executor(jobs: int, preload: list[str]) -> Executor:
-    """The trial executor for ``--jobs``: inline for 1, a forkserver pool for more."""
+    """The trial executor for ``--jobs``: inline for 1, a pool of worker processes for more
+    (``preload``: modules each worker imports before its first trial)."""
     if jobs <= 1:
         return InlineExecutor()
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["experiments.run", "sweeps.trials", *preload])
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker)
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(os.getpid(), preload))
 
 
-def _init_worker() -> None:
+def _init_worker(launcher_pid: int, preload: list[str]) -> None:
     """Die with the launcher: a worker orphaned by ``kill -9`` would finish its trial and
-    record a second run of a cell × seed that the resumed sweep retries anyway."""
+    record a second run of a cell × seed that the resumed sweep retries anyway. Then import
+    what every trial needs, once."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: parent = the forkserver, which exits with the launcher
-        if os.getppid() == 1:  # the parent died before prctl
-            os._exit(1)
-    except (OSError, AttributeError):
+        # PR_SET_PDEATHSIG: SIGKILL when the thread that spawned us (the launcher's main
+        # thread, which submits every trial) ends
+        libc.prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the worker finishes its trial, then exits on EOF
         pass
+    if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+        os._exit(1)
+    import importlib
+
+    for module in ["experiments.run", *preload]:
+        importlib.import_module(module)

@@ -111,9 +111,11 @@ def test_local_sgd_reaches_target_and_average_is_the_mean(workspace: Path, tmp_p
     torch.testing.assert_close(r1["last_post"], mean, rtol=0, atol=1e-6)
     assert not torch.equal(r0["last_pre"], r1["last_pre"])  # the replicas had drifted apart
     assert torch.equal(r0["final"], r1["final"])  # the run stops right after an average
-    # one blocking round per H local steps (after the 3 synchronous warm-up steps)
+    # one blocking round per H local steps after the 3 synchronous warm-up steps (the final
+    # round may come early: rank 0 announces the stop out of band)
     local_events = [step for step, _ in r0["events"] if step > 3]
-    assert local_events and all((step - 3) % 4 == 0 for step in local_events)
+    assert [step for step, _ in r0["events"]][:3] == [1, 2, 3]
+    assert local_events[:-1] and all((step - 3) % 4 == 0 for step in local_events[:-1])
 
 
 def test_async_reaches_target_and_records_staleness(workspace: Path, tmp_path: Path) -> None:
@@ -150,10 +152,11 @@ def test_local_sgd_straggler_waits_only_at_averaging_points(workspace: Path, tmp
     slow_state = torch.load(debug / f"rank{slow_rank}.pt", weights_only=False)
     rows = fast["rows"]
     assert rows[slow_rank]["pad_compute"] > 0 and rows[fast_rank]["pad_compute"] == 0
-    # the fast worker blocked exactly once per 8 local steps ...
+    # the fast worker blocked exactly once per 8 local steps (the last round, at the budget,
+    # may come early) ...
     steps = [s for s, _ in fast["events"]]
-    assert steps and all(s % 8 == 0 for s in steps)
-    assert len(steps) == fast["rounds"] == int(rows[fast_rank]["steps"]) // 8
+    assert len(steps) >= 3 and all(s % 8 == 0 for s in steps[:-1])
+    assert len(steps) == fast["rounds"] == -(-int(rows[fast_rank]["steps"]) // 8)
     # ... its steps in between ran at its own pace (a per-batch collective would make them 4x) ...
     fast_times = [t for i, t in enumerate(fast["step_times"], start=1) if i % 8]
     slow_times = [t for i, t in enumerate(slow_state["step_times"], start=1) if i % 8]

@@ -171,6 +171,26 @@ def test_grid_sweep_runs_each_cell_and_seed_once_then_resumes_to_nothing(ws, cap
     assert len(study("digits-smoke", ws).trials) == 8
 
 
+def test_step_s_is_calibrated_once_and_pinned_for_every_trial_also_after_adding_seeds(ws, tmp_path):
+    grid = {"strategy.name": ["sync", "async"]}
+    spec = write_spec(tmp_path / "cal.yaml", "calibrated", grid=grid, seeds=[0],
+                      set={"cluster.compute.step_s": None})
+    assert sweep(spec, ws) == 0
+    step_s = study("calibrated", ws).user_attrs["syncbench.step_s"]
+    assert len(step_s) == 1  # one task
+    (value,) = step_s.values()
+    # a resume that adds a seed reuses the stored value instead of calibrating again
+    spec = write_spec(tmp_path / "cal.yaml", "calibrated", grid=grid, seeds=[0, 1],
+                      set={"cluster.compute.step_s": None})
+    assert sweep(spec, ws) == 0
+    assert study("calibrated", ws).user_attrs["syncbench.step_s"] == step_s
+    parents, children = mlflow_runs("calibrated", ws)
+    assert len(children) == 4 and yaml.safe_load(parents[0].data.tags["syncbench.seeds"]) == [0, 1]
+    for run in children:
+        assert float(run.data.params["cluster.compute.step_s"]) == value
+        assert run.data.tags["syncbench.step_s_source"] == "sweep"
+
+
 # ------------------------------------------------------------------ kill -9 and resume
 @pytest.mark.heavy
 def test_killed_launcher_leaves_nothing_running_after_resume(ws, tmp_path, monkeypatch):

@@ -117,6 +117,57 @@ class RankLedger:
         self.excluded += skip
 
 
+class StopNotice:
+    """Out-of-band "stop now" from rank 0, for strategies whose ranks may not meet in a
+    collective for a long time (local SGD with a large H): each other rank keeps a daemon
+    thread blocked in ``TCPStore.wait`` on the job's rendezvous store (its own client
+    connection, ``MASTER_ADDR:MASTER_PORT``) and the training loop polls an Event; rank 0
+    sets the key. Without a reachable store the notice is simply never raised and ranks
+    learn the stop at their next collective round."""
+
+    def __init__(self, rank: int, timeout_s: float):
+        import datetime
+        import os
+
+        self.rank, self.event = rank, threading.Event()
+        self.key = "syncbench/stop/" + os.environ.get("TORCHELASTIC_RUN_ID", "") + "/" + \
+            os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.store = None
+        self._closed = False
+        try:
+            self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                       timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        except Exception:  # noqa: BLE001 - no store: stops arrive with the next round
+            self.store = None
+        if self.store is not None and rank != 0:
+            threading.Thread(target=self._wait, name="syncbench-stop", daemon=True).start()
+
+    def _wait(self) -> None:
+        import datetime
+
+        while not self._closed:
+            try:
+                self.store.wait([self.key], datetime.timedelta(seconds=1))
+                self.event.set()
+                return
+            except Exception:  # noqa: BLE001 - timeout: wait again
+                time.sleep(0.01)
+
+    def send(self) -> None:
+        if self.store is not None and not self.event.is_set():
+            self.event.set()
+            try:
+                self.store.set(self.key, "1")
+            except Exception:  # noqa: BLE001
+                pass
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def close(self) -> None:
+        self._closed = True
+
+
 # ------------------------------------------------------------------------------------------
 # emulation
 # ------------------------------------------------------------------------------------------
@@ -184,7 +235,7 @@ class Exchange:
         c = self.comm
         v = torch.zeros(self.size, dtype=torch.float64)
         if c.rank == 0:
-            v[F_STOP] = 1.0 if worker.stop_outcome else 0.0
+            v[F_STOP] = 1.0 if (worker.stop_outcome or worker.stop_pending) else 0.0
             v[F_EVAL_S] = worker.take_eval_s()
         v[F_DIVERGED] = 1.0 if worker.take_diverged() else 0.0
         loss_sum, loss_n = worker.take_losses()
@@ -325,6 +376,7 @@ class WorkerState:
         self.ledger = RankLedger()
         self.batch_size = config.batch_size
         self.stop_outcome: str | None = None  # rank 0: the decided outcome
+        self.stop_pending = False  # rank 0: stop at the next round, outcome decided after it
         self.stopped = False  # this rank has been told to stop
         self.peer_diverged = False
         self.prev_eval_s = 0.0

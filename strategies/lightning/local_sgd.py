@@ -24,7 +24,7 @@ from pytorch_lightning.strategies import Strategy
 
 from strategies.base import flat_params
 from strategies.cluster import ring_allreduce_bytes, ring_allreduce_s
-from strategies.lightning.base import Exchange, WorkerStrategy
+from strategies.lightning.base import Exchange, StopNotice, WorkerStrategy
 from strategies.lightning.tensors import (
     GradBuckets,
     float_buffers,
@@ -63,6 +63,7 @@ class LocalSGDWorkerStrategy(WorkerStrategy):
         self._stop_flag = False
         self.last_pre: torch.Tensor | None = None
         self.last_post: torch.Tensor | None = None
+        self.notice = StopNotice(comm.rank, comm.timeout_s) if comm.world > 1 else None
 
     def _in_warmup(self) -> bool:
         return self.sync_updates < self.warmup
@@ -151,17 +152,46 @@ class LocalSGDWorkerStrategy(WorkerStrategy):
                 self.buckets.active = False
         else:
             self.local_count += 1
-            if self.local_count % self.local_steps == 0:
+            if self.local_count % self.local_steps == 0 or self._stop_requested():
                 self._average()
                 round_done = True
         self._end_step()
         if not round_done:
             return out
         if self._stop_flag:
+            if self.worker.stop_pending and self.worker.stop_outcome is None:
+                # rank 0 stopped early (budget, divergence): evaluate the final average
+                self._maybe_evaluate(self._load_global, self._counters, force=True)
+                self.worker.stop_outcome = self.worker.stop_outcome or "budget"
             self._stop_now()
             return out
-        self._maybe_evaluate(self._load_global, self._counters)
+        if self._maybe_evaluate(self._load_global, self._counters) is not None:
+            self._announce_stop()
         return out
+
+    def _stop_requested(self) -> bool:
+        """Enter a round now rather than at the H-th local step: rank 0 has decided to stop
+        (or its clock passed the budget / its loss diverged), or rank 0 said so out of band."""
+        worker = self.worker
+        if worker.comm.rank != 0:
+            return self.notice is not None and self.notice.is_set()
+        if worker.stop_outcome is not None or worker.stop_pending:
+            return True
+        monitor = worker.monitor
+        if monitor is not None and (monitor.clock() >= worker.config.budget.train_time_s
+                                    or worker.diverged_locally):
+            worker.stop_pending = True
+            self._announce_stop()
+            return True
+        return False
+
+    def _announce_stop(self) -> None:
+        if self.notice is not None:
+            self.notice.send()
+
+    def shutdown(self) -> None:
+        if self.notice is not None:
+            self.notice.close()
 
     # -- views --------------------------------------------------------------------------------------------
     def _load_global(self, target: torch.nn.Module) -> None:
