@@ -56,4 +56,5 @@ class FashionData(ArrayDataModule):
         self.prepare_data()
         arrays = {key: read_idx(self.root / name) for key, name in FILES.items()}
         flat = lambda a: (a.reshape(len(a), -1).astype(np.float32) / 255.0 - 0.2860) / 0.3530  # noqa: E731
-        return flat(arrays["x"]), arrays["y"], flat(arrays["x_val"]), arrays["y_val"]
+        labels = lambda a: a.astype(np.int64)  # noqa: E731 - a writable copy of the read-only buffer
+        return flat(arrays["x"]), labels(arrays["y"]), flat(arrays["x_val"]), labels(arrays["y_val"])

@@ -57,6 +57,16 @@ def terminate(proc: subprocess.Popen) -> int:
             proc.wait(timeout=10)
 
 
+def wait_for_text(path: Path, text: str, timeout: float = 60) -> None:
+    """The command prints its URL once its own health check passed, which may be a moment
+    after the server first answers the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.2)
+
+
 def wait_port_free(port: int, host: str = "127.0.0.1", timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -106,6 +116,7 @@ def test_ui_serves_the_workspace_on_loopback_and_stops_on_sigterm(tmp_path):
     try:
         wait_200(f"http://127.0.0.1:{port}/", proc)
         wait_200(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10", proc)
+        wait_for_text(tmp_path / "stdout", f"http://127.0.0.1:{port}")
     finally:
         code = terminate(proc)
     out = (tmp_path / "stdout").read_text()
@@ -122,6 +133,7 @@ def test_ui_binds_elsewhere_only_with_allow_remote_and_warns(tmp_path):
     proc = ui(tmp_path / "ws", "--host", "0.0.0.0", "--allow-remote", "--port", str(port), out=tmp_path)
     try:
         wait_200(f"http://127.0.0.1:{port}/health", proc)
+        wait_for_text(tmp_path / "stdout", f":{port}")
     finally:
         code = terminate(proc)
     err = (tmp_path / "stderr").read_text()
