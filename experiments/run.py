@@ -46,15 +46,11 @@ class PreparedTask:
 
 
 @dataclass
-class RunResult:
-    run_id: str | None
-    outcome: str  # reached | budget | diverged | failed
-    tta_s: float | None = None
-    samples_to_target: int | None = None
-    updates_to_target: int | None = None
-    best_val: float | None = None
-    final_val: float | None = None
-    clock_s: float = 0.0
+class RunResult(LoopResult):
+    """A run's outcome and TTA figures (``LoopResult``), with what the run around it measured."""
+
+    outcome: str = "failed"  # reached | budget | diverged | failed
+    run_id: str | None = None
     init_s: float = 0.0
     wall_s: float = 0.0
     step_time_s: float = 0.0
@@ -278,6 +274,4 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
 
 
 def _result(run_id: str, loop: LoopResult, init_s: float, step_s: float, extra: dict[str, float]) -> RunResult:
-    return RunResult(run_id=run_id, outcome=loop.outcome, tta_s=loop.tta_s, samples_to_target=loop.samples_to_target,
-                     updates_to_target=loop.updates_to_target, best_val=loop.best_val, final_val=loop.final_val,
-                     clock_s=loop.clock_s, init_s=init_s, step_time_s=step_s, extra=extra)
+    return RunResult(**vars(loop), run_id=run_id, init_s=init_s, step_time_s=step_s, extra=extra)

@@ -40,21 +40,52 @@ class LoopResult:
     clock_s: float = 0.0
 
 
+class TTATracker:
+    """The TTA rules applied to a run's evaluations, in either backend: the first evaluation
+    meeting the target ends the run as reached; a non-finite target metric (or a non-finite
+    training loss seen since the last evaluation) as diverged; an evaluation at the budget
+    as censored."""
+
+    def __init__(self, config: RunConfig):
+        self.target, self.budget = config.target, config.budget.train_time_s
+        self.result = LoopResult(outcome="budget")
+
+    def observe(self, ev: Evaluation, diverged: bool = False) -> str | None:
+        """Record one evaluation; returns the outcome when the run must stop, else None."""
+        res, target = self.result, self.target
+        res.evaluations.append(ev)
+        res.clock_s = ev.clock_s
+        value = ev.metrics.get(target.metric)
+        if value is None:
+            raise ValueError(f"target.metric: {target.metric!r} was not logged by validation_step")
+        if is_finite(value):
+            res.final_val = value
+            if res.best_val is None or target.better(value, res.best_val):
+                res.best_val = value
+        if diverged or not is_finite(value):
+            res.outcome = "diverged"
+        elif target.met(value):
+            res.outcome = "reached"
+            res.tta_s, res.samples_to_target, res.updates_to_target = ev.clock_s, ev.samples, ev.updates
+        elif ev.clock_s >= self.budget:
+            res.outcome = "budget"
+        else:
+            return None
+        return res.outcome
+
+
 EvaluateFn = Callable[[SimStrategy], dict[str, float]]
 
 
 def train_to_target(config: RunConfig, strategy: SimStrategy, evaluate: EvaluateFn,
                     on_eval: Callable[[Evaluation], None] | None = None) -> LoopResult:
     """Advance ``strategy`` in virtual time until the target, the budget or divergence."""
-    target, budget, every = config.target, config.budget.train_time_s, config.eval.every_s
+    budget, every = config.budget.train_time_s, config.eval.every_s
     ctx = strategy.ctx
-    result = LoopResult(outcome="budget")
+    tracker = TTATracker(config)
     k = 1  # index of the next evaluation: at min(k * every, budget)
 
-    def eval_time() -> float:
-        return min(k * every, budget)
-
-    def record(clock: float) -> Evaluation:
+    def evaluate_at(clock: float) -> str | None:
         metrics = evaluate(strategy)
         ledger = ctx.ledger
         train_loss = ctx.take_train_loss()
@@ -70,39 +101,20 @@ def train_to_target(config: RunConfig, strategy: SimStrategy, evaluate: Evaluate
             metrics["train_loss"] = train_loss
         metrics.update(strategy.extra_metrics())
         ev = Evaluation(clock, strategy.stats.updates, strategy.stats.samples, metrics)
-        result.evaluations.append(ev)
-        value = metrics.get(target.metric)
-        if value is not None and is_finite(value):
-            result.final_val = value
-            if result.best_val is None or target.better(value, result.best_val):
-                result.best_val = value
+        outcome = tracker.observe(ev, diverged=ctx.diverged)
         if on_eval:
             on_eval(ev)
-        return ev
+        return outcome
 
     while True:
-        if ctx.diverged:
-            record(min(strategy.clock, eval_time()))
-            result.outcome = "diverged"
+        if ctx.diverged:  # stop at once: evaluate the state the divergence left
+            evaluate_at(min(strategy.clock, min(k * every, budget)))
             break
         t_next = strategy.next_time()
-        if t_next <= eval_time():
+        if t_next <= min(k * every, budget):
             strategy.advance()
             continue
-        clock = eval_time()
-        ev = record(clock)
-        value = ev.metrics.get(target.metric)
-        if value is None:
-            raise ValueError(f"target.metric: {target.metric!r} was not logged by validation_step")
-        if not is_finite(value):
-            result.outcome = "diverged"
-            break
-        if target.met(value):
-            result.outcome = "reached"
-            result.tta_s, result.samples_to_target, result.updates_to_target = clock, ev.samples, ev.updates
-            break
-        if clock >= budget or math.isinf(t_next):
+        if evaluate_at(min(k * every, budget)) or math.isinf(t_next):
             break
         k += 1
-    result.clock_s = result.evaluations[-1].clock_s
-    return result
+    return tracker.result
