@@ -15,7 +15,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.dist_common import bench_config, load_note, run_dist
+from benchmarks.dist_common import BATCH, bench_config, load_note, run_dist
 
 
 def _rate(out: dict) -> tuple[float, float]:
@@ -25,10 +25,10 @@ def _rate(out: dict) -> tuple[float, float]:
     clock = row0["elapsed"] - row0["excluded"]
     if "version" in dumps[0]:
         updates = dumps[0]["version"]
-        samples = updates * 64
+        samples = updates * BATCH
     else:
         updates = row0["steps"]
-        samples = updates * 64 * len(dumps)
+        samples = updates * BATCH * len(dumps)
     return updates / clock, samples / clock
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=6.0)
     args = parser.parse_args()
     ws = Path(tempfile.mkdtemp(prefix="bench-ws-"))
-    print(f"# async PS vs sync updates/s, 5.26M MLP, batch 64/worker, N=2, gloo; {load_note()}")
+    print(f"# async PS vs sync updates/s, 5.26M MLP, batch 16/worker, N=2, gloo; {load_note()}")
     sync_u, async_u, sync_s, async_s, stale = [], [], [], [], []
     for rep in range(args.reps):
         u, s = _rate(run_dist(bench_config("sync", 2, args.budget), ws))

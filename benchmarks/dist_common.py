@@ -25,7 +25,7 @@ from torch import nn
 from experiments.classification import ArrayDataModule, ClassifierModule
 
 IN, HIDDEN, CLASSES = 1024, 2048, 10
-BATCH = 64
+BATCH = 16  # per worker: FACTS.md's regime (about 13 ms compute, 32 ms DDP step at N=2)
 
 
 def build_mlp() -> nn.Sequential:
@@ -83,9 +83,15 @@ def run_dist(config: Any, workspace: Path, emulate: str = "none") -> dict[str, A
     return {"result": result, "dumps": dumps}
 
 
-def loop_step_s(dumps: list[dict[str, Any]]) -> float:
-    """Wall seconds per step including Lightning's loop between steps, evaluation excluded:
-    (elapsed - excluded) / steps, the slowest rank."""
+def loop_step_s(dumps: list[dict[str, Any]], skip: int = 5) -> float:
+    """Median wall seconds from one step's start to the next (Lightning's loop between steps
+    included; the few intervals holding an evaluation are outliers the median ignores), the
+    slowest rank."""
+    return max(statistics.median(np.diff(d["step_starts"][skip:])) for d in dumps)
+
+
+def mean_step_s(dumps: list[dict[str, Any]]) -> float:
+    """Training-clock seconds per step: (elapsed - excluded) / steps of the slowest rank."""
     rows = dumps[0]["rows"]
     return max((r["elapsed"] - r["excluded"]) / max(1.0, r["steps"]) for r in rows)
 
@@ -113,7 +119,7 @@ def _batches(rank: int, n: int, steps: int):
 
 
 def _raw_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup: int, queue: Any,
-                sizes: list[int] | None = None) -> None:
+                sizes: list[int] | None = None, stat: str = "median") -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
@@ -152,18 +158,19 @@ def _raw_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup:
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    queue.put((rank, statistics.median(times)))
+    queue.put((rank, statistics.mean(times) if stat == "mean" else statistics.median(times)))
     if kind != "compute":
         dist.destroy_process_group()
 
 
-def raw_step_s(kind: str, world: int = 2, steps: int = 100, warmup: int = 10) -> float:
-    """Median step seconds of ``kind`` = compute (no communication, ``world`` concurrent
-    processes) | ddp (torch DistributedDataParallel over gloo), max over ranks."""
+def raw_step_s(kind: str, world: int = 2, steps: int = 100, warmup: int = 10, stat: str = "median") -> float:
+    """Median (or mean) step seconds of ``kind`` = compute (no communication, ``world``
+    concurrent processes) | ddp (torch DistributedDataParallel over gloo), max over ranks."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_raw_worker, args=(kind, r, world, port, steps, warmup, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_raw_worker, args=(kind, r, world, port, steps, warmup, queue, None, stat))
+             for r in range(world)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=600) for _ in procs)

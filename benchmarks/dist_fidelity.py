@@ -11,9 +11,10 @@ Calibration, as the sim does it:
 * network: a gloo all-reduce at N=2 timed for sizes 64 KB..32 MB in two processes, fitted to
   the ring model t = 2(N-1)·α + 2(N-1)/N · S/β (least squares) -> ``latency_s`` = α,
   ``bandwidth_gbps`` = 8β/1e9.
-Prediction: the sim backend runs the same config (sync, N=2) with that ``step_s`` and network
-pinned; its training clock per update is the predicted step. Measurement: the dist backend's
-wall seconds per step on the training clock (rank 0: (elapsed - evaluation) / steps).
+Prediction: the sim backend's sync round for the same config (N=2) with that ``step_s`` and
+network pinned (``SyncStrategy.next_time()``: slowest compute + ring all-reduce of the
+gradients). Measurement: the dist backend's median wall seconds from one step's start to the
+next (Lightning's loop included, evaluation intervals ignored by the median).
 """
 
 from __future__ import annotations
@@ -34,18 +35,18 @@ from benchmarks.dist_common import (
 )
 
 
-def sim_step_s(step_s: float, latency_s: float, bandwidth_gbps: float, ws: Path) -> float:
-    from experiments.run import execute_run
+def sim_step_s(step_s: float, latency_s: float, bandwidth_gbps: float, task) -> float:
+    """The sim backend's own prediction: the duration of a sync round (``SyncRound`` of
+    ``strategies.sync``: slowest compute + ring all-reduce of the gradients) with the pinned
+    step_s and network."""
+    from strategies import STRATEGIES
+    from strategies.cluster import SimContext
 
     config = bench_config("sync", 2, 1.0, **{"cluster.backend": "sim", "cluster.compute.step_s": step_s,
                                               "cluster.network.latency_s": latency_s,
                                               "cluster.network.bandwidth_gbps": bandwidth_gbps})
-    result = execute_run(config, workspace=ws)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
-    updates = client.get_metric_history(result.run_id, "clock_s")[-1].step
-    return result.clock_s / max(1, updates)
+    ctx = SimContext(config, task.module, task.train_set, step_s, task.collate)
+    return STRATEGIES["sync"](ctx).next_time()
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     from experiments.run import calibrate_step_s, one_thread, prepare_task
 
     ws = Path(tempfile.mkdtemp(prefix="bench-ws-"))
-    print(f"# sim-vs-dist fidelity, sync, 5.26M MLP, batch 64/worker, N=2, gloo; {load_note()}")
+    print(f"# sim-vs-dist fidelity, sync, 5.26M MLP, batch 16/worker, N=2, gloo; {load_note()}")
     config = bench_config("sync", 2, args.budget)
     with one_thread():
         task = prepare_task(config)
@@ -69,8 +70,8 @@ def main() -> None:
         times = allreduce_times(sizes, 2)
         alpha, beta = fit_alpha_beta(times, 2)
         gbps = beta * 8 / 1e9
-        pred_one.append(sim_step_s(step_one, alpha, gbps, ws))
-        pred_two.append(sim_step_s(step_two, alpha, gbps, ws))
+        pred_one.append(sim_step_s(step_one, alpha, gbps, task))
+        pred_two.append(sim_step_s(step_two, alpha, gbps, task))
         measured.append(loop_step_s(run_dist(config, ws)["dumps"]))
         print(f"rep {rep}: step_s {step_one * 1e3:.1f} ms (1 process) / {step_two * 1e3:.1f} ms (2 concurrent); "
               f"all-reduce fit alpha {alpha * 1e6:.0f} us, beta {gbps:.2f} Gbit/s (16 MB in "

@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120, help="timed steps per raw baseline")
     args = parser.parse_args()
     ws = Path(tempfile.mkdtemp(prefix="bench-ws-"))
-    print(f"# sync (dist) vs DDP, 5.26M MLP, batch 64/worker, N=2, gloo; {load_note()}")
+    print(f"# sync (dist) vs DDP, 5.26M MLP, batch 16/worker, N=2, gloo; {load_note()}")
     compute, ddp, sync, loop = [], [], [], []
     for rep in range(args.reps):
         compute.append(raw_step_s("compute", 2, args.steps))

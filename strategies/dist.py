@@ -129,16 +129,32 @@ def _is_comm_error(message: str) -> bool:
 
 class FileHeartbeat:
     """A daemon thread rewriting ``path`` every 0.25 s with (time, steps): a SIGSTOPped or
-    dead process stops writing; the launcher reads the age."""
+    dead process stops writing; the launcher reads the age. It also watches the launcher:
+    a worker whose launcher is gone (even SIGKILLed) exits at once. PR_SET_PDEATHSIG alone
+    cannot do that for forked workers, whose parent is the forkserver, and the forkserver
+    outlives the launcher while workers hold its liveness pipe."""
 
-    def __init__(self, path: Path):
-        self.path, self.steps = path, 0
+    def __init__(self, path: Path, launcher_pid: int | None = None):
+        self.path, self.steps, self.launcher_pid = path, 0, launcher_pid
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="syncbench-heartbeat", daemon=True)
         self._thread.start()
 
+    def _launcher_gone(self) -> bool:
+        if not self.launcher_pid:
+            return False
+        try:
+            os.kill(self.launcher_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self._launcher_gone():
+                os._exit(3)
             try:
                 _write_json(self.path, [time.time(), self.steps])
             except OSError:
@@ -271,6 +287,7 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
             "config": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": recorder.run_id,
             "start_ms": recorder.start_ms, "wall0": wall0, "activation_bytes": act_bytes, "emulate": list(emulation),
             "debug_dir": str(debug_dir) if debug_dir else None, "control": str(control), "progress": bool(progress),
+            "launcher_pid": os.getpid(),
         }
         _write_json(control / "spec.json", spec)
         for attempt in range(3):
@@ -945,6 +962,7 @@ def _dump_debug(directory: Path, rank: int, worker: Any, strategy: Any, rows: li
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.save({"rank": rank, "events": worker.ledger.events, "step_times": worker.ledger.step_times,
+                "step_starts": worker.ledger.step_starts,
                 "rows": rows, **strategy.debug_state()}, directory / f"rank{rank}.pt")
 
 
@@ -962,7 +980,7 @@ def _worker_main(argv: list[str]) -> None:
     _set_pdeathsig()
     spec = json.loads(Path(args.worker).read_text())
     control = Path(spec["control"])
-    heartbeat = FileHeartbeat(control / f"hb.{args.rank}")
+    heartbeat = FileHeartbeat(control / f"hb.{args.rank}", spec.get("launcher_pid"))
     code = 1
     try:
         import torch

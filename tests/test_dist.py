@@ -244,6 +244,23 @@ def test_worker_fault_fails_the_run(workspace: Path, how: signal.Signals, strate
     assert "rank 1" in runs[0].data.tags["syncbench.error"]
 
 
+@pytest.mark.heavy
+def test_killed_launcher_leaves_no_workers(workspace: Path, tmp_path: Path) -> None:
+    """SIGKILL of `syncbench run` itself: its workers notice within a heartbeat and exit."""
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "sweeps.cli", "run", str(DIGITS), "--set", "cluster.backend=dist",
+         "--set", "cluster.workers=2", "--set", "target.value=1.01", "--set", "budget.train_time_s=120",
+         "--workspace", str(workspace), "--no-progress"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        pids = _wait_for_training(workspace, min_steps=5)
+    finally:
+        cli.kill()
+        cli.wait()
+    assert_no_workers(pids)
+
+
 # ------------------------------------------------------------------------------------------
 # multi-node through torchrun: two agents on loopback, one c10d rendezvous
 # ------------------------------------------------------------------------------------------

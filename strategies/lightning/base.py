@@ -83,6 +83,7 @@ class RankLedger:
     rounds: int = 0
     events: list[tuple[int, float]] = field(default_factory=list)  # (step, blocked_s) per blocking round
     step_times: list[float] = field(default_factory=list)  # wall seconds of each step (debug only)
+    step_starts: list[float] = field(default_factory=list)  # perf_counter at each step's start (debug only)
 
     def elapsed(self, now: float | None = None) -> float:
         if self.t_first is None:
@@ -533,6 +534,8 @@ class WorkerStrategy(Strategy):
                 self.worker.monitor.start(now)
         self._step_begin = now
         self._step_excluded = 0.0
+        if self.worker.debug:
+            led.step_starts.append(now)
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         value = float(closure_loss.detach())
