@@ -298,8 +298,7 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
         if outcome.get("ok"):
             from experiments.run import RunResult
 
-            data = json.loads((control / "result.json").read_text())
-            result = RunResult(**data)
+            result = _result_from_json(RunResult, json.loads((control / "result.json").read_text()))
             import shutil
 
             shutil.rmtree(control, ignore_errors=True)
@@ -313,6 +312,21 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
     except BaseException as exc:
         recorder.fail(exc)
         raise
+
+
+def _result_to_json(result: Any) -> dict[str, Any]:
+    import dataclasses
+
+    data = {k: v for k, v in vars(result).items() if k != "evaluations"}
+    data["evaluations"] = [dataclasses.asdict(ev) for ev in result.evaluations]
+    return data
+
+
+def _result_from_json(result_cls: type, data: dict[str, Any]) -> Any:
+    from experiments.run_loop import Evaluation
+
+    evaluations = [Evaluation(**ev) for ev in data.pop("evaluations", [])]
+    return result_cls(**data, evaluations=evaluations)
 
 
 def _attach_logs(recorder: Any, control: Path) -> None:
@@ -774,7 +788,7 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
         result = _record(config, recorder, monitor, worker, strategy, rows, wall0, activation_bytes, curve_csv,
                          RunResult)
         if control is not None:
-            _write_json(control / "result.json", {k: v for k, v in result.__dict__.items()})
+            _write_json(control / "result.json", _result_to_json(result))
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         return result
@@ -930,10 +944,8 @@ def _record(config: Any, recorder: Any, monitor: Any, worker: Any, strategy: Any
     step_time = sum(r["compute"] / s for r, s in zip(rows, steps)) / len(rows)
     last = res.evaluations[-1] if res.evaluations else None
     updates = last.updates if last else 0
-    result = RunResult(run_id=recorder.run_id, outcome=res.outcome, tta_s=res.tta_s,
-                       samples_to_target=res.samples_to_target, updates_to_target=res.updates_to_target,
-                       best_val=res.best_val, final_val=res.final_val, clock_s=res.clock_s, init_s=init_s,
-                       step_time_s=step_time, extra=strategy.summary_metrics())
+    result = RunResult(**vars(res), run_id=recorder.run_id, init_s=init_s, step_time_s=step_time,
+                       extra=strategy.summary_metrics())
     summary = {k: getattr(result, k) for k in SUMMARY_KEYS if getattr(result, k) is not None}
     summary.update(reached=float(res.outcome == "reached"), init_s=init_s, step_time_s=step_time,
                    activation_bytes=float(activation_bytes or 0), **result.extra)

@@ -69,7 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         print(f"syncbench: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(result.summary_line())
+    if result.run_id is not None or os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
+        print(result.summary_line())
     return EXIT_OK
 
 

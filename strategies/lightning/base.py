@@ -46,7 +46,7 @@ from pytorch_lightning.strategies import Strategy
 
 from experiments.config import RunConfig
 from experiments.lightning_bridge import evaluate, is_finite
-from experiments.run_loop import Evaluation
+from experiments.run_loop import Evaluation, TTATracker
 from strategies.cluster import StragglerModel
 
 
@@ -233,22 +233,22 @@ class Exchange:
         return N_FIXED + kind * self.comm.world + rank
 
     def build(self, worker: "WorkerState") -> torch.Tensor:
-        c = self.comm
-        v = torch.zeros(self.size, dtype=torch.float64)
+        c, n = self.comm, self.comm.world
+        values = [0.0] * self.size
         if c.rank == 0:
-            v[F_STOP] = 1.0 if (worker.stop_outcome or worker.stop_pending) else 0.0
-            v[F_EVAL_S] = worker.take_eval_s()
-        v[F_DIVERGED] = 1.0 if worker.take_diverged() else 0.0
-        loss_sum, loss_n = worker.take_losses()
-        v[F_LOSS_SUM], v[F_LOSS_N] = loss_sum, loss_n
-        v[F_STEPS] = worker.ledger.steps
+            values[F_STOP] = 1.0 if (worker.stop_outcome or worker.stop_pending) else 0.0
+            values[F_EVAL_S] = worker.take_eval_s()
+        values[F_DIVERGED] = 1.0 if worker.take_diverged() else 0.0
+        values[F_LOSS_SUM], values[F_LOSS_N] = worker.take_losses()
         led = worker.ledger
+        values[F_STEPS] = float(led.steps)
         compute, comm_s, wait = led.vector()
-        v[self.slot(0, c.rank)] = led.unsettled or 0.0
-        v[self.slot(1, c.rank)] = compute
-        v[self.slot(2, c.rank)] = comm_s
-        v[self.slot(3, c.rank)] = wait
-        return v
+        base = N_FIXED + c.rank
+        values[base] = led.unsettled or 0.0
+        values[base + n] = compute
+        values[base + 2 * n] = comm_s
+        values[base + 3 * n] = wait
+        return torch.tensor(values, dtype=torch.float64)
 
     def launch(self, v: torch.Tensor):
         if self.comm.world == 1:
@@ -261,43 +261,31 @@ class Exchange:
         Call it after the round's wait and before ``ledger.block`` of this round: the vector
         carries every rank's blocked time of the previous round, which is settled here."""
         n = self.comm.world
+        values = v.tolist()
         led = worker.ledger
         if led.unsettled is not None:
-            first = self.slot(0, 0)
             excluded = worker.prev_eval_s if self.comm.rank != 0 else 0.0
-            led.settle(float(v[first : first + n].min()), excluded)
-        worker.prev_eval_s = float(v[F_EVAL_S])
-        if v[F_DIVERGED] > 0:
+            led.settle(min(values[N_FIXED : N_FIXED + n]), excluded)
+        worker.prev_eval_s = values[F_EVAL_S]
+        if values[F_DIVERGED] > 0:
             worker.peer_diverged = True
-        worker.add_round_losses(float(v[F_LOSS_SUM]), int(v[F_LOSS_N]))
-        worker.total_steps = int(v[F_STEPS])
-        worker.peer_ledgers = [
-            (float(v[self.slot(1, r)]), float(v[self.slot(2, r)]), float(v[self.slot(3, r)])) for r in range(n)
-        ]
-        return bool(v[F_STOP] > 0)
+        worker.add_round_losses(values[F_LOSS_SUM], int(values[F_LOSS_N]))
+        worker.total_steps = int(values[F_STEPS])
+        if self.comm.rank == 0:  # only rank 0 reports the ranks' ledgers
+            worker.peer_ledgers = [(values[N_FIXED + n + r], values[N_FIXED + 2 * n + r], values[N_FIXED + 3 * n + r])
+                                   for r in range(n)]
+        return values[F_STOP] > 0
 
 
 # ------------------------------------------------------------------------------------------
 # rank 0: the training clock, evaluation and the stop decision
 # ------------------------------------------------------------------------------------------
-@dataclass
-class MonitorResult:
-    outcome: str = "budget"
-    evaluations: list[Evaluation] = field(default_factory=list)
-    tta_s: float | None = None
-    samples_to_target: int | None = None
-    updates_to_target: int | None = None
-    best_val: float | None = None
-    final_val: float | None = None
-    clock_s: float = 0.0
-
-
 class TTAMonitor:
     """The training clock of DESIGN.md on rank 0: wall seconds since the first training
     step, evaluation (and its recording) excluded. The global model is evaluated at the first
     step boundary at or after each multiple of ``eval.every_s`` at which the strategy can
-    produce it; TTA is the clock of the first evaluation that meets the target; a run that
-    never does is censored at the budget; a non-finite loss or metric ends it as diverged."""
+    produce it (and once the clock passes the budget); the TTA rules are the run loop's
+    ``TTATracker``, the same in both backends."""
 
     def __init__(self, config: RunConfig, eval_module: pl.LightningModule, val_batches: list[Any],
                  on_eval: Callable[[Evaluation], None] | None = None):
@@ -308,7 +296,8 @@ class TTAMonitor:
         self.t0: float | None = None
         self.eval_total = 0.0
         self.next_eval = config.eval.every_s
-        self.result = MonitorResult()
+        self.tracker = TTATracker(config)
+        self.result = self.tracker.result  # experiments.run_loop.LoopResult
 
     def start(self, now: float) -> None:
         if self.t0 is None:
@@ -337,28 +326,11 @@ class TTAMonitor:
         samples = int(counters.get("samples", 0))
         metrics.pop("updates", None)
         ev = Evaluation(clock, updates, samples, metrics)
-        res, target = self.result, self.config.target
-        res.evaluations.append(ev)
-        res.clock_s = clock
-        value = metrics.get(target.metric)
-        outcome = None
-        if value is not None and is_finite(value):
-            res.final_val = value
-            if res.best_val is None or target.better(value, res.best_val):
-                res.best_val = value
-        if diverged or value is None or not is_finite(value):
-            outcome = "diverged"
-        elif target.met(value):
-            outcome = "reached"
-            res.tta_s, res.samples_to_target, res.updates_to_target = clock, samples, updates
-        elif clock >= self.config.budget.train_time_s:
-            outcome = "budget"
+        outcome = self.tracker.observe(ev, diverged=diverged)
         every = self.config.eval.every_s
         self.next_eval = (math.floor(clock / every) + 1) * every
         if self.on_eval:
             self.on_eval(ev)
-        if outcome:
-            res.outcome = outcome
         spent = time.perf_counter() - t_start
         self.eval_total += spent
         return outcome, spent
