@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from analysis.ui import wait_http_ok
+
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "experiments" / "configs" / "digits_mlp.yaml"
 TEST_ARTIFACTS = REPO / "test-artifacts"
@@ -99,17 +101,7 @@ def http_json(url: str, body: dict | None = None) -> dict:
 
 
 def wait_ok(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer 200 within {timeout} s")
+    assert wait_http_ok(url, proc, timeout), f"{url}: no HTTP 200 within {timeout} s (exit code {proc.poll()})"
 
 
 def stop_group(proc: subprocess.Popen) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.ui import is_loopback, port_free, url_host
+from analysis.ui import is_loopback, port_free, url_host, wait_http_ok
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,17 +32,7 @@ def ui(workspace: Path, *args: str, out: Path) -> subprocess.Popen:
 
 
 def wait_200(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"syncbench ui exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url}: no HTTP 200 within {timeout} s")
+    assert wait_http_ok(url, proc, timeout), f"{url}: no HTTP 200 within {timeout} s (exit code {proc.poll()})"
 
 
 def terminate(proc: subprocess.Popen) -> int:
