@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from experiments.config import CheckpointingConfig, import_object, load_config
-from experiments.lightning_bridge import build_optimizer, capture_logs, training_loss
+from strategies.lightning_bridge import build_optimizer, capture_logs, training_loss
 from strategies.checkpointing import activation_bytes, apply_checkpointing
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "charlm.yaml"

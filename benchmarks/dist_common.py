@@ -75,7 +75,7 @@ def bench_config(strategy: str = "sync", workers: int = 2, budget_s: float = 6.0
 
 def run_dist(config: Any, workspace: Path, emulate: str = "none") -> dict[str, Any]:
     """One dist run; returns the RunResult and the per-rank debug dumps."""
-    from strategies.dist import execute_dist_run
+    from experiments.dist.launcher import execute_dist_run
 
     debug = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     result = execute_dist_run(config, workspace=workspace, debug_dir=debug, emulate=emulate)

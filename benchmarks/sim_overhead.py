@@ -18,7 +18,7 @@ import time
 import torch
 
 from experiments.config import load_config
-from experiments.lightning_bridge import build_optimizer, training_loss
+from strategies.lightning_bridge import build_optimizer, training_loss
 from experiments.run import build_simulation, one_thread, prepare_task
 from strategies.cluster import ShardedBatches
 

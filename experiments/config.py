@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from strategies.checkpointing import CheckpointingConfig
+from strategies.local_sgd import OuterConfig
+from strategies.program import ConfigError
+from strategies.registry import STRATEGIES
 
-class ConfigError(ValueError):
-    """Bad user input (config, spec, override, store): the CLI exits with code 2."""
+__all__ = ["CheckpointingConfig", "ConfigError", "OuterConfig", "RunConfig", "StrategyConfig"]
 
 
 class _Strict(BaseModel):
@@ -59,31 +62,36 @@ class EvalConfig(_Strict):
     every_s: float = Field(gt=0)
 
 
-class OuterConfig(_Strict):
-    """DiLoCo outer optimizer (Douillard et al. 2023): SGD on the pseudo-gradient."""
+def _strategy_fields() -> dict[str, Any]:
+    """Every registered strategy's options, composed into one flat ``strategy:`` section."""
+    fields: dict[str, Any] = {}
+    for strategy in STRATEGIES.values():
+        for key, info in strategy.options_model.model_fields.items():
+            assert key not in fields or fields[key][1] == info, f"strategy option {key} defined twice, differently"
+            fields[key] = (info.annotation, info)
+    return fields
 
-    lr: float = Field(gt=0)
-    momentum: float = Field(default=0.0, ge=0, lt=1)
-    nesterov: bool = False
 
-
-class StrategyConfig(_Strict):
-    name: str = "sync"
-    backup_workers: int = Field(default=0, ge=0)
-    local_steps: int = Field(default=8, ge=1)
-    warmup_sync_updates: int = Field(default=0, ge=0)
-    outer: OuterConfig | None = None
-    max_staleness: int | None = Field(default=None, ge=0)
-    staleness_lr: Literal["none", "inverse"] = "none"
+class _StrategyBase(_Strict):
+    name: str = Field(default="sync", description="the strategy, by its registry name")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        default="none", description="the module's learning rate x (effective batch / one worker's), or its "
+        "square root: sync's effective batch is N workers' batches, local SGD's and async's one worker's")
 
     @field_validator("name")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        from strategies import STRATEGIES
-
         if value not in STRATEGIES:
             raise ValueError(f"unknown strategy {value!r}; choose one of {sorted(STRATEGIES)}")
         return value
+
+    def options(self) -> Any:
+        """The options model of the named strategy, filled from this section."""
+        model = STRATEGIES[self.name].options_model
+        return model.model_validate({k: getattr(self, k) for k in model.model_fields})
+
+
+StrategyConfig = create_model("StrategyConfig", __base__=_StrategyBase, **_strategy_fields())
 
 
 class NoStragglers(_Strict):
@@ -141,14 +149,6 @@ class ClusterConfig(_Strict):
     collective_timeout_s: float = Field(default=30.0, gt=0)
 
 
-class CheckpointingConfig(_Strict):
-    enabled: bool = False
-    every: int = Field(default=1, ge=1)
-    impl: Literal["deepspeed", "torch"] = "deepspeed"
-    partition_activations: bool = False
-    cpu_checkpointing: bool = False
-
-
 class RunConfig(_Strict):
     name: str
     task: TaskConfig
@@ -163,11 +163,10 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
-        if self.strategy.backup_workers >= self.cluster.workers:
-            raise ValueError(
-                f"strategy.backup_workers ({self.strategy.backup_workers}) must be smaller than "
-                f"cluster.workers ({self.cluster.workers})"
-            )
+        reason = STRATEGIES[self.strategy.name].unsupported(self.strategy.options(), self.cluster.backend,
+                                                            self.cluster.workers)
+        if reason:
+            raise ValueError(reason)
         if self.eval.every_s > self.budget.train_time_s:
             raise ValueError(
                 f"eval.every_s ({self.eval.every_s}) is longer than budget.train_time_s "

@@ -7,7 +7,6 @@ import contextlib
 import copy
 import csv
 import io
-import json
 import random
 import statistics
 import time
@@ -22,13 +21,13 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from experiments.config import ConfigError, RunConfig, import_object
-from experiments.lightning_bridge import build_optimizer, capture_logs, evaluate, materialize, take_logged, training_loss
+from strategies.lightning_bridge import build_optimizer, capture_logs, evaluate, materialize, take_logged, training_loss
 from experiments.recording import RunRecorder, environment_tags, get_or_create_experiment, open_client
 from experiments.run_loop import Evaluation, LoopResult, train_to_target
 from experiments.workspace import artifacts_dir, default_tracking_uri, workspace_dir
+from experiments.sharding import ShardedBatches
+from experiments.sim.engine import SimEngine, lr_factor
 from strategies import STRATEGIES
-from strategies.base import SimStrategy
-from strategies.cluster import ShardedBatches, SimContext
 
 SUMMARY_KEYS = ("tta_s", "samples_to_target", "updates_to_target", "best_val", "final_val")
 
@@ -162,11 +161,20 @@ def measure_activation_bytes(task: PreparedTask, config: RunConfig) -> int | Non
         torch.set_rng_state(rng_state)
 
 
-def build_simulation(config: RunConfig, task: PreparedTask, step_s: float) -> SimStrategy:
-    """The configured strategy on a simulated cluster over the task's module and data."""
+def build_strategy(config: RunConfig) -> Any:
+    """The configured strategy (registry entry with its options) for this cluster."""
+    cls = STRATEGIES[config.strategy.name]
+    return cls(config.strategy.options(), config.cluster.workers, config.batch_size)
+
+
+def build_simulation(config: RunConfig, task: PreparedTask, step_s: float) -> SimEngine:
+    """The configured strategy's programs on a simulated cluster over the task's module and data."""
     seed_everything(config.seed)
-    ctx = SimContext(config, task.module, task.train_set, step_s, task.collate)
-    return STRATEGIES[config.strategy.name](ctx)
+    strategy = build_strategy(config)
+    cluster = config.cluster
+    return SimEngine(strategy, task.module, task.train_set, task.collate, workers=cluster.workers,
+                     batch_size=config.batch_size, seed=config.seed, step_s=step_s, stragglers=cluster.stragglers,
+                     network=cluster.network, lr_factor=lr_factor(strategy, config.strategy.lr_scaling))
 
 
 def curve_csv(evaluations: list[Evaluation]) -> str:
@@ -219,7 +227,7 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
     ws = workspace_dir(workspace)
     tracking_uri = tracking_uri or default_tracking_uri(ws)
     if config.cluster.backend == "dist":
-        from strategies.dist import execute_dist_run  # real processes (issue 5)
+        from experiments.dist.launcher import execute_dist_run  # real processes
 
         return execute_dist_run(config, workspace=ws, tracking_uri=tracking_uri, experiment=experiment, tags=tags,
                                 parent_run_id=parent_run_id, run_name=run_name, progress=progress)
@@ -243,7 +251,7 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
                                parent_run_id=parent_run_id)
         try:
             recorder.log_params({**config.flat(), "backend": "sim"})
-            strategy = build_simulation(config, task, step_s)
+            engine = build_simulation(config, task, step_s)
             init_s = time.perf_counter() - wall0
             evaluate_global = lambda s: evaluate(s.global_model(), task.val_batches)  # noqa: E731
 
@@ -252,17 +260,20 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
                 bar.update(ev)
 
             with _Progress(config, progress) as bar:
-                loop = train_to_target(config, strategy, evaluate_global, on_eval)
-            result = _result(recorder.run_id, loop, init_s, step_s, strategy.summary_metrics())
+                loop = train_to_target(config, engine, evaluate_global, on_eval)
+            result = _result(recorder.run_id, loop, init_s, step_s, engine.summary_metrics())
             summary = {k: getattr(result, k) for k in SUMMARY_KEYS if getattr(result, k) is not None}
             summary.update(reached=float(loop.outcome == "reached"), init_s=init_s, step_time_s=step_s,
                            activation_bytes=float(act_bytes or 0), **result.extra)
-            recorder.metrics(summary, step=strategy.stats.updates, clock_s=loop.clock_s)
+            updates, _ = engine.counters()
+            if updates:
+                summary["clock_per_update_s"] = loop.clock_s / updates
+            recorder.metrics(summary, step=updates, clock_s=loop.clock_s)
             recorder.set_tags({"outcome": loop.outcome})
             recorder.log_text(config.to_yaml(), "config.yaml")
             recorder.log_text(curve_csv(loop.evaluations), "curve.csv")
-            if hasattr(strategy, "staleness_histogram"):
-                recorder.log_text(json.dumps(strategy.staleness_histogram()), "staleness.json")
+            for name, text in engine.artifacts().items():
+                recorder.log_text(text, name)
             result.wall_s = time.perf_counter() - wall0
             recorder.metrics({"wall_s": result.wall_s, "mlflow_log_s": recorder.log_seconds}, clock_s=loop.clock_s)
             recorder.finish("FINISHED")

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from experiments.config import RunConfig
-from experiments.lightning_bridge import is_finite
-from strategies.base import SimStrategy
+from experiments.sim.engine import SimEngine
+from strategies.lightning_bridge import is_finite
 
 
 @dataclass
@@ -43,8 +43,8 @@ class LoopResult:
 class TTATracker:
     """The TTA rules applied to a run's evaluations, in either backend: the first evaluation
     meeting the target ends the run as reached; a non-finite target metric (or a non-finite
-    training loss seen since the last evaluation) as diverged; an evaluation at the budget
-    as censored."""
+    training loss seen since the last evaluation) as diverged; an evaluation at or past the
+    budget as censored -- a target met only after the budget is not reached."""
 
     def __init__(self, config: RunConfig):
         self.target, self.budget = config.target, config.budget.train_time_s
@@ -64,6 +64,8 @@ class TTATracker:
                 res.best_val = value
         if diverged or not is_finite(value):
             res.outcome = "diverged"
+        elif ev.clock_s > self.budget:
+            res.outcome = "budget"
         elif target.met(value):
             res.outcome = "reached"
             res.tta_s, res.samples_to_target, res.updates_to_target = ev.clock_s, ev.samples, ev.updates
@@ -74,24 +76,24 @@ class TTATracker:
         return res.outcome
 
 
-EvaluateFn = Callable[[SimStrategy], dict[str, float]]
+EvaluateFn = Callable[[SimEngine], dict[str, float]]
 
 
-def train_to_target(config: RunConfig, strategy: SimStrategy, evaluate: EvaluateFn,
+def train_to_target(config: RunConfig, engine: SimEngine, evaluate: EvaluateFn,
                     on_eval: Callable[[Evaluation], None] | None = None) -> LoopResult:
-    """Advance ``strategy`` in virtual time until the target, the budget or divergence."""
+    """Advance ``engine`` in virtual time until the target, the budget or divergence."""
     budget, every = config.budget.train_time_s, config.eval.every_s
-    ctx = strategy.ctx
     tracker = TTATracker(config)
     k = 1  # index of the next evaluation: at min(k * every, budget)
 
     def evaluate_at(clock: float) -> str | None:
-        metrics = evaluate(strategy)
-        ledger = ctx.ledger
-        train_loss = ctx.take_train_loss()
+        metrics = evaluate(engine)
+        ledger = engine.ledger
+        train_loss = engine.take_train_loss()
+        updates, samples = engine.counters()
         metrics.update({
             "clock_s": clock,
-            "samples": float(strategy.stats.samples),
+            "samples": float(samples),
             "time_compute_s": float(ledger.compute.mean()),
             "time_comm_s": float(ledger.comm.mean()),
             "time_wait_s": float(ledger.wait.mean()),
@@ -99,20 +101,20 @@ def train_to_target(config: RunConfig, strategy: SimStrategy, evaluate: Evaluate
         })
         if train_loss is not None:
             metrics["train_loss"] = train_loss
-        metrics.update(strategy.extra_metrics())
-        ev = Evaluation(clock, strategy.stats.updates, strategy.stats.samples, metrics)
-        outcome = tracker.observe(ev, diverged=ctx.diverged)
+        metrics.update(engine.curve_metrics())
+        ev = Evaluation(clock, updates, samples, metrics)
+        outcome = tracker.observe(ev, diverged=engine.diverged)
         if on_eval:
             on_eval(ev)
         return outcome
 
     while True:
-        if ctx.diverged:  # stop at once: evaluate the state the divergence left
-            evaluate_at(min(strategy.clock, min(k * every, budget)))
+        if engine.diverged:  # stop at once: evaluate the state the divergence left
+            evaluate_at(min(engine.clock, min(k * every, budget)))
             break
-        t_next = strategy.next_time()
+        t_next = engine.next_time()
         if t_next <= min(k * every, budget):
-            strategy.advance()
+            engine.advance()
             continue
         if evaluate_at(min(k * every, budget)) or math.isinf(t_next):
             break

@@ -1,16 +1,7 @@
-"""Update strategies, looked up by name: configs, Optuna and MLflow see plain strings.
+"""The ground floor: one file per strategy (its options, pure math and one worker program
+written against ``strategies.program``), the registry, and activation checkpointing.
+Imports nothing from ``experiments``, ``sweeps`` or ``analysis``."""
 
-``STRATEGIES`` maps each name to its simulated-cluster class; the real-process
-(Lightning) adapters are registered under the same names by the dist backend.
-"""
+from strategies.registry import STRATEGIES
 
-from strategies.async_ps import AsyncPSStrategy
-from strategies.base import SimStrategy
-from strategies.local_sgd import LocalSGDStrategy
-from strategies.sync import SyncStrategy
-
-STRATEGIES: dict[str, type[SimStrategy]] = {
-    "sync": SyncStrategy,
-    "local_sgd": LocalSGDStrategy,
-    "async": AsyncPSStrategy,
-}
+__all__ = ["STRATEGIES"]

@@ -56,17 +56,31 @@ import resource
 import sys
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from experiments.config import CheckpointingConfig, ConfigError
-from experiments.lightning_bridge import training_loss
+from pydantic import Field
+
+from strategies.lightning_bridge import training_loss
+from strategies.program import ConfigError, Options
 
 # Options DeepSpeed's checkpointing module was last configured with in this process
 # (``deepspeed.checkpointing.configure`` sets module globals: once per process).
+
+
+class CheckpointingConfig(Options):
+    """Activation checkpointing of every k-th block (``checkpointing:`` in a run config)."""
+
+    enabled: bool = False
+    every: int = Field(default=1, ge=1)
+    impl: Literal["deepspeed", "torch"] = "deepspeed"
+    partition_activations: bool = False
+    cpu_checkpointing: bool = False
+
+
 _ds_options: tuple[bool, bool] | None = None
 _own_group = False  # whether we created the default process group (world size 1)
 _DS_MODULE = "deepspeed.runtime.activation_checkpointing.checkpointing"  # = deepspeed.checkpointing

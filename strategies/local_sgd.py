@@ -1,41 +1,53 @@
-"""Local SGD (Stich 2019; Lin et al. 2020 post-local SGD) and DiLoCo (Douillard et al. 2023).
+"""Local SGD (Stich 2019), post-local SGD (Lin et al. 2020) and DiLoCo (Douillard et al. 2023).
 
 Each worker takes ``local_steps`` optimizer steps on its own copy, then the copies are
 averaged. The first ``warmup_sync_updates`` updates are synchronous (gradients averaged
 every step): post-local SGD. With ``outer``, the average becomes a pseudo-gradient
-Delta = theta_global - mean(theta_i) applied by an outer SGD with (Nesterov) momentum.
+Delta = theta_global - mean(theta_i) applied by an outer SGD with (Nesterov) momentum; the
+outer parameters follow the synchronised parameters through the warm-up, so the first outer
+step sees only the local steps after it.
 """
 
 from __future__ import annotations
 
-import copy
+from typing import Any
 
-import numpy as np
-import pytorch_lightning as pl
 import torch
+from pydantic import Field
 
-from experiments.config import OuterConfig
-from experiments.lightning_bridge import build_optimizer
-from strategies.base import SimStrategy, flat_params, load_flat_params_, trainable
-from strategies.cluster import EventQueue, SimContext, ring_allreduce_bytes, ring_allreduce_s
-from strategies.sync import SyncRound
+from strategies.program import (
+    Compute,
+    Options,
+    ParameterServer,
+    Program,
+    ReduceGradients,
+    ReduceState,
+    Strategy,
+    WorkerProgram,
+)
+from strategies.tensors import flat_params, flat_state, load_flat_params_, load_flat_state_
+
+
+class OuterConfig(Options):
+    """DiLoCo outer optimizer (Douillard et al. 2023): SGD on the pseudo-gradient."""
+
+    lr: float = Field(gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    nesterov: bool = False
+
+
+class LocalSGDOptions(Options):
+    local_steps: int = Field(default=8, ge=1, description="local_sgd: H local steps between averages")
+    warmup_sync_updates: int = Field(default=0, ge=0, description="local_sgd: synchronous updates first "
+                                     "(post-local SGD)")
+    outer: OuterConfig | None = Field(default=None, description="local_sgd: outer optimizer on the "
+                                      "pseudo-gradient = DiLoCo")
 
 
 @torch.no_grad()
 def mean_state_(target: torch.nn.Module, sources: list[torch.nn.Module]) -> None:
     """``target``'s parameters and floating-point buffers := the mean over ``sources``."""
-    named = [dict(src.named_parameters()) | dict(src.named_buffers()) for src in sources]
-    for name, tensor in list(target.named_parameters()) + list(target.named_buffers()):
-        if tensor.is_floating_point():
-            tensor.copy_(torch.stack([n[name] for n in named]).mean(dim=0))
-
-
-@torch.no_grad()
-def average_params_(replicas: list[torch.nn.Module]) -> None:
-    """Set every replica to the replicas' mean (the all-reduce of local SGD)."""
-    mean_state_(replicas[0], replicas)
-    for replica in replicas[1:]:
-        replica.load_state_dict(replicas[0].state_dict())
+    load_flat_state_(target, torch.stack([flat_state(s) for s in sources]).mean(dim=0))
 
 
 @torch.no_grad()
@@ -48,135 +60,79 @@ def apply_outer_step(global_params: torch.Tensor, mean_params: torch.Tensor, mom
     global_params.sub_(update, alpha=outer.lr)
 
 
-class LocalSGDStrategy(SimStrategy):
-    name = "local_sgd"
+class LocalSGDProgram(WorkerProgram):
+    """Warm-up: sync steps. Then: a local step; every H-th (or when the run stops), average."""
 
-    def __init__(self, ctx: SimContext):
-        super().__init__(ctx)
-        cfg = ctx.config.strategy
-        self.local_steps, self.warmup, self.outer = cfg.local_steps, cfg.warmup_sync_updates, cfg.outer
-        n = ctx.n_workers
-        self.replicas = [ctx.module] + [copy.deepcopy(ctx.module) for _ in range(n - 1)]
-        self.optimizers = [build_optimizer(r) for r in self.replicas]
-        self.eval_module = copy.deepcopy(ctx.module) if (n > 1 or self.outer) else ctx.module
-        if self.outer:
-            self.global_params = flat_params(ctx.module).clone()
-            self.momentum_buf = torch.zeros_like(self.global_params)
-        self.comm_s = ring_allreduce_s(n, ctx.param_bytes, ctx.net)
-        self.local_count = np.zeros(n, dtype=np.int64)
-        self.arrived: dict[int, float] = {}
-        self.total_local_steps = 0
-        self.sync_updates = 0
+    def __init__(self, worker: Any, options: LocalSGDOptions):
+        super().__init__(worker, options)
+        self.sync_updates = 0  # warm-up updates
+        self.local_steps = 0  # local optimizer steps after the warm-up
+        self.since_sync = 0
         self.rounds = 0
-        self.queue = EventQueue()
-        self._warm_round: SyncRound | None = None
-        if self.warmup == 0:
-            self._schedule_all(0.0)
-
-    # -- events -------------------------------------------------------------------------
-    def _schedule_all(self, t: float) -> None:
-        for w in range(self.ctx.n_workers):
-            self._schedule_step(w, t)
-
-    def _schedule_step(self, w: int, t: float) -> None:
-        c = self.ctx.compute_time(w)
-        self.queue.push(t + c, ("step", w, c))
+        self.global_state: torch.Tensor | None = None  # outer parameters (+ mean buffers), DiLoCo only
+        self.momentum: torch.Tensor | None = None
+        if options.outer is not None:
+            self.global_state = flat_state(worker.module).clone()
+            self.momentum = torch.zeros_like(flat_params(worker.module))
 
     def _in_warmup(self) -> bool:
-        return self.sync_updates < self.warmup
+        return self.sync_updates < self.options.warmup_sync_updates
 
-    def _pending_warm_round(self) -> SyncRound:
-        if self._warm_round is None:
-            self._warm_round = SyncRound(self.ctx, self.ctx.n_workers)
-        return self._warm_round
-
-    def next_time(self) -> float:
+    def step(self) -> Program:
+        w = self.worker
         if self._in_warmup():
-            return self.clock + self._pending_warm_round().duration
-        return self.queue.peek_time()
-
-    def advance(self) -> None:
-        if self._in_warmup():
-            self._warmup_update()
+            yield Compute()
+            yield ReduceGradients()
+            w.optimizer.step()
+            self.sync_updates += 1
+            if self.global_state is not None:  # the outer model follows the synchronised one
+                self.global_state = flat_state(w.module).clone()
             return
-        t, event = self.queue.pop()
-        self.clock = t
-        if event[0] == "step":
-            self._local_step(t, event[1], event[2])
-        else:
-            self._average(t)
-
-    def _warmup_update(self) -> None:
-        """A synchronous step: gradients averaged across replicas, every replica steps."""
-        ctx, rnd = self.ctx, self._pending_warm_round()
-        grads = []
-        for replica, opt, worker in zip(self.replicas, self.optimizers, ctx.workers):
-            opt.zero_grad(set_to_none=True)
-            ctx.accumulate_gradient(replica, worker)
-            grads.append([p.grad for p in trainable(replica)])
-        rnd.charge(ctx)
-        self.clock += rnd.duration
-        self._warm_round = None
-        if ctx.diverged:
+        yield Compute()
+        w.optimizer.step()
+        self.local_steps += 1
+        self.since_sync += 1
+        if self.since_sync < self.options.local_steps and not w.stop_requested():
             return
-        with torch.no_grad():
-            for tensors in zip(*grads):
-                mean = torch.stack(tensors).mean(dim=0)
-                for g in tensors:
-                    g.copy_(mean)
-        for opt in self.optimizers:
-            opt.step()
-        self.sync_updates += 1
-        self.stats.updates += 1
-        self.stats.samples += ctx.n_workers * ctx.batch_size
-        if not self._in_warmup():
-            self._schedule_all(self.clock)
-
-    def _local_step(self, t: float, w: int, compute_s: float) -> None:
-        ctx = self.ctx
-        self.optimizers[w].zero_grad(set_to_none=True)
-        ctx.accumulate_gradient(self.replicas[w], ctx.workers[w])
-        ctx.ledger.compute[w] += compute_s
-        if ctx.diverged:
-            return
-        self.optimizers[w].step()
-        self.local_count[w] += 1
-        self.total_local_steps += 1
-        self.stats.samples += ctx.batch_size
-        self.stats.updates = self.sync_updates + self.total_local_steps // ctx.n_workers
-        if self.local_count[w] % self.local_steps:
-            self._schedule_step(w, t)
-            return
-        self.arrived[w] = t
-        if len(self.arrived) == ctx.n_workers:
-            self.queue.push(max(self.arrived.values()) + self.comm_s, ("average",))
-
-    def _average(self, t: float) -> None:
-        ctx = self.ctx
-        last_arrival = t - self.comm_s
-        for w, arrived in self.arrived.items():
-            ctx.ledger.wait[w] += last_arrival - arrived
-        ctx.ledger.comm += self.comm_s
-        ctx.ledger.comm_bytes += ring_allreduce_bytes(ctx.n_workers, ctx.param_bytes)
-        self.arrived.clear()
+        yield ReduceState()
+        self.since_sync = 0
         self.rounds += 1
-        if self.outer:
-            mean_state_(self.eval_module, self.replicas)
-            apply_outer_step(self.global_params, flat_params(self.eval_module), self.momentum_buf, self.outer)
-            load_flat_params_(self.eval_module, self.global_params)
-            for replica in self.replicas:
-                replica.load_state_dict(self.eval_module.state_dict())
+        if self.global_state is not None:
+            outer = self.options.outer
+            n = self.momentum.numel()
+            global_params = self.global_state[:n]
+            apply_outer_step(global_params, flat_params(w.module), self.momentum, outer)
+            load_flat_params_(w.module, global_params)
+            self.global_state = flat_state(w.module).clone()  # outer parameters, mean buffers
+
+    def reduces_gradients_next(self) -> bool:
+        return self._in_warmup()
+
+    def at_sync_point(self) -> bool:
+        return self.since_sync == 0
+
+
+class LocalSGD(Strategy):
+    name = "local_sgd"
+    options_model = LocalSGDOptions
+    program_class = LocalSGDProgram
+
+    def load_global(self, target: torch.nn.Module, programs: list[WorkerProgram],
+                    server: ParameterServer | None) -> None:
+        lead = programs[0]
+        assert isinstance(lead, LocalSGDProgram)
+        if lead.global_state is not None:  # the outer parameters of the last synchronisation
+            load_flat_state_(target, lead.global_state.to("cpu"))
+        elif all(p.at_sync_point() for p in programs):  # identical replicas: no rounding in a mean
+            load_flat_state_(target, flat_state(lead.worker.module).to("cpu"))
         else:
-            average_params_(self.replicas)
-        self._schedule_all(t)
+            mean_state_(target, [p.worker.module for p in programs])
 
-    # -- views ----------------------------------------------------------------------------
-    def global_model(self) -> pl.LightningModule:
-        if self.outer:
-            return self.eval_module  # the outer parameters of the last synchronisation
-        if self.eval_module is not self.replicas[0]:
-            mean_state_(self.eval_module, self.replicas)
-        return self.eval_module
+    def counters(self, programs: list[WorkerProgram], server: ParameterServer | None) -> tuple[int, int]:
+        assert all(isinstance(p, LocalSGDProgram) for p in programs)
+        warm = programs[0].sync_updates  # type: ignore[attr-defined]
+        local = sum(p.local_steps for p in programs)  # type: ignore[attr-defined]
+        return warm + local // self.world, (warm * self.world + local) * self.batch_size
 
-    def summary_metrics(self) -> dict[str, float]:
-        return {"averaging_rounds": float(self.rounds)}
+    def summary_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
+        return {"averaging_rounds": float(programs[0].rounds)}  # type: ignore[attr-defined]

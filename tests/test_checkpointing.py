@@ -13,7 +13,7 @@ from torch import nn
 
 from experiments.charlm import VOCAB_SIZE, CharLM
 from experiments.config import CheckpointingConfig, ConfigError
-from experiments.lightning_bridge import capture_logs, training_loss
+from strategies.lightning_bridge import capture_logs, training_loss
 from strategies.checkpointing import (
     CheckpointedForward,
     activation_bytes,

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from experiments.config import ConfigError, load_config
-from strategies.cluster import StragglerModel
-from strategies.dist import DistRunFailed, execute_dist_run
+from experiments.cluster_model import StragglerModel
+from experiments.dist.launcher import DistRunFailed, execute_dist_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "experiments" / "configs" / "digits_mlp.yaml"

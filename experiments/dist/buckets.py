@@ -1,9 +1,4 @@
-"""Flat views of a module's state and DDP-style gradient buckets.
-
-Parameters are flattened with ``strategies.base.flat_params`` / ``load_flat_params_`` (the
-same helpers the sim backend uses); floating-point buffers (e.g. BatchNorm statistics) ride
-along where a strategy averages or ships whole states.
-"""
+"""DDP-style gradient buckets: the dist backend's ``ReduceGradients``, overlapped with backward."""
 
 from __future__ import annotations
 
@@ -13,38 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from strategies.base import flat_params, load_flat_params_, trainable
-
-
-def float_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [b for b in module.buffers() if b.is_floating_point()]
-
-
-def flat_state(module: torch.nn.Module) -> torch.Tensor:
-    """Trainable parameters, then floating-point buffers, as one vector."""
-    params = flat_params(module)
-    buffers = [b.detach().reshape(-1).to(params.dtype) for b in float_buffers(module)]
-    return torch.cat([params, *buffers]) if buffers else params
-
-
-@torch.no_grad()
-def load_flat_state_(module: torch.nn.Module, flat: torch.Tensor) -> None:
-    n_params = sum(p.numel() for p in trainable(module))
-    load_flat_params_(module, flat[:n_params])
-    offset = n_params
-    for b in float_buffers(module):
-        n = b.numel()
-        b.copy_(flat[offset : offset + n].view_as(b))
-        offset += n
-    assert offset == flat.numel(), "flat state does not match the module"
-
-
-def state_numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in trainable(module)) + sum(b.numel() for b in float_buffers(module))
-
-
-def param_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in trainable(module))
+from strategies.tensors import trainable
 
 
 @dataclass

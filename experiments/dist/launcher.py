@@ -1,5 +1,5 @@
 """The dist backend: real worker processes, each running a Lightning Trainer with one of the
-strategies of ``strategies.lightning``, over torch.distributed (gloo on CPU, NCCL when the
+strategy's worker program (``experiments.dist.worker.ProgramStrategy``), over torch.distributed (gloo on CPU, NCCL when the
 module runs on CUDA).
 
 Two ways in, one entry point (``execute_dist_run``, called by ``experiments.run.execute_run``
@@ -8,7 +8,7 @@ when ``cluster.backend == "dist"``):
 * **launcher** (``syncbench run CFG --set cluster.backend=dist --set cluster.workers=N``):
   this process validates the config and the task (bad input raises ``ConfigError`` before
   any MLflow run exists), creates the MLflow run, starts N worker processes in a process
-  group of their own (``python -m strategies.dist --worker SPEC --rank R``, loopback
+  group of their own (``python -m experiments.dist.launcher --worker SPEC --rank R``, loopback
   rendezvous on a free port, one intra-op thread per core each worker owns) and watches them:
   a worker that dies (non-zero exit, a signal) or hangs (its heartbeat stops for
   ``cluster.collective_timeout_s``) ends the run ``failed`` with a message naming the rank;
@@ -28,7 +28,7 @@ tag ``syncbench.backend=dist``), with compute / comm / wait aggregated over rank
 (``time_wait_s``) and max (``time_wait_max_s``).
 
 Emulation (``SYNCBENCH_DIST_EMULATE`` = ``all`` (default) | ``none`` | ``stragglers`` |
-``network``, or the ``emulate=`` argument): see ``strategies.lightning.base.Emulation``.
+``network``, or the ``emulate=`` argument): see ``experiments.dist.worker.Emulation``.
 """
 
 from __future__ import annotations
@@ -200,19 +200,19 @@ class StoreHeartbeat:
 # validation (before any run exists)
 # ------------------------------------------------------------------------------------------
 def validate_dist_config(config: Any) -> None:
+    """What the strategy declares this backend cannot do (config validation checks it too;
+    under torchrun the world size is known only here)."""
     from experiments.config import ConfigError
+    from strategies import STRATEGIES
 
-    if config.strategy.backup_workers > 0:
-        raise ConfigError(
-            f"strategy.backup_workers: {config.strategy.backup_workers} backup workers are not supported by "
-            "cluster.backend=dist (dropping the slowest gradients needs a non-blocking reduction that a "
-            "gloo/NCCL all-reduce is not); use cluster.backend=sim or set strategy.backup_workers=0"
-        )
+    reason = STRATEGIES[config.strategy.name].unsupported(config.strategy.options(), "dist", config.cluster.workers)
+    if reason:
+        raise ConfigError(reason)
 
 
 def check_shards(task: Any, config: Any, world: int) -> None:
     from experiments.config import ConfigError
-    from strategies.cluster import ShardedBatches
+    from experiments.sharding import ShardedBatches
 
     try:
         ShardedBatches(task.train_set, 0, world, config.batch_size, config.seed, task.collate)
@@ -338,7 +338,7 @@ def _attach_logs(recorder: Any, control: Path) -> None:
 
 
 PRELOAD = ["torch", "torch.distributed", "pytorch_lightning", "mlflow.tracking", "experiments.run",
-           "strategies.lightning"]
+           "experiments.dist.worker"]
 
 
 def _forkserver_context(config: Any) -> Any:
@@ -424,7 +424,7 @@ def _run_workers(control: Path, n: int, timeout_s: float, progress: bool, config
 
 
 class _PopenWorker:
-    """A worker started as ``python -m strategies.dist --worker SPEC --rank R``."""
+    """A worker started as ``python -m experiments.dist.launcher --worker SPEC --rank R``."""
 
     def __init__(self, popen: Any, log: Any):
         self.popen, self.log = popen, log
@@ -459,7 +459,7 @@ def _spawn_worker(control: Path, rank: int, world: int, port: int, threads: int)
                PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
     env[ENV_WORKER] = "1"
     log = open(control / f"rank{rank}.log", "wb")
-    popen = subprocess.Popen([sys.executable, "-m", "strategies.dist", "--worker", str(control / "spec.json"),
+    popen = subprocess.Popen([sys.executable, "-m", "experiments.dist.launcher", "--worker", str(control / "spec.json"),
                               "--rank", str(rank), "--threads", str(threads)],
                              env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              start_new_session=True)
@@ -710,9 +710,10 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
     from torch.utils.data import DataLoader, IterableDataset
 
     from experiments.run import RunResult, curve_csv, measure_activation_bytes, prepare_task, seed_everything
-    from strategies.cluster import ShardedBatches
-    from strategies.lightning import ADAPTERS, WorkerFailure, WorkerState
-    from strategies.lightning.base import Comm, Emulation, TTAMonitor
+    from experiments.sharding import ShardedBatches
+    from experiments.dist.worker import Comm, Emulation, ProgramStrategy, TTAMonitor, WorkerFailure, WorkerState
+    from experiments.run import build_strategy
+    from experiments.sim.engine import lr_factor
 
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -758,7 +759,8 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
             monitor = TTAMonitor(config, eval_module, task.val_batches,
                                  on_eval=_on_eval(recorder, control if progress else None))
         worker = WorkerState(config, comm, Emulation(config, rank, world, *emulate), monitor, debug=bool(debug_dir))
-        strategy = ADAPTERS[config.strategy.name](worker)
+        definition = build_strategy(config)
+        strategy = ProgramStrategy(worker, definition, lr_factor(definition, config.strategy.lr_scaling))
         batches = ShardedBatches(task.train_set, rank, world, config.batch_size, config.seed, task.collate)
 
         class _Stream(IterableDataset):
@@ -816,8 +818,8 @@ def _warm_up(task: Any, config: Any, rank: int, world: int, steps: int = 2) -> N
 
     import torch
 
-    from experiments.lightning_bridge import build_optimizer, take_logged, training_loss
-    from strategies.cluster import ShardedBatches
+    from strategies.lightning_bridge import build_optimizer, take_logged, training_loss
+    from experiments.sharding import ShardedBatches
 
     rng = torch.get_rng_state()
     module = copy.deepcopy(task.module)
@@ -979,12 +981,12 @@ def _dump_debug(directory: Path, rank: int, worker: Any, strategy: Any, rows: li
 
 
 # ------------------------------------------------------------------------------------------
-# `python -m strategies.dist --worker SPEC --rank R`: one worker started by the launcher
+# `python -m experiments.dist.launcher --worker SPEC --rank R`: one worker started by the launcher
 # ------------------------------------------------------------------------------------------
 def _worker_main(argv: list[str]) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="strategies.dist")
+    parser = argparse.ArgumentParser(prog="experiments.dist.launcher")
     parser.add_argument("--worker", required=True)
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)

@@ -1,0 +1,60 @@
+"""Each worker reads its own shard of the training data: every sample once per epoch across
+workers, the same shards in both backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+
+def collate_indices(dataset: Dataset, idx: np.ndarray, collate: Callable[[list], Any]) -> Any:
+    if isinstance(dataset, TensorDataset):  # fast path: one gather per tensor
+        index = torch.from_numpy(idx)
+        return [t[index] for t in dataset.tensors]
+    return collate([dataset[int(i)] for i in idx])
+
+
+class ShardedBatches:
+    """Worker ``w`` of ``n`` reads ``perm[w::n]`` of a seeded per-epoch permutation.
+
+    Every sample is read once per epoch across workers; shards are cut to the same
+    length and batches to the same size, so N shards at batch b cover exactly what one
+    worker at batch N*b covers (the basis of "sync at N = large batch").
+    """
+
+    def __init__(self, dataset: Dataset, worker: int, n_workers: int, batch_size: int, seed: int,
+                 collate: Callable[[list], Any] = default_collate):
+        self.dataset, self.worker, self.n_workers = dataset, worker, n_workers
+        self.batch_size, self.seed, self.collate = batch_size, seed, collate
+        self.shard_len = len(dataset) // n_workers  # type: ignore[arg-type]
+        self.steps_per_epoch = self.shard_len // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"batch_size ({batch_size}) x cluster.workers ({n_workers}) exceeds the training set "
+                f"({len(dataset)} samples): a worker would have no full batch"  # type: ignore[arg-type]
+            )
+        self.epoch, self.position = 0, 0
+        self._shard = self._make_shard()
+
+    def _make_shard(self) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, 31337, self.epoch]).permutation(len(self.dataset))  # type: ignore[arg-type]
+        return perm[self.worker :: self.n_workers][: self.shard_len]
+
+    def next_indices(self) -> np.ndarray:
+        if self.position == self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._shard = self._make_shard()
+        b = self.batch_size
+        idx = self._shard[self.position * b : (self.position + 1) * b]
+        self.position += 1
+        return idx
+
+    def __next__(self) -> Any:
+        return collate_indices(self.dataset, self.next_indices(), self.collate)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self

@@ -1,0 +1,1 @@
+"""The sim backend: the strategies' worker programs on a virtual clock (``engine``)."""

@@ -1,0 +1,344 @@
+"""The sim backend: N worker programs on one virtual clock, in one process.
+
+Each worker has its own replica of the user's module, its optimizer (the module's own
+``configure_optimizers``) and its data shard, and runs the strategy's worker program
+(``strategies.program``). The engine resumes the programs in virtual-time order, the way
+SimGrid's SMPI runs unmodified MPI programs on a simulated platform, and charges each
+operation on the clock:
+
+* ``Compute``: ``step_s`` x the worker's straggler factor (seeded); the real forward and
+  backward run when the computation ends in virtual time.
+* ``ReduceGradients`` / ``ReduceState``: a ring all-reduce of the payload,
+  2(N-1)*alpha + 2(N-1)/N * S/beta, starting when the last (or the quorum-th) worker arrives;
+  the earlier arrivals wait. With a quorum, workers still computing abandon their step.
+* ``PushPull``: the push and then the pull, alpha + S/beta each, on the server's one link,
+  where transfers queue first come, first served. The server applies a push when it arrives;
+  a pull carries the parameters of the moment it starts.
+
+Events at the same instant resolve in insertion order: a run is reproducible bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import Dataset
+
+from experiments.cluster_model import (
+    NetworkConfig,
+    ServerLink,
+    StragglerModel,
+    point_to_point_s,
+    ring_allreduce_bytes,
+    ring_allreduce_s,
+)
+from experiments.sharding import ShardedBatches
+from strategies.lightning_bridge import build_optimizer, is_finite, training_loss
+from strategies.program import (
+    Compute,
+    Op,
+    ParameterServer,
+    PushPull,
+    ReduceGradients,
+    ReduceState,
+    Strategy,
+    WorkerProgram,
+    gradient_payload,
+    load_gradient_payload_,
+    state_payload,
+)
+from strategies.tensors import load_flat_state_
+
+
+class EventQueue:
+    """Discrete events in (time, insertion order): ties resolve deterministically."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[float], None]]] = []
+        self._seq = 0
+
+    def push(self, time: float, action: Callable[[float], None]) -> None:
+        heapq.heappush(self._heap, (time, self._seq, action))
+        self._seq += 1
+
+    def peek_time(self) -> float:
+        return self._heap[0][0] if self._heap else math.inf
+
+    def pop(self) -> tuple[float, Callable[[float], None]]:
+        time, _, action = heapq.heappop(self._heap)
+        return time, action
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+@dataclass
+class TimeLedger:
+    """Cumulative compute / communication / waiting seconds per worker."""
+
+    n_workers: int
+    compute: np.ndarray = field(init=False)
+    comm: np.ndarray = field(init=False)
+    wait: np.ndarray = field(init=False)
+    comm_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.compute, self.comm, self.wait = (np.zeros(self.n_workers) for _ in range(3))
+
+
+class SimWorker:
+    """One virtual worker: the ``strategies.program.Worker`` its program sees, plus the
+    engine's bookkeeping (its generator, its computation in flight, its collective count)."""
+
+    def __init__(self, rank: int, world: int, batch_size: int, module: pl.LightningModule,
+                 batches: ShardedBatches):
+        self.rank, self.world, self.batch_size = rank, world, batch_size
+        self.module = module
+        self.optimizer = build_optimizer(module)
+        self.batches = batches
+        self.steps = 0  # gradients computed (the module's batch_idx)
+        self.program: WorkerProgram | None = None
+        self.gen: Any = None
+        self.computing: tuple[float, int] | None = None  # (start, token) of the computation in flight
+        self.token = 0
+        self.collectives = 0
+        self.pulled_version = 0
+
+    def stop_requested(self) -> bool:
+        return False  # the sim stops between events; nothing is ever left unsynchronised
+
+
+@dataclass
+class _Collective:
+    kind: type[Op]
+    quorum: int
+    arrivals: dict[int, float] = field(default_factory=dict)  # rank -> arrival time
+    payloads: dict[int, torch.Tensor] = field(default_factory=dict)
+    result: torch.Tensor | None = None
+    completed_at: float = 0.0  # when the last (quorum-th) payload arrived
+    done_at: float | None = None  # when the reduction has reached every worker
+
+
+class SimEngine:
+    """Runs a strategy's programs for N virtual workers; the run loop reads the clock,
+    the counters and the global model from here (``experiments.run_loop``)."""
+
+    def __init__(self, strategy: Strategy, module: pl.LightningModule, train_set: Dataset, collate: Callable,
+                 *, workers: int, batch_size: int, seed: int, step_s: float, stragglers: Any,
+                 network: NetworkConfig, lr_factor: float = 1.0):
+        self.strategy, self.n, self.step_s, self.net = strategy, workers, step_s, network
+        self.stragglers = StragglerModel(stragglers, workers, seed)
+        replicas = [module] + [copy.deepcopy(module) for _ in range(workers - 1)]
+        self.workers = [SimWorker(w, workers, batch_size, replicas[w],
+                                  ShardedBatches(train_set, w, workers, batch_size, seed, collate))
+                        for w in range(workers)]
+        self.server: ParameterServer | None = None
+        server_module = copy.deepcopy(module)
+        server = strategy.server(server_module, build_optimizer(server_module))
+        if server is not None:
+            self.server = server
+        for opt in [w.optimizer for w in self.workers] + ([server.optimizer] if server else []):
+            scale_lr_(opt, lr_factor)
+        for w in self.workers:
+            w.program = strategy.program(w)
+        self.programs = [w.program for w in self.workers]
+        self.ledger = TimeLedger(workers)
+        self.queue = EventQueue()
+        self.link = ServerLink()
+        self.collectives: dict[int, _Collective] = {}
+        self.clock = 0.0
+        self.diverged = False
+        self.recent_losses: list[float] = []
+        self.eval_module = copy.deepcopy(module)
+        for w in self.workers:
+            self._drive(w, 0.0, None)
+
+    # -- the run loop's view --------------------------------------------------------------------
+    def next_time(self) -> float:
+        return self.queue.peek_time()
+
+    def advance(self) -> None:
+        t, action = self.queue.pop()
+        self.clock = t
+        action(t)
+
+    def counters(self) -> tuple[int, int]:
+        return self.strategy.counters(self.programs, self.server)
+
+    def global_model(self) -> pl.LightningModule:
+        self.strategy.load_global(self.eval_module, self.programs, self.server)
+        return self.eval_module
+
+    def curve_metrics(self) -> dict[str, float]:
+        return self.strategy.curve_metrics(self.programs, self.server)
+
+    def summary_metrics(self) -> dict[str, float]:
+        return self.strategy.summary_metrics(self.programs, self.server)
+
+    def artifacts(self) -> dict[str, str]:
+        return self.strategy.artifacts(self.programs, self.server)
+
+    def take_train_loss(self) -> float | None:
+        losses, self.recent_losses = self.recent_losses, []
+        return float(np.mean(losses)) if losses else None
+
+    # -- driving the programs ---------------------------------------------------------------------
+    def _drive(self, w: SimWorker, t: float, value: Any) -> None:
+        """Resume ``w``'s program at ``t`` until it asks for an operation (a new step when
+        the last one returned), and schedule that operation."""
+        for _ in range(2):
+            if w.gen is None:
+                assert w.program is not None
+                w.gen, value = w.program.step(), None
+            try:
+                op = w.gen.send(value)
+            except StopIteration:
+                w.gen = None
+                continue
+            self._dispatch(w, t, op)
+            return
+        raise AssertionError("a worker program's step asked for no operation (it must at least Compute)")
+
+    def _dispatch(self, w: SimWorker, t: float, op: Op) -> None:
+        if isinstance(op, Compute):
+            self._compute(w, t)
+        elif isinstance(op, (ReduceGradients, ReduceState)):
+            self._collective(w, t, op)
+        elif isinstance(op, PushPull):
+            self._push_pull(w, t)
+        else:
+            raise TypeError(f"the sim backend cannot carry out {op!r}")
+
+    def _compute(self, w: SimWorker, t: float) -> None:
+        c = self.step_s * self.stragglers.factor(w.rank)
+        w.token += 1
+        w.computing = (t, w.token)
+        token = w.token
+
+        def done(now: float) -> None:
+            if w.computing is None or w.computing[1] != token:
+                return  # abandoned: a quorum collective completed without this worker
+            w.computing = None
+            self.ledger.compute[w.rank] += c
+            self._drive(w, now, self._forward_backward(w))
+
+        self.queue.push(t + c, done)
+
+    def _forward_backward(self, w: SimWorker) -> float:
+        w.optimizer.zero_grad(set_to_none=True)
+        loss = training_loss(w.module, next(w.batches), w.steps)
+        w.steps += 1
+        value = float(loss.detach())
+        self.recent_losses.append(value)
+        if not is_finite(value):
+            self.diverged = True
+            return value
+        loss.backward()
+        return value
+
+    def _abandon(self, w: SimWorker, t: float) -> None:
+        """A dropped backup worker: its batch is consumed, its computation cut short at ``t``."""
+        assert w.computing is not None, "a worker missing from a quorum collective must be computing"
+        start, _ = w.computing
+        w.computing = None
+        self.ledger.compute[w.rank] += t - start
+        w.batches.next_indices()
+        w.steps += 1
+        self._drive(w, t, None)
+
+    def _collective(self, w: SimWorker, t: float, op: ReduceGradients | ReduceState) -> None:
+        k = w.collectives
+        w.collectives += 1
+        quorum = getattr(op, "quorum", None) or self.n
+        coll = self.collectives.setdefault(k, _Collective(type(op), quorum))
+        assert coll.kind is type(op), f"workers disagree on collective {k}: {coll.kind} vs {type(op)}"
+        coll.arrivals[w.rank] = t
+        if coll.done_at is not None:  # a dropped worker joins a finished round for its result
+            self._deliver(w, coll)
+        else:
+            coll.payloads[w.rank] = gradient_payload(w.module) if isinstance(op, ReduceGradients) \
+                else state_payload(w.module)
+            if len(coll.payloads) == coll.quorum:
+                self._complete(coll, t)
+        if len(coll.arrivals) == self.n:
+            self.collectives.pop(k, None)
+
+    def _complete(self, coll: _Collective, t: float) -> None:
+        payloads = [coll.payloads[r] for r in sorted(coll.payloads)]
+        nbytes = payloads[0].numel() * payloads[0].element_size()
+        comm_s = ring_allreduce_s(self.n, nbytes, self.net)
+        coll.result = torch.stack(payloads).mean(dim=0) if len(payloads) > 1 else payloads[0]
+        coll.completed_at, coll.done_at = t, t + comm_s
+        self.ledger.comm_bytes += ring_allreduce_bytes(self.n, nbytes)
+        for rank in sorted(coll.payloads):
+            self.ledger.wait[rank] += t - coll.arrivals[rank]
+            self._deliver(self.workers[rank], coll)
+        for w in self.workers:
+            if w.rank not in coll.arrivals:
+                self._abandon(w, t)
+
+    def _deliver(self, w: SimWorker, coll: _Collective) -> None:
+        assert coll.result is not None and coll.done_at is not None
+        self.ledger.comm[w.rank] += coll.done_at - coll.completed_at
+        result, gradients = coll.result, coll.kind is ReduceGradients
+
+        def resume(now: float) -> None:
+            if gradients:
+                load_gradient_payload_(w.module, result)
+            else:
+                load_flat_state_(w.module, result)
+            self._drive(w, now, None)
+
+        self.queue.push(coll.done_at, resume)
+
+    def _push_pull(self, w: SimWorker, t: float) -> None:
+        server = self.server
+        assert server is not None, "PushPull needs a strategy with a parameter server"
+        payload = gradient_payload(w.module)
+        nbytes = payload.numel() * payload.element_size()
+        transfer_s = point_to_point_s(nbytes, self.net)
+        start, end = self.link.reserve(t, transfer_s)
+        self._charge_transfer(w, t, start, transfer_s, nbytes)
+        pulled = w.pulled_version
+
+        def arrive(now: float) -> None:
+            applied = False if self.diverged else server.apply(w.rank, payload, pulled)
+            pull_start, pull_end = self.link.reserve(now, transfer_s)
+            self._charge_transfer(w, now, pull_start, transfer_s, nbytes)
+
+            def send_state(_: float) -> None:  # the pull carries theta as of its start
+                load_flat_state_(w.module, state_payload(server.module))
+                w.pulled_version = server.version
+
+            self.queue.push(pull_start, send_state)
+            self.queue.push(pull_end, lambda later: self._drive(w, later, applied))
+
+        self.queue.push(end, arrive)
+
+    def _charge_transfer(self, w: SimWorker, requested: float, start: float, transfer_s: float, nbytes: int) -> None:
+        self.ledger.wait[w.rank] += start - requested  # queued behind other transfers on the link
+        self.ledger.comm[w.rank] += transfer_s
+        self.ledger.comm_bytes += nbytes
+
+
+def lr_factor(strategy: Strategy, scaling: str) -> float:
+    """``strategy.lr_scaling``: none | linear | sqrt of the effective batch ratio."""
+    ratio = strategy.lr_batch_factor()
+    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
+
+
+def scale_lr_(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    if factor == 1.0:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+        if "initial_lr" in group:
+            group["initial_lr"] = group["initial_lr"] * factor

@@ -1,0 +1,202 @@
+"""The small communication interface every strategy's worker program is written against.
+
+A strategy is defined once (one file under ``strategies/``): its options, its pure math
+functions, and one *worker program* -- a generator that says what a worker does in one
+training step and which communication it asks for, by yielding operations:
+
+* ``Compute()``: forward and backward of the worker's next batch on its replica (the backend
+  zeroes the gradients first, as Lightning's closure does). Resumes with the loss, or with
+  ``None`` when the step was abandoned because a quorum collective completed without it.
+* ``ReduceGradients(quorum)``: the replica's gradients (and floating-point buffers, as DDP
+  keeps BatchNorm statistics in step) become their mean over the workers -- over the first
+  ``quorum`` to arrive when a quorum is given (backup workers, Chen et al. 2016).
+* ``ReduceState()``: the replica's parameters and floating-point buffers become their mean.
+* ``PushPull()``: the replica's gradient goes to the parameter server, which applies it on
+  arrival (``ParameterServer.apply``), then the server's state comes back into the replica.
+  Resumes with whether the gradient was applied.
+
+Both backends run these programs unchanged, the way SimGrid's SMPI runs unmodified MPI code on
+a simulated platform: the sim backend resumes N programs in virtual-time order and charges
+each operation on its clock (``experiments.sim``); the dist backend runs one program per
+process inside a Lightning strategy and carries each operation out over torch.distributed
+(``experiments.dist``). A backend that cannot carry out an operation refuses the config
+before anything runs (``Strategy.unsupported``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from strategies.tensors import flat_grads, flat_state, float_buffers, load_flat_grads_, trainable
+
+
+class ConfigError(ValueError):
+    """Bad user input (config, spec, override, store): the CLI exits with code 2."""
+
+
+class Options(BaseModel):
+    """Base of every strategy's options: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ------------------------------------------------------------------------------------------
+# operations a program may yield
+# ------------------------------------------------------------------------------------------
+class Op:
+    """A request from a worker program to its backend."""
+
+
+@dataclass(frozen=True)
+class Compute(Op):
+    pass
+
+
+@dataclass(frozen=True)
+class ReduceGradients(Op):
+    quorum: int | None = None  # None: every worker
+
+
+@dataclass(frozen=True)
+class ReduceState(Op):
+    pass
+
+
+@dataclass(frozen=True)
+class PushPull(Op):
+    pass
+
+
+Program = Generator[Op, Any, None]
+
+
+class Worker(Protocol):
+    """What a program sees of the worker that runs it (both backends provide it)."""
+
+    rank: int
+    world: int
+    batch_size: int
+    module: torch.nn.Module  # this worker's replica (the user's LightningModule)
+    optimizer: torch.optim.Optimizer  # built by the module's own configure_optimizers
+
+    def stop_requested(self) -> bool:
+        """The run is about to stop: a program holding unsynchronised work should synchronise now."""
+        ...
+
+
+class WorkerProgram(abc.ABC):
+    """One worker's side of a strategy; ``step`` is called once per training step."""
+
+    def __init__(self, worker: Worker, options: Any):
+        self.worker, self.options = worker, options
+
+    @abc.abstractmethod
+    def step(self) -> Program:
+        """One training step: yield the operations, update the replica."""
+
+    def reduces_gradients_next(self) -> bool:
+        """Whether the next step asks for ``ReduceGradients`` (lets the dist backend overlap
+        the reduction with backward, as DDP does; a hint, never needed for correctness)."""
+        return False
+
+    def at_sync_point(self) -> bool:
+        """Whether this worker's replica holds the global model right now (dist evaluation)."""
+        return True
+
+
+# ------------------------------------------------------------------------------------------
+# payloads: what a reduction or a push carries
+# ------------------------------------------------------------------------------------------
+def gradient_payload(module: torch.nn.Module) -> torch.Tensor:
+    """The gradients, then the floating-point buffers, as one vector (a copy)."""
+    grads = flat_grads(module)
+    buffers = [b.detach().reshape(-1).to(grads.dtype) for b in float_buffers(module)]
+    return torch.cat([grads, *buffers]) if buffers else grads.clone()
+
+
+@torch.no_grad()
+def load_gradient_payload_(module: torch.nn.Module, payload: torch.Tensor) -> None:
+    n = sum(p.numel() for p in trainable(module))
+    load_flat_grads_(module, payload[:n])
+    offset = n
+    for b in float_buffers(module):
+        b.copy_(payload[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
+    assert offset == payload.numel(), "payload does not match the module"
+
+
+def state_payload(module: torch.nn.Module) -> torch.Tensor:
+    return flat_state(module)
+
+
+# ------------------------------------------------------------------------------------------
+# the parameter server (strategies that push and pull)
+# ------------------------------------------------------------------------------------------
+class ParameterServer(abc.ABC):
+    """State and update rule of a parameter server; the backend owns its transport."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, options: Any, world: int):
+        self.module, self.optimizer, self.options, self.world = module, optimizer, options, world
+        self.version = 0
+
+    @abc.abstractmethod
+    def apply(self, rank: int, payload: torch.Tensor, pulled_version: int) -> bool:
+        """A push arrived: apply it (returns True) or refuse it (False)."""
+
+
+# ------------------------------------------------------------------------------------------
+# the strategy: registry entry, global model, counters
+# ------------------------------------------------------------------------------------------
+class Strategy(abc.ABC):
+    """A registered strategy: its name, options model and program, and the views the run
+    needs of a set of workers (global model, counters, metrics). ``programs`` holds every
+    worker's program in the sim backend and rank 0's, repeated, in the dist backend, where
+    the global model and counters are read only at a sync point (``at_sync_point``)."""
+
+    name: ClassVar[str]
+    options_model: ClassVar[type[Options]]
+    program_class: ClassVar[type[WorkerProgram]]
+    server_based: ClassVar[bool] = False  # its programs PushPull to a parameter server
+
+    def __init__(self, options: Any, world: int, batch_size: int):
+        self.options, self.world, self.batch_size = options, world, batch_size
+
+    @classmethod
+    def unsupported(cls, options: Any, backend: str, world: int) -> str | None:
+        """Why this backend cannot run these options (the config is refused), or None."""
+        return None
+
+    def lr_batch_factor(self) -> float:
+        """Effective batch of one update / one worker's batch (``strategy.lr_scaling``)."""
+        return 1.0
+
+    def program(self, worker: Worker) -> WorkerProgram:
+        return self.program_class(worker, self.options)
+
+    def server(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ParameterServer | None:
+        """The parameter server, for strategies that push and pull."""
+        return None
+
+    @abc.abstractmethod
+    def load_global(self, target: torch.nn.Module, programs: list[WorkerProgram],
+                    server: ParameterServer | None) -> None:
+        """Copy the global model (DESIGN.md "Strategy semantics") into ``target``."""
+
+    @abc.abstractmethod
+    def counters(self, programs: list[WorkerProgram], server: ParameterServer | None) -> tuple[int, int]:
+        """(global updates, training samples whose gradients reached the model)."""
+
+    def curve_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
+        return {}
+
+    def summary_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
+        return {}
+
+    def artifacts(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, str]:
+        return {}

@@ -1,0 +1,69 @@
+"""Flat views of a module: trainable parameters, gradients and floating-point buffers
+(BatchNorm statistics) as single vectors, the unit every strategy communicates in."""
+
+from __future__ import annotations
+
+import torch
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def flat_params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in trainable(module)])
+
+
+@torch.no_grad()
+def load_flat_params_(module: torch.nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in trainable(module):
+        n = p.numel()
+        p.copy_(flat[offset : offset + n].view_as(p))
+        offset += n
+    assert offset == flat.numel(), "flat vector does not match the module's parameters"
+
+
+def flat_grads(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in trainable(module)
+    ])
+
+
+def load_flat_grads_(module: torch.nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in trainable(module):
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def float_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [b for b in module.buffers() if b.is_floating_point()]
+
+
+def flat_state(module: torch.nn.Module) -> torch.Tensor:
+    """Trainable parameters, then floating-point buffers, as one vector."""
+    params = flat_params(module)
+    buffers = [b.detach().reshape(-1).to(params.dtype) for b in float_buffers(module)]
+    return torch.cat([params, *buffers]) if buffers else params
+
+
+@torch.no_grad()
+def load_flat_state_(module: torch.nn.Module, flat: torch.Tensor) -> None:
+    n_params = sum(p.numel() for p in trainable(module))
+    load_flat_params_(module, flat[:n_params])
+    offset = n_params
+    for b in float_buffers(module):
+        n = b.numel()
+        b.copy_(flat[offset : offset + n].view_as(b))
+        offset += n
+    assert offset == flat.numel(), "flat state does not match the module"
+
+
+def state_numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in trainable(module)) + sum(b.numel() for b in float_buffers(module))
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in trainable(module))
