@@ -12,7 +12,7 @@ Calibration, as the sim does it:
   the ring model t = 2(N-1)·α + 2(N-1)/N · S/β (least squares) -> ``latency_s`` = α,
   ``bandwidth_gbps`` = 8β/1e9.
 Prediction: the sim backend's sync round for the same config (N=2) with that ``step_s`` and
-network pinned (``SyncStrategy.next_time()``: slowest compute + ring all-reduce of the
+network pinned (the first update's virtual time: slowest compute + ring all-reduce of the
 gradients). Measurement: the dist backend's median wall seconds from one step's start to the
 next (Lightning's loop included, evaluation intervals ignored by the median).
 """
@@ -36,17 +36,17 @@ from benchmarks.dist_common import (
 
 
 def sim_step_s(step_s: float, latency_s: float, bandwidth_gbps: float, task) -> float:
-    """The sim backend's own prediction: the duration of a sync round (``SyncRound`` of
-    ``strategies.sync``: slowest compute + ring all-reduce of the gradients) with the pinned
-    step_s and network."""
-    from strategies import STRATEGIES
-    from strategies.cluster import SimContext
+    """The sim backend's own prediction: the virtual time of the first sync update (slowest
+    compute + ring all-reduce of the gradients) with the pinned step_s and network."""
+    from experiments.run import build_simulation
 
     config = bench_config("sync", 2, 1.0, **{"cluster.backend": "sim", "cluster.compute.step_s": step_s,
                                               "cluster.network.latency_s": latency_s,
                                               "cluster.network.bandwidth_gbps": bandwidth_gbps})
-    ctx = SimContext(config, task.module, task.train_set, step_s, task.collate)
-    return STRATEGIES["sync"](ctx).next_time()
+    engine = build_simulation(config, task, step_s)
+    while engine.counters()[0] < 1:
+        engine.advance()
+    return engine.clock
 
 
 def main() -> None:

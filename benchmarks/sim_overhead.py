@@ -20,7 +20,7 @@ import torch
 from experiments.config import load_config
 from strategies.lightning_bridge import build_optimizer, training_loss
 from experiments.run import build_simulation, one_thread, prepare_task
-from strategies.cluster import ShardedBatches
+from experiments.sharding import ShardedBatches
 
 
 def plain_steps_per_s(task, config, steps: int) -> float:
@@ -38,12 +38,12 @@ def plain_steps_per_s(task, config, steps: int) -> float:
 def sim_worker_steps_per_s(task, config, steps: int) -> float:
     task = copy.copy(task)
     task.module = copy.deepcopy(task.module)
-    strategy = build_simulation(config, task, step_s=1e-3)
-    computed = lambda: sum(w.steps for w in strategy.ctx.workers)  # noqa: E731
+    engine = build_simulation(config, task, step_s=1e-3)
+    computed = lambda: sum(w.steps for w in engine.workers)  # noqa: E731
     t0 = time.perf_counter()
     while computed() < steps:
-        strategy.advance()
-        strategy.ctx.recent_losses.clear()
+        engine.advance()
+        engine.recent_losses.clear()
     return computed() / (time.perf_counter() - t0)
 
 
