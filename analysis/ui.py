@@ -1,7 +1,9 @@
-"""`syncbench ui`: the MLflow UI over the workspace store, bound to loopback.
+"""`syncbench ui` and `syncbench dashboard`: the MLflow UI and optuna-dashboard, on loopback.
 
-Starts ``mlflow server`` with the workspace's SQLite store (``mlflow.db``) and artifacts
-(``artifacts/``), or a database ``--tracking-uri``, and prints its URL. The MLflow UI has
+`ui` starts ``mlflow server`` with the workspace's SQLite store (``mlflow.db``) and
+artifacts (``artifacts/``), or a database ``--tracking-uri``, and prints its URL and the
+runs page of the most recent sweep. `dashboard` starts optuna-dashboard over the
+workspace's ``optuna.db`` (or ``--storage``) and prints the sweep's study page. The MLflow UI has
 no authentication: anyone who can reach it can read, edit and delete every run. So it
 binds 127.0.0.1 and refuses any other address unless ``--allow-remote`` is given, in which
 case it warns.
@@ -19,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from experiments.config import ConfigError
 
@@ -144,8 +147,58 @@ def run_ui_command(args) -> int:
     env = dict(os.environ)
     # MLflow's background job runner serves GenAI features syncbench does not use; it slows start-up
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    proc = subprocess.Popen(server_command(store, artifacts, host, port), start_new_session=True, env=env)
     url = f"http://{url_host(host)}:{port}"
+
+    def announce() -> None:
+        print(f"MLflow UI for {where}: {url}  (Ctrl-C to stop)", flush=True)
+        try:
+            latest = latest_sweep_runs_page(url)
+        except Exception as exc:  # noqa: BLE001 - the UI works without this hint
+            latest = None
+            print(f"syncbench: could not look up the most recent sweep ({type(exc).__name__}: {exc})",
+                  file=sys.stderr, flush=True)
+        if latest:
+            print(f"Most recent sweep {latest[0]!r}: {latest[1]}", flush=True)
+        else:
+            print("No sweep recorded yet: run `syncbench sweep SPEC.yaml`, then reload.", flush=True)
+
+    return serve(server_command(store, artifacts, host, port), f"{url}/health", "MLflow UI", announce, env)
+
+
+def runs_page(base_url: str, experiment_id: str) -> str:
+    """The MLflow UI page that lists an experiment's training runs. MLflow 3.17's UI takes
+    the experiment kind from its GenAI / Model-training switch (the browser's last choice,
+    GenAI by default) rather than from the experiment's ``mlflow.experimentKind`` tag; the
+    ``workflowType`` query selects model training for this link."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def latest_sweep_runs_page(tracking_uri: str) -> tuple[str, str] | None:
+    """(sweep name, runs page URL) of the sweep whose parent run started last, asked of the
+    tracking server at ``tracking_uri``; None when no sweep was recorded."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = client.search_experiments(max_results=1000)
+    if not experiments:
+        return None
+    ids = [e.experiment_id for e in experiments]
+    newest = None
+    for i in range(0, len(ids), 100):  # the search API takes a bounded number of experiments at once
+        found = client.search_runs(ids[i : i + 100], filter_string="tags.`syncbench.role` = 'parent'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if found and (newest is None or found[0].info.start_time > newest.info.start_time):
+            newest = found[0]
+    if newest is None:
+        return None
+    name = newest.data.tags.get("syncbench.sweep") or newest.info.run_name
+    return name, runs_page(tracking_uri, newest.info.experiment_id)
+
+
+def serve(cmd: list[str], health_url: str, what: str, announce, env: dict[str, str] | None = None) -> int:
+    """Run a server in its own process group until it exits, Ctrl-C or SIGTERM; ``announce()``
+    once it answers ``health_url``."""
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
 
     def on_term(signum, frame):  # noqa: ARG001 - signal handler signature
         raise KeyboardInterrupt
@@ -155,19 +208,89 @@ def run_ui_command(args) -> int:
     except ValueError:  # not the main thread: Ctrl-C handling is the caller's
         previous = None
     try:
-        if not wait_http_ok(f"{url}/health", proc):
+        if not wait_http_ok(health_url, proc):
             code = proc.poll()
             stop(proc)
-            print(f"syncbench: the MLflow server did not start (exit code {code}); see its output above",
-                  file=sys.stderr)
+            print(f"syncbench: the {what} did not start (exit code {code}); see its output above", file=sys.stderr)
             return 1
-        print(f"MLflow UI for {where}: {url}  (Ctrl-C to stop)", flush=True)
+        announce()
         code = proc.wait()
         return 0 if code == 0 else 1
     except KeyboardInterrupt:
-        print("syncbench: stopping the MLflow UI", file=sys.stderr, flush=True)
+        print(f"syncbench: stopping the {what}", file=sys.stderr, flush=True)
         return 0
     finally:
         stop(proc)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+# ---- optuna-dashboard -------------------------------------------------------------------
+def dashboard_command(storage_url: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "optuna_dashboard._cli", storage_url, "--host", "127.0.0.1", "--port", str(port),
+            "--quiet"]
+
+
+def sweep_studies(storage_url: str) -> list[tuple[str, int, Any]]:
+    """(study name, study id, start time) of every sweep study (not the per-cell tuning
+    studies ``<sweep>/tune/<cell>``), most recently started first."""
+    import optuna
+
+    storage = optuna.storages.get_storage(storage_url)
+    try:
+        rows = []
+        for summary in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
+            if "/tune/" in summary.study_name:
+                continue
+            rows.append((summary.study_name, storage.get_study_id_from_name(summary.study_name),
+                         summary.datetime_start))
+    finally:
+        engine = getattr(storage, "engine", None)
+        if engine is not None:
+            engine.dispose()
+    return sorted(rows, key=lambda r: (r[2] is not None, r[2]), reverse=True)
+
+
+def run_dashboard_command(args) -> int:
+    """`syncbench dashboard [SWEEP]`: optuna-dashboard over the workspace's study storage
+    (or --storage), bound to 127.0.0.1; prints the sweep's study page."""
+    from experiments.workspace import default_optuna_storage, workspace_dir
+    from sweeps.storage import normalize_url, redact
+
+    try:
+        import optuna_dashboard  # noqa: F401 - a dependency; fail with a clear message if missing
+    except ImportError:
+        raise ConfigError("syncbench dashboard needs optuna-dashboard: pip install optuna-dashboard") from None
+    port = int(args.port)
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port}: not a TCP port")
+    if not port_free("127.0.0.1", port):
+        raise ConfigError(f"--port {port}: already in use on 127.0.0.1; choose another with --port")
+    if args.storage:
+        storage = normalize_url(args.storage)
+    else:
+        ws = workspace_dir(getattr(args, "workspace", None))
+        ws.mkdir(parents=True, exist_ok=True)
+        storage = default_optuna_storage(ws)
+    try:
+        studies = sweep_studies(storage)
+    except Exception as exc:  # noqa: BLE001 - an unreachable or foreign storage is bad input
+        raise ConfigError(f"--storage {redact(storage)}: cannot read Optuna studies ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+    if args.sweep_name:
+        chosen = [s for s in studies if s[0] == args.sweep_name]
+        if not chosen:
+            raise ConfigError(f"no sweep {args.sweep_name!r} in {redact(storage)}; sweeps there: "
+                              f"{', '.join(s[0] for s in studies) or 'none'}")
+    else:
+        chosen = studies[:1]
+    url = f"http://127.0.0.1:{port}"
+
+    def announce() -> None:
+        print(f"optuna-dashboard for {redact(storage)}: {url}/dashboard  (Ctrl-C to stop)", flush=True)
+        for name, study_id, _ in chosen:
+            print(f"Sweep {name!r}: {url}/dashboard/studies/{study_id}", flush=True)
+        if not chosen:
+            print("No sweep recorded yet: run `syncbench sweep SPEC.yaml`, then reload.", flush=True)
+
+    return serve(dashboard_command(storage, port), f"{url}/api/meta", "optuna-dashboard", announce)

@@ -27,10 +27,13 @@ class _Strict(BaseModel):
 
 
 class TaskConfig(_Strict):
-    module: str = Field(description="LightningModule as 'package.module:Class'")
-    data: str = Field(description="LightningDataModule as 'package.module:Class'")
-    module_args: dict[str, Any] = Field(default_factory=dict)
-    data_args: dict[str, Any] = Field(default_factory=dict)
+    module: str = Field(description="Your LightningModule as 'package.module:Class' (importable from the current "
+                                    "directory, the config's directory or the installed packages)")
+    data: str = Field(description="Your LightningDataModule as 'package.module:Class'")
+    module_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the module's "
+                                        "constructor (e.g. lr); any key can be swept or tuned as task.module_args.KEY")
+    data_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the data module's "
+                                      "constructor")
 
     @field_validator("module", "data")
     @classmethod
@@ -42,9 +45,11 @@ class TaskConfig(_Strict):
 
 
 class TargetConfig(_Strict):
-    metric: str
-    value: float
-    mode: Literal["max", "min"] = "max"
+    metric: str = Field(description="A metric the module self.log()s in validation_step (e.g. val_acc); "
+                                    "a name it never logs is refused before the run")
+    value: float = Field(description="The target: the run has reached it at the first evaluation that meets it")
+    mode: Literal["max", "min"] = Field(default="max", description="max: met when metric >= value; min: met "
+                                        "when metric <= value")
 
     def met(self, observed: float) -> bool:
         return observed >= self.value if self.mode == "max" else observed <= self.value
@@ -55,11 +60,13 @@ class TargetConfig(_Strict):
 
 
 class BudgetConfig(_Strict):
-    train_time_s: float = Field(gt=0)
+    train_time_s: float = Field(gt=0, description="Training-clock seconds after which a run that has not met "
+                                "the target stops, censored (outcome=budget)")
 
 
 class EvalConfig(_Strict):
-    every_s: float = Field(gt=0)
+    every_s: float = Field(gt=0, description="Evaluate the global model every this many seconds of training "
+                           "clock (outside the clock); the resolution of tta_s")
 
 
 def _strategy_fields() -> dict[str, Any]:
@@ -73,10 +80,12 @@ def _strategy_fields() -> dict[str, Any]:
 
 
 class _StrategyBase(_Strict):
-    name: str = Field(default="sync", description="the strategy, by its registry name")
+    name: str = Field(default="sync", description="The strategy, by its name in the registry "
+                      "(docs/strategies.md)")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
-        default="none", description="the module's learning rate x (effective batch / one worker's), or its "
-        "square root: sync's effective batch is N workers' batches, local SGD's and async's one worker's")
+        default="none", description="Scale the module's learning rate by (effective batch / one worker's) "
+        "(linear, Goyal et al. 2017) or its square root (sqrt): sync's effective batch is N workers' batches, "
+        "local SGD's and async's one worker's")
 
     @field_validator("name")
     @classmethod
@@ -95,30 +104,30 @@ StrategyConfig = create_model("StrategyConfig", __base__=_StrategyBase, **_strat
 
 
 class NoStragglers(_Strict):
-    kind: Literal["none"] = "none"
+    kind: Literal["none"] = Field(default="none", description="Every worker step takes exactly compute.step_s")
 
 
 class LognormalStragglers(_Strict):
     """Per-step factor exp(sigma*z - sigma^2/2): mean 1, heavy right tail."""
 
-    kind: Literal["lognormal"]
-    sigma: float = Field(gt=0)
+    kind: Literal["lognormal"] = Field(description="Independent lognormal slowdown per worker step")
+    sigma: float = Field(gt=0, description="Standard deviation of log(factor); 0.3 is mild, 1 is heavy")
 
 
 class PersistentStragglers(_Strict):
     """A fixed, seeded subset of round(slow_fraction*N) workers is always `slowdown` times slower."""
 
-    kind: Literal["persistent"]
-    slow_fraction: float = Field(gt=0, le=1)
-    slowdown: float = Field(ge=1)
+    kind: Literal["persistent"] = Field(description="Some workers are always slow")
+    slow_fraction: float = Field(gt=0, le=1, description="Fraction of the workers that are slow (rounded)")
+    slowdown: float = Field(ge=1, description="How many times slower a slow worker's step is")
 
 
 class BimodalStragglers(_Strict):
     """Each step is `slowdown` times slower with probability p (independently per worker)."""
 
-    kind: Literal["bimodal"]
-    p: float = Field(ge=0, le=1)
-    slowdown: float = Field(ge=1)
+    kind: Literal["bimodal"] = Field(description="Rare independent hiccups")
+    p: float = Field(ge=0, le=1, description="Probability that a worker step is slow")
+    slowdown: float = Field(ge=1, description="How many times slower a slow step is")
 
 
 StragglerConfig = Annotated[
@@ -128,12 +137,14 @@ StragglerConfig = Annotated[
 
 
 class ComputeConfig(_Strict):
-    step_s: float | None = Field(default=None, gt=0)
+    step_s: float | None = Field(default=None, gt=0, description="sim: seconds per worker step before "
+                                 "stragglers; null = calibrate on this machine (a sweep calibrates once per task "
+                                 "and pins it)")
 
 
 class NetworkConfig(_Strict):
-    latency_s: float = Field(default=5.0e-5, ge=0)
-    bandwidth_gbps: float = Field(default=10.0, gt=0)
+    latency_s: float = Field(default=5.0e-5, ge=0, description="Alpha: seconds per message")
+    bandwidth_gbps: float = Field(default=10.0, gt=0, description="Beta: link bandwidth in Gbit/s")
 
     @property
     def bytes_per_s(self) -> float:
@@ -141,25 +152,32 @@ class NetworkConfig(_Strict):
 
 
 class ClusterConfig(_Strict):
-    backend: Literal["sim", "dist"] = "sim"
-    workers: int = Field(default=1, ge=1)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
-    stragglers: StragglerConfig = Field(default_factory=NoStragglers)
-    network: NetworkConfig = Field(default_factory=NetworkConfig)
-    collective_timeout_s: float = Field(default=30.0, gt=0)
+    backend: Literal["sim", "dist"] = Field(default="sim", description="sim: N virtual workers on a virtual "
+                                            "clock in one process; dist: N real processes (torch.distributed)")
+    workers: int = Field(default=1, ge=1, description="N, the number of workers")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Compute time model (sim)")
+    stragglers: StragglerConfig = Field(default_factory=NoStragglers, description="Straggler model, chosen by "
+                                        "kind (sim; emulated with sleeps on dist)")
+    network: NetworkConfig = Field(default_factory=NetworkConfig, description="Alpha-beta network model (sim; "
+                                   "emulated with sleeps on dist)")
+    collective_timeout_s: float = Field(default=30.0, gt=0, description="dist: a worker that dies or hangs "
+                                        "fails the run within this many seconds")
 
 
 class RunConfig(_Strict):
-    name: str
-    task: TaskConfig
-    target: TargetConfig
-    budget: BudgetConfig
-    eval: EvalConfig
-    batch_size: int = Field(ge=1)
-    seed: int = 0
-    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
+    name: str = Field(description="The run's name; also the MLflow experiment of a single run")
+    task: TaskConfig = Field(description="What to train: your LightningModule and LightningDataModule")
+    target: TargetConfig = Field(description="The accuracy target that stops the TTA clock")
+    budget: BudgetConfig = Field(description="Censoring: when a run that has not reached the target stops")
+    eval: EvalConfig = Field(description="Evaluation of the global model")
+    batch_size: int = Field(ge=1, description="Per-worker batch size")
+    seed: int = Field(default=0, description="Seeds the model, data order and stragglers")
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig, description="How the workers' updates are "
+                                     "combined (docs/strategies.md)")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Workers, backend and the "
+                                   "hardware model")
+    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig, description="Activation "
+                                               "checkpointing of every k-th block")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

@@ -72,15 +72,24 @@ def open_client(tracking_uri: str):
     return client
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it
+# holds model training runs; with this tag it opens on the runs table.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
-    """Experiment id by name; creation races between concurrent launchers are benign."""
+    """Experiment id by name; creation races between concurrent launchers are benign.
+    The experiment is marked as a training experiment (EXPERIMENT_KIND_TAG)."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # created by an older syncbench or by hand
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:
         exp = client.get_experiment_by_name(name)
         if exp is None:

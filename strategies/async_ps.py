@@ -33,10 +33,12 @@ from strategies.tensors import flat_state, load_flat_state_
 
 
 class AsyncOptions(Options):
-    max_staleness: int | None = Field(default=None, ge=0, description="async: no applied gradient is staler "
-                                      "than this (bounded delay); null = unbounded")
-    staleness_lr: Literal["none", "inverse"] = Field(default="none", description="async: none | inverse "
-                                                     "(lr / (1 + staleness))")
+    max_staleness: int | None = Field(default=None, ge=0, description="async: bound on a gradient's staleness "
+                                      "(server version at apply − version it was computed on): a staler push is "
+                                      "refused and the worker recomputes on fresh parameters (bounded delay, Li et "
+                                      "al. 2014); null = unbounded")
+    staleness_lr: Literal["none", "inverse"] = Field(default="none", description="async: none, or inverse = "
+                                                     "scale each gradient's lr by 1 / (1 + staleness)")
 
 
 def staleness_lr_scale(staleness: int, mode: str) -> float:

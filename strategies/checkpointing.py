@@ -74,11 +74,12 @@ from strategies.program import ConfigError, Options
 class CheckpointingConfig(Options):
     """Activation checkpointing of every k-th block (``checkpointing:`` in a run config)."""
 
-    enabled: bool = False
-    every: int = Field(default=1, ge=1)
-    impl: Literal["deepspeed", "torch"] = "deepspeed"
-    partition_activations: bool = False
-    cpu_checkpointing: bool = False
+    enabled: bool = Field(default=False, description="Checkpoint the module's checkpoint_blocks()")
+    every: int = Field(default=1, ge=1, description="Wrap blocks 0, k, 2k, ... (1 = every block)")
+    impl: Literal["deepspeed", "torch"] = Field(default="deepspeed", description="deepspeed.checkpointing or "
+                                                "torch.utils.checkpoint (the reference)")
+    partition_activations: bool = Field(default=False, description="DeepSpeed option, passed through")
+    cpu_checkpointing: bool = Field(default=False, description="DeepSpeed option, passed through")
 
 
 _ds_options: tuple[bool, bool] | None = None

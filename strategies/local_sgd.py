@@ -31,17 +31,19 @@ from strategies.tensors import flat_params, flat_state, load_flat_params_, load_
 class OuterConfig(Options):
     """DiLoCo outer optimizer (Douillard et al. 2023): SGD on the pseudo-gradient."""
 
-    lr: float = Field(gt=0)
-    momentum: float = Field(default=0.0, ge=0, lt=1)
-    nesterov: bool = False
+    lr: float = Field(gt=0, description="Outer learning rate applied to the pseudo-gradient")
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="Outer SGD momentum")
+    nesterov: bool = Field(default=False, description="Nesterov momentum for the outer step (DiLoCo uses it)")
 
 
 class LocalSGDOptions(Options):
-    local_steps: int = Field(default=8, ge=1, description="local_sgd: H local steps between averages")
-    warmup_sync_updates: int = Field(default=0, ge=0, description="local_sgd: synchronous updates first "
-                                     "(post-local SGD)")
-    outer: OuterConfig | None = Field(default=None, description="local_sgd: outer optimizer on the "
-                                      "pseudo-gradient = DiLoCo")
+    local_steps: int = Field(default=8, ge=1, description="local_sgd: H local optimizer steps per worker "
+                             "between averages")
+    warmup_sync_updates: int = Field(default=0, ge=0, description="local_sgd: run this many synchronous "
+                                     "updates first, then local SGD (post-local SGD, Lin et al. 2020); with outer, "
+                                     "the outer model follows the synchronised one through the warm-up")
+    outer: OuterConfig | None = Field(default=None, description="local_sgd: an outer SGD on the pseudo-gradient "
+                                      "θ_global − mean(θ_i) (DiLoCo); null = plain averaging")
 
 
 @torch.no_grad()

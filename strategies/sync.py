@@ -26,7 +26,9 @@ from strategies.tensors import flat_state, load_flat_state_
 
 
 class SyncOptions(Options):
-    backup_workers: int = Field(default=0, ge=0, description="sync: update with the first N-k gradients to arrive")
+    backup_workers: int = Field(default=0, ge=0, description="sync: each update uses the first N-k gradients "
+                                "to arrive and drops the rest (Chen et al. 2016); must be < cluster.workers; "
+                                "sim backend only")
 
 
 class SyncProgram(WorkerProgram):

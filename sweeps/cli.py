@@ -1,4 +1,4 @@
-"""The `syncbench` command line (DESIGN.md "Commands").
+"""syncbench: time-to-accuracy of sync, local-SGD and async training of your Lightning module.
 
 Exit codes: 0 when the work completed whatever its outcome, 1 when a run failed,
 2 on bad input (with a one-paragraph message, before any run is created).
@@ -12,6 +12,19 @@ import sys
 from typing import Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EPILOG = ("Reference (docs/ in the repository): config.md (every config key), metrics.md (what a run records), "
+          "strategies.md, backends.md, adding-a-strategy.md, scaling-out.md, ui.md. "
+          "`syncbench config --reference` prints the config reference for this installed version.")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("syncbench")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -19,19 +32,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="syncbench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="syncbench", description=__doc__.splitlines()[0].split(": ", 1)[1],
+                                     epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"syncbench {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="train one config to its target and record it in MLflow")
-    run.add_argument("config")
+    init = sub.add_parser("init", help="write a task module, a run config and a sweep spec to start from",
+                          epilog=EPILOG)
+    init.add_argument("dir", help="directory to write into (created; existing files are never overwritten)")
+
+    run = sub.add_parser("run", help="train one config to its target and record it in MLflow", epilog=EPILOG)
+    run.add_argument("config", help="run config YAML (keys: docs/config.md or `syncbench config --reference`)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
     run.add_argument("--tracking-uri")
     run.add_argument("--experiment")
     run.add_argument("--no-progress", action="store_true")
     _common(run)
 
-    sweep = sub.add_parser("sweep", help="run a sweep spec with Optuna (resumable)")
-    sweep.add_argument("spec")
+    sweep = sub.add_parser("sweep", help="run a sweep spec with Optuna (resumable)", epilog=EPILOG)
+    sweep.add_argument("spec", help="sweep spec YAML (keys: docs/config.md, section 'Sweep spec')")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base-config key")
     sweep.add_argument("--storage", help="Optuna storage URL (default: SQLite optuna.db in the workspace)")
     sweep.add_argument("--tracking-uri")
@@ -45,17 +64,47 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out")
     _common(report)
 
-    ui = sub.add_parser("ui", help="MLflow UI over the workspace store, on 127.0.0.1")
+    ui = sub.add_parser("ui", help="MLflow UI over the workspace store, on 127.0.0.1; prints the most recent "
+                        "sweep's runs page", epilog=EPILOG)
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --allow-remote")
     ui.add_argument("--allow-remote", action="store_true")
     ui.add_argument("--tracking-uri")
     _common(ui)
+
+    dash = sub.add_parser("dashboard", help="optuna-dashboard over the sweeps' Optuna studies, on 127.0.0.1",
+                          epilog=EPILOG)
+    dash.add_argument("sweep_name", nargs="?", help="print this sweep's study page (default: the most recent sweep)")
+    dash.add_argument("--port", type=int, default=8080)
+    dash.add_argument("--storage", help="Optuna storage URL (default: SQLite optuna.db in the workspace)")
+    _common(dash)
+
+    config = sub.add_parser("config", help="print a config with its defaults, the config reference or its "
+                            "JSON Schema", epilog=EPILOG)
+    config.add_argument("config", nargs="?", help="a run config to validate and print with every default")
+    config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
+    config.add_argument("--schema", choices=["run", "sweep"], help="print the JSON Schema of a run config or a sweep spec")
+    config.add_argument("--reference", action="store_true", help="print the Markdown reference of every key "
+                        "(docs/config.md)")
     return parser
+
+
+def add_import_paths(*dirs: str | os.PathLike) -> None:
+    """Let `task.module` / `task.data` name modules next to the config (and in the current
+    directory), as in a project written by `syncbench init`: the console script's own
+    sys.path has neither. PYTHONPATH carries them to sweep workers and dist processes."""
+    wanted = [os.path.abspath(d) for d in (os.getcwd(), *dirs)]
+    env = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    for path in reversed(wanted):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*env, *wanted]))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from experiments.config import load_config
+
+    add_import_paths(os.path.dirname(os.path.abspath(args.config)))
     from experiments.run import execute_run
 
     config = load_config(args.config, args.set)
@@ -77,6 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeps.launcher import run_sweep_command
 
+    add_import_paths(os.path.dirname(os.path.abspath(args.spec)))
     return run_sweep_command(args)
 
 
@@ -92,7 +142,42 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return run_ui_command(args)
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "ui": cmd_ui}
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from analysis.ui import run_dashboard_command
+
+    return run_dashboard_command(args)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import json
+
+    from experiments.config import ConfigError, load_config
+    from sweeps import reference
+
+    chosen = [bool(args.config), bool(args.schema), args.reference]
+    if sum(chosen) != 1:
+        raise ConfigError("syncbench config: give one of CONFIG.yaml, --schema run|sweep or --reference")
+    if args.schema:
+        print(json.dumps(reference.json_schema(args.schema), indent=2))
+    elif args.reference:
+        sys.stdout.write(reference.markdown())
+    else:
+        sys.stdout.write(load_config(args.config, args.set).to_yaml())
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from sweeps.init import init_project
+
+    for path in init_project(args.dir):
+        print(f"wrote {path}")
+    print(f"next: syncbench run {os.path.join(args.dir, 'run.yaml')}   then: syncbench sweep "
+          f"{os.path.join(args.dir, 'sweep.yaml')}")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "ui": cmd_ui, "dashboard": cmd_dashboard,
+            "config": cmd_config, "init": cmd_init}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -59,12 +59,14 @@ class ParamSpec(_Strict):
     Both bounds written as integers make an integer parameter (write ``0.0`` for a float).
     """
 
-    low: int | float | None = None
-    high: int | float | None = None
-    log: bool = False
-    step: int | float | None = None
-    choices: list[Scalar] | None = None
-    when: dict[str, Any] = Field(default_factory=dict)
+    low: int | float | None = Field(default=None, description="Lower bound of a range (both bounds integers = "
+                                    "an integer parameter)")
+    high: int | float | None = Field(default=None, description="Upper bound of a range")
+    log: bool = Field(default=False, description="Sample the range on a log scale")
+    step: int | float | None = Field(default=None, description="Discretisation step of the range")
+    choices: list[Scalar] | None = Field(default=None, description="A categorical parameter: one of these values")
+    when: dict[str, Any] = Field(default_factory=dict, description="Tune it only in the cells whose config has "
+                                 "these dotted key values (a list = any of)")
 
     @model_validator(mode="after")
     def _range_or_choices(self) -> "ParamSpec":
@@ -99,19 +101,23 @@ class ParamSpec(_Strict):
 
 
 class TuneSpec(_Strict):
-    n_trials: int = Field(ge=1)
-    seed: int = 0
-    params: dict[str, ParamSpec] = Field(min_length=1)
+    n_trials: int = Field(ge=1, description="Tuning trials per cell")
+    seed: int = Field(default=0, description="TPE sampler seed (mixed with the cell id)")
+    params: dict[str, ParamSpec] = Field(min_length=1, description="Tuned parameters by dotted config key")
 
 
 class SweepSpec(_Strict):
-    name: str = Field(pattern=NAME_PATTERN, max_length=100)
-    description: str = ""
-    base: str
-    set: dict[str, Any] = Field(default_factory=dict)
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
-    seeds: list[int] = Field(min_length=1)
-    tune: TuneSpec | None = None
+    name: str = Field(pattern=NAME_PATTERN, max_length=100, description="The sweep: its MLflow experiment and "
+                      "Optuna study")
+    description: str = Field(default="", description="Free text about the sweep")
+    base: str = Field(description="The base run config: a path as written, else relative to the spec, else "
+                      "to the installed project")
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted-key overrides of the base, for every cell")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values; every "
+                                       "combination is a cell")
+    seeds: list[int] = Field(min_length=1, description="Each cell runs once per seed")
+    tune: TuneSpec | None = Field(default=None, description="Tune each cell first (TPE), then run its seeds "
+                                  "with the best values")
 
     @field_validator("grid")
     @classmethod

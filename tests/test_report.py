@@ -203,21 +203,21 @@ def test_summary_csv_equals_numbers_recomputed_from_mlflow(small):
 
 @pytest.mark.heavy
 def test_report_html_renders_in_headless_chromium(small):
-    from analysis.browser import HeadlessChromium, find_chromium
+    from tests.browser import chromium_page, require_chromium
 
-    if find_chromium() is None:
-        pytest.skip("no Chromium on this machine")
+    require_chromium()
     out = small["out"]
     pngs = sorted(p.name for p in out.glob("*.png"))
     TEST_ARTIFACTS.mkdir(exist_ok=True)
-    with HeadlessChromium() as browser:
-        page = browser.open((out / "report.html").as_uri())
+    shot = TEST_ARTIFACTS / "report-small-sweep.png"
+    with chromium_page(width=1280, height=900) as page:
+        page.goto((out / "report.html").as_uri(), wait_until="load")
         images = page.evaluate("[...document.images].map(i => ({ok: i.complete, w: i.naturalWidth, "
                                "h: i.naturalHeight, alt: i.alt}))")
         rows = page.evaluate("document.querySelectorAll('#summary-table tbody tr.cell-row').length")
         headers = page.evaluate("[...document.querySelectorAll('#summary-table thead th')].map(t => t.textContent)")
         verdicts = page.evaluate("[...document.querySelectorAll('section.claim')].map(s => s.id)")
-        shot = page.screenshot(TEST_ARTIFACTS / "report-small-sweep.png")
+        page.screenshot(path=str(shot), full_page=True)
     assert len(images) == len(pngs) >= 5
     assert all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images), images
     assert rows == 4  # one row per cell

@@ -16,6 +16,7 @@ import pytest
 from analysis.ui import is_loopback, port_free, url_host, wait_http_ok
 
 REPO = Path(__file__).resolve().parents[1]
+TEST_ARTIFACTS = REPO / "test-artifacts"
 
 
 def free_port() -> int:
@@ -130,3 +131,128 @@ def test_ui_binds_elsewhere_only_with_allow_remote_and_warns(tmp_path):
     assert "WARNING" in err and "--allow-remote" in err and "without authentication" in err
     assert code == 0
     assert wait_port_free(port, "0.0.0.0")
+
+
+# ---- the runs of a sweep in the MLflow UI, its studies in optuna-dashboard ----------------
+TINY_SWEEP = """\
+name: ui-tiny
+base: {base}
+set: {{budget.train_time_s: 2}}
+grid:
+  strategy.name: [sync, async]
+  cluster.workers: [2]
+seeds: [0, 1]
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """A 4-trial sweep (2 cells x 2 seeds) recorded in its own workspace."""
+    root = tmp_path_factory.mktemp("ui-sweep")
+    spec = root / "tiny.yaml"
+    spec.write_text(TINY_SWEEP.format(base=REPO / "experiments" / "configs" / "digits_mlp.yaml"))
+    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", str(spec), "--workspace", str(root / "ws"),
+                           "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'ws' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ui-tiny")
+    children = client.search_runs([exp.experiment_id], filter_string="tags.`syncbench.role` = 'trial'")
+    assert len(children) == 4
+    return {"root": root, "ws": root / "ws", "experiment": exp,
+            "children": {r.info.run_name: r.info.run_id for r in children}}
+
+
+def read_line(path: Path, prefix: str, proc: subprocess.Popen, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.startswith(prefix):
+                    return line
+        assert proc.poll() is None, f"exited with {proc.returncode}: {path.with_name('stderr').read_text()[-2000:]}"
+        time.sleep(0.3)
+    raise AssertionError(f"no line starting {prefix!r} in {path} within {timeout} s")
+
+
+@pytest.mark.heavy
+def test_ui_prints_the_latest_sweeps_runs_page_and_it_lists_every_child_run(tiny_sweep, tmp_path):
+    from tests.browser import chromium_page, require_chromium
+
+    require_chromium()
+    exp = tiny_sweep["experiment"]
+    # experiments syncbench creates are training experiments, not GenAI ones
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    names = sorted(tiny_sweep["children"])
+    assert names == ["name=async workers=2 seed=0", "name=async workers=2 seed=1",
+                     "name=sync workers=2 seed=0", "name=sync workers=2 seed=1"]  # cell and seed
+    port = free_port()
+    proc = ui(tiny_sweep["ws"], "--port", str(port), out=tmp_path)
+    try:
+        line = read_line(tmp_path / "stdout", "Most recent sweep", proc)
+        url = line.split(": ", 1)[1].strip()
+        assert "'ui-tiny'" in line
+        assert url == f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+        with chromium_page() as page:
+            page.goto(url)
+            page.get_by_text("matching runs").first.wait_for()
+            assert page.get_by_text("Model training").first.is_visible()
+            # the sweep's parent run is listed with its children folded under it: unfold them
+            parent = page.locator("[role=row]", has_text="ui-tiny").first
+            parent.wait_for()
+            parent.locator("button").first.click()
+            for name in names:
+                page.get_by_text(name, exact=True).first.wait_for()
+            listed = page.inner_text("body")
+            TEST_ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(TEST_ARTIFACTS / "mlflow-ui-sweep-runs.png"))
+        assert all(name in listed for name in names)
+        assert "5 matching runs" in listed  # the parent and its 4 children
+    finally:
+        terminate(proc)
+
+
+def test_trials_carry_their_mlflow_run_id(tiny_sweep):
+    import optuna
+
+    study = optuna.load_study(study_name="ui-tiny", storage=f"sqlite:///{tiny_sweep['ws'] / 'optuna.db'}")
+    ids = {t.user_attrs["mlflow_run_id"] for t in study.trials}
+    assert ids == set(tiny_sweep["children"].values())
+
+
+@pytest.mark.heavy
+def test_dashboard_serves_the_sweeps_study_over_http(tiny_sweep, tmp_path):
+    import json
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "dashboard", "--workspace", str(tiny_sweep["ws"]),
+                             "--port", str(port)], cwd=REPO, stdout=open(tmp_path / "stdout", "w"),
+                            stderr=open(tmp_path / "stderr", "w"), start_new_session=True)
+    try:
+        line = read_line(tmp_path / "stdout", "Sweep 'ui-tiny'", proc)
+        page_url = line.split(": ", 1)[1].strip()
+        study_id = int(page_url.rsplit("/", 1)[1])
+        assert page_url == f"http://127.0.0.1:{port}/dashboard/studies/{study_id}"
+        wait_200(page_url, proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=30) as resp:
+            studies = json.load(resp)["study_summaries"]
+        assert "ui-tiny" in {s["study_name"] for s in studies}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=30) as resp:
+            detail = json.load(resp)
+        trials = detail["trials"]
+        assert len(trials) == 4 and all(t["state"] == "Complete" for t in trials)
+        run_ids = {a["value"] for t in trials for a in t["user_attrs"] if a["key"] == "mlflow_run_id"}
+        assert run_ids == set(tiny_sweep["children"].values())
+    finally:
+        code = terminate(proc)
+    assert code == 0
+    assert wait_port_free(port)
+
+
+def test_dashboard_refuses_an_unknown_sweep(tiny_sweep, capsys):
+    from sweeps.cli import main
+
+    assert main(["dashboard", "no-such-sweep", "--workspace", str(tiny_sweep["ws"]), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-sweep" in err and "ui-tiny" in err
