@@ -226,11 +226,14 @@ def check_shards(task: Any, config: Any, world: int) -> None:
 def execute_dist_run(config: Any, *, workspace: Any = None, tracking_uri: str | None = None,
                      experiment: str | None = None, tags: dict[str, str] | None = None,
                      parent_run_id: str | None = None, run_name: str | None = None, progress: bool = False,
-                     emulate: str | None = None, debug_dir: str | os.PathLike | None = None) -> Any:
+                     emulate: str | None = None, debug_dir: str | os.PathLike | None = None,
+                     max_steps: int | None = None) -> Any:
     """Run one config on real processes and record it (see the module docstring).
 
     Returns ``experiments.run.RunResult``; raises ``ConfigError`` on bad input (no run is
-    created) and ``DistRunFailed`` when a worker fails (the run is marked FAILED)."""
+    created) and ``DistRunFailed`` when a worker fails (the run is marked FAILED).
+    ``max_steps`` caps every worker at that many training steps (tests compare the backends
+    step for step; strategies whose workers meet at every round only)."""
     from experiments.workspace import default_tracking_uri, workspace_dir
 
     ws = workspace_dir(workspace)
@@ -238,7 +241,8 @@ def execute_dist_run(config: Any, *, workspace: Any = None, tracking_uri: str | 
     debug_dir = debug_dir or os.environ.get(ENV_DEBUG) or None
     if under_torchrun():
         return _join_torchrun(config, ws, tracking_uri, experiment, tags, parent_run_id, run_name, emulate, debug_dir)
-    return _launch(config, ws, tracking_uri, experiment, tags, parent_run_id, run_name, progress, emulate, debug_dir)
+    return _launch(config, ws, tracking_uri, experiment, tags, parent_run_id, run_name, progress, emulate, debug_dir,
+                   max_steps)
 
 
 def _run_tags(extra: dict[str, str] | None, launcher: str, emulate: tuple[bool, bool], comm_backend: str,
@@ -260,7 +264,7 @@ def _comm_backend() -> str:
 
 def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, tags: dict[str, str] | None,
             parent_run_id: str | None, run_name: str | None, progress: bool, emulate: str | None,
-            debug_dir: Any) -> Any:
+            debug_dir: Any, max_steps: int | None = None) -> Any:
     from experiments.recording import RunRecorder, get_or_create_experiment, open_client
     from experiments.run import measure_activation_bytes, one_thread, prepare_task
     from experiments.workspace import artifacts_dir
@@ -287,6 +291,7 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
             "config": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": recorder.run_id,
             "start_ms": recorder.start_ms, "wall0": wall0, "activation_bytes": act_bytes, "emulate": list(emulation),
             "debug_dir": str(debug_dir) if debug_dir else None, "control": str(control), "progress": bool(progress),
+            "max_steps": max_steps,
             "launcher_pid": os.getpid(),
         }
         _write_json(control / "spec.json", spec)
@@ -695,7 +700,7 @@ def _join_torchrun(config: Any, ws: Path, tracking_uri: str, experiment: str | N
 def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: float, emulate: tuple[bool, bool],
                debug_dir: Any = None, attach: dict[str, Any] | None = None, create: dict[str, Any] | None = None,
                control: Path | None = None, heartbeat: FileHeartbeat | None = None, progress: bool = False,
-               activation_bytes: int | None = None, validate_task: bool = False) -> Any:
+               activation_bytes: int | None = None, validate_task: bool = False, max_steps: int | None = None) -> Any:
     """Train this rank to the outcome. Rank 0 records the run (``attach``: into the
     launcher's run; ``create``: a new run, under torchrun) and returns its ``RunResult``;
     other ranks return a ``RunResult`` without a run id."""
@@ -773,12 +778,14 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
         trainer = pl.Trainer(
             accelerator="cuda" if device.type == "cuda" else "cpu", devices=[local_rank] if device.type == "cuda" else 1,
             strategy=strategy, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_epochs=-1, max_steps=-1,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_epochs=-1, max_steps=max_steps or -1,
             use_distributed_sampler=False, log_every_n_steps=0,
         )
         trainer.fit(task.module, train_dataloaders=DataLoader(_Stream(), batch_size=None))
         if not worker.stopped:
-            raise WorkerFailure(f"rank {rank}: training ended without a stop decision")
+            if not max_steps:
+                raise WorkerFailure(f"rank {rank}: training ended without a stop decision")
+            worker.stopped, worker.stop_outcome = True, worker.stop_outcome or "budget"  # the step cap
         strategy.shutdown()
         rows = _gather_ledgers(worker, comm)
         if debug_dir:
@@ -1010,7 +1017,7 @@ def _worker_main(argv: list[str]) -> None:
                    attach={"tracking_uri": spec["tracking_uri"], "run_id": spec["run_id"],
                            "start_ms": spec["start_ms"]},
                    control=control, heartbeat=heartbeat, progress=spec["progress"],
-                   activation_bytes=spec["activation_bytes"])
+                   activation_bytes=spec["activation_bytes"], max_steps=spec.get("max_steps"))
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which marks the run
         with contextlib.suppress(Exception):

@@ -105,6 +105,7 @@ class SimWorker:
         self.optimizer = build_optimizer(module)
         self.batches = batches
         self.steps = 0  # gradients computed (the module's batch_idx)
+        self.completed = 0  # program steps finished
         self.program: WorkerProgram | None = None
         self.gen: Any = None
         self.computing: tuple[float, int] | None = None  # (start, token) of the computation in flight
@@ -202,6 +203,7 @@ class SimEngine:
                 op = w.gen.send(value)
             except StopIteration:
                 w.gen = None
+                w.completed += 1
                 continue
             self._dispatch(w, t, op)
             return
