@@ -119,7 +119,9 @@ def test_budget_censors_a_run_that_never_reaches(workspace, digits_config):
 
 
 def test_a_run_that_raises_is_failed_with_its_error(workspace, digits_config):
-    config = digits_config("task.module=tests.modules:FailingMLP", "task.module_args={fail_after: 100}")
+    # each worker's replica counts its own calls (4 workers: each replica fails at its 31st step)
+    config = digits_config("task.module=tests.modules:FailingMLP", "task.module_args={fail_after: 30}",
+                           "target.value=1.01")
     with pytest.raises(RuntimeError, match="boom"):
         execute_run(config, workspace=workspace)
     (run,) = all_runs(workspace)
