@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from strategies.tensors import flat_grads, flat_state, float_buffers, load_flat_grads_, trainable
+from strategies.tensors import flat_state, float_buffers, load_flat_grads_, trainable
 
 
 class ConfigError(ValueError):
@@ -115,9 +115,11 @@ class WorkerProgram(abc.ABC):
 # ------------------------------------------------------------------------------------------
 def gradient_payload(module: torch.nn.Module) -> torch.Tensor:
     """The gradients, then the floating-point buffers, as one vector (a copy)."""
-    grads = flat_grads(module)
-    buffers = [b.detach().reshape(-1).to(grads.dtype) for b in float_buffers(module)]
-    return torch.cat([grads, *buffers]) if buffers else grads.clone()
+    params = trainable(module)
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    dtype = parts[0].dtype
+    parts += [b.detach().reshape(-1).to(dtype) for b in float_buffers(module)]
+    return torch.cat(parts)
 
 
 @torch.no_grad()

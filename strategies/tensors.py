@@ -3,11 +3,21 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+# Walking a module's tree for its parameters costs more than averaging a small model's
+# gradients; the lists are kept per module (a module's parameter set does not change during
+# a run -- its optimizer holds them; ``copy.deepcopy`` of a module is a new key).
+_TRAINABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
+    found = _TRAINABLE.get(module)
+    if found is None:
+        found = _TRAINABLE[module] = [p for p in module.parameters() if p.requires_grad]
+    return found
 
 
 def flat_params(module: torch.nn.Module) -> torch.Tensor:
@@ -39,6 +49,8 @@ def load_flat_grads_(module: torch.nn.Module, flat: torch.Tensor) -> None:
 
 
 def float_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    # not cached: a module may replace a buffer tensor (e.g. an EMA), never a parameter an
+    # optimizer holds
     return [b for b in module.buffers() if b.is_floating_point()]
 
 
