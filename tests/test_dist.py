@@ -6,6 +6,7 @@ forkserver that stays up for the whole session, so only the first run pays the i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -310,3 +311,61 @@ def test_two_node_torchrun_reaches_target(workspace: Path, tmp_path: Path) -> No
     assert run.data.tags["outcome"] == "reached"
     assert run.data.tags["syncbench.dist.launcher"] == "torchrun"
     assert run.data.params["cluster.workers"] == "2"
+
+
+@pytest.mark.heavy
+def test_torchrun_rank0_death_fails_its_run(workspace: Path, tmp_path: Path) -> None:
+    """Under torchrun rank 0 owns the MLflow run; when it is SIGKILLed a surviving rank marks
+    the run FAILED (it used to stay RUNNING forever)."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    port = _free_port()
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    workspace.mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(key, None)
+    agents = []
+    for node in (0, 1):
+        log = open(tmp_path / f"node{node}.log", "w")
+        agents.append(subprocess.Popen(
+            [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "syncbench-kill",
+             "--local-addr", "127.0.0.1", "-m", "sweeps.cli", "run", str(DIGITS),
+             "--set", "cluster.backend=dist", "--set", "cluster.workers=2", "--set", "budget.train_time_s=120",
+             "--set", "target.value=1.01", "--set", "eval.every_s=0.5", "--set", "cluster.collective_timeout_s=5",
+             "--workspace", str(workspace), "--tracking-uri", uri, "--no-progress"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+    try:
+        deadline = time.time() + 120
+        rank0 = None
+        while time.time() < deadline and rank0 is None:
+            time.sleep(0.5)
+            runs = []
+            with contextlib.suppress(Exception):  # the store may still be being created by rank 0
+                _, runs = mlflow_runs(workspace)
+            if not runs:
+                continue
+            time.sleep(3)  # the run exists: rank 0 is set up; let it train (metrics are buffered)
+            for agent in agents:
+                for child in psutil.Process(agent.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if child.environ().get("RANK") == "0" and "python" in child.name():
+                            rank0 = child
+        assert rank0 is not None, "rank 0 never started training"
+        killed_at = time.time()
+        rank0.send_signal(signal.SIGKILL)
+        for a in agents:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                a.wait(timeout=60)
+        _, runs = mlflow_runs(workspace)
+        assert len(runs) == 1
+        run = runs[0]
+        assert run.info.status == "FAILED", (tmp_path / "node1.log").read_text()[-2000:]
+        assert run.data.tags["outcome"] == "failed"
+        assert "rank 0" in run.data.tags["syncbench.error"]
+        assert run.info.end_time / 1000 - killed_at < 5 + 10  # collective_timeout_s + 10
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGKILL)

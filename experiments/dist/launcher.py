@@ -688,7 +688,8 @@ def _join_torchrun(config: Any, ws: Path, tracking_uri: str, experiment: str | N
                   "tags": _run_tags(tags, "torchrun", emulation, _comm_backend(), world),
                   "parent_run_id": parent_run_id}
         return run_worker(config, rank=rank, world=world, local_world=local_world, wall0=wall0, emulate=emulation,
-                          debug_dir=debug_dir, create=create if rank == 0 else None, validate_task=True)
+                          debug_dir=debug_dir, create=create if rank == 0 else None, validate_task=True,
+                          tracking_uri=tracking_uri)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -700,7 +701,8 @@ def _join_torchrun(config: Any, ws: Path, tracking_uri: str, experiment: str | N
 def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: float, emulate: tuple[bool, bool],
                debug_dir: Any = None, attach: dict[str, Any] | None = None, create: dict[str, Any] | None = None,
                control: Path | None = None, heartbeat: FileHeartbeat | None = None, progress: bool = False,
-               activation_bytes: int | None = None, validate_task: bool = False, max_steps: int | None = None) -> Any:
+               activation_bytes: int | None = None, validate_task: bool = False, max_steps: int | None = None,
+               tracking_uri: str | None = None) -> Any:
     """Train this rank to the outcome. Rank 0 records the run (``attach``: into the
     launcher's run; ``create``: a new run, under torchrun) and returns its ``RunResult``;
     other ranks return a ``RunResult`` without a run id."""
@@ -758,6 +760,9 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
         monitor = None
         if rank == 0:
             recorder = _open_recorder(attach, create)
+            if create is not None and store_hb is not None:  # torchrun: the other ranks may have to mark it
+                with contextlib.suppress(Exception):
+                    store_hb.store.set(RUN_ID_KEY, recorder.run_id)
             if create is not None:
                 recorder.log_params({**config.flat(), "backend": "dist"})
             eval_module = copy.deepcopy(task.module).cpu()
@@ -810,10 +815,41 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
                 raise DistRunFailed(message, recorder.run_id) from exc
             with contextlib.suppress(Exception):
                 recorder.flush()  # keep the curve measured so far; the launcher marks the run
+        elif attach is None and create is None and store_hb is not None and tracking_uri:
+            # torchrun, a rank other than 0: if rank 0 died, nobody else would end its run
+            _fail_orphaned_run(store_hb, world, tracking_uri, _failure_message(exc, rank, store_hb, world))
         raise
     finally:
         if store_hb is not None:
             store_hb.stop()
+
+
+RUN_ID_KEY = "syncbench/run_id"
+
+
+def _fail_orphaned_run(store_hb: "StoreHeartbeat", world: int, tracking_uri: str, message: str,
+                       grace_s: float = 3.0) -> None:
+    """Under torchrun, mark rank 0's run FAILED when rank 0 is gone (its heartbeat in the job's
+    store stopped) and the run is still RUNNING after a grace period in which a live rank 0
+    would have marked it itself."""
+    import datetime
+
+    try:
+        store_hb.store.set_timeout(datetime.timedelta(seconds=2))
+        run_id = store_hb.store.get(RUN_ID_KEY).decode()
+    except Exception:  # noqa: BLE001 - no run was created (or the store is gone with rank 0's node)
+        return
+    if 0 not in store_hb.silent_ranks(world, window_s=1.0):
+        return  # rank 0 is alive and marks its own run
+    time.sleep(grace_s)
+    with contextlib.suppress(Exception):
+        from experiments.recording import open_client
+
+        client = open_client(tracking_uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "outcome", "failed")
+            client.set_tag(run_id, "syncbench.error", f"worker rank 0 died or hangs (no heartbeat); {message}"[:5000])
+            client.set_terminated(run_id, "FAILED")
 
 
 def _warm_up(task: Any, config: Any, rank: int, world: int, steps: int = 2) -> None:
