@@ -184,3 +184,72 @@ def test_cell_summary_with_censored_seeds():
     five = [rec("sync", 1, s, t) for s, t in enumerate([0.1, 0.2, 0.3, 0.4, None])]
     (cell,) = summarize_cells(sweep_of(five))
     assert cell.tta_median_s == pytest.approx(0.3) and cell.tta_mlperf_mean_s == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------------------------------
+# multiple settings and power
+
+
+def test_holm_matches_the_step_down_definition():
+    p = [0.01, 0.04, 0.03, 0.2]
+    order = sorted(range(4), key=lambda i: p[i])
+    expected, running = [0.0] * 4, 0.0
+    for rank, i in enumerate(order):  # Holm (1979): max over the smaller ones of (m - rank) p, capped at 1
+        running = max(running, min(1.0, (4 - rank) * p[i]))
+        expected[i] = running
+    assert stats.holm(p) == pytest.approx(expected)
+    assert stats.holm([0.02]) == [0.02]
+
+
+def test_smallest_attainable_p_values_come_from_scipy():
+    from scipy import stats as sps
+
+    assert stats.min_p_mann_whitney(2, 2) == pytest.approx(
+        sps.mannwhitneyu([1, 2], [3, 4], alternative="less", method="exact").pvalue)  # 1/6 = 0.167
+    assert stats.min_p_mann_whitney(2, 2) == pytest.approx(0.1667, abs=1e-4)
+    assert stats.seeds_needed(stats.min_p_mann_whitney, 1) == 3  # 1/20 = 0.05
+    assert stats.seeds_needed(stats.min_p_mann_whitney, 3) == 4  # 3/20 > 0.05 >= 3/70
+    assert stats.min_p_brown_forsythe(3, 3) == pytest.approx(sps.levene([0, 1, 2], [7, 7, 7], center="median").pvalue)
+    assert stats.min_p_brown_forsythe(3, 3) > 0.05 and stats.min_p_brown_forsythe(4, 4) == 0.0
+
+
+BORDERLINE = {"async": [1.0, 2.0, 3.0, 10.0], "sync": [9.0, 11.0, 12.0, 13.0]}  # rank sum 11: p = 2/70
+
+
+def test_holm_adjustment_changes_a_borderline_verdict():
+    from scipy import stats as sps
+
+    from analysis.claims import claim_async_faster
+
+    raw = sps.mannwhitneyu(BORDERLINE["async"], BORDERLINE["sync"], alternative="less", method="exact").pvalue
+    assert raw <= 0.05 < 2 * raw  # significant alone, not after Holm over two settings
+
+    def runs(workers):
+        return [rec(strategy, n, s, t, budget=100.0) for n in workers for strategy, ttas in BORDERLINE.items()
+                for s, t in enumerate(ttas)]
+
+    alone = claim_async_faster(sweep_of(runs([4])))
+    assert alone.verdict == "supported"
+    both = claim_async_faster(sweep_of(runs([2, 4])))
+    assert [r.verdict for r in both.rows] == ["inconclusive", "inconclusive"]
+    assert both.verdict == "inconclusive"
+    assert all("not after the Holm adjustment" in r.note for r in both.rows)
+    assert f"Holm {2 * raw:.3g}" in both.rows[0].values["p (async faster)"]
+
+
+def test_claims_with_too_few_seeds_are_underpowered_not_inconclusive():
+    from analysis.claims import claim_async_faster, claim_async_inconsistent, claim_sync_wait
+
+    sync = [rec("sync", 4, s, 0.2 + 0.01 * s) for s in range(3)]
+    fast = [rec("async", 4, s, 0.1 + 0.05 * s) for s in range(3)]
+    spread = claim_async_inconsistent(sweep_of(sync + fast))
+    assert spread.verdict_text == "underpowered (needs >= 4 seeds)"
+    # three worker counts x 3 seeds: 1/20 each for (b), x 3 settings with Holm = 0.15 > 0.05
+    runs = [rec(st, n, s, (0.1 if st == "async" else 0.2) + 0.01 * s) for n in (2, 4, 8) for st in ("sync", "async")
+            for s in range(3)]
+    claim = claim_async_faster(sweep_of(runs))
+    assert claim.verdict_text == "underpowered (needs >= 4 seeds)"
+    assert "0.05" in claim.rows[0].note and "0.15 after Holm over 3 settings" in claim.rows[0].note
+    # claim (a): 2 worker counts x 2 seeds: the smallest p is 2!2!/4! = 1/6
+    wait = [rec("sync", n, s, 0.1, metrics=wait_metrics(0.1 * n + 0.01 * s)) for n in (2, 4) for s in range(2)]
+    assert claim_sync_wait(sweep_of(wait)).verdict_text == "underpowered (needs >= 3 seeds)"
