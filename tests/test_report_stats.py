@@ -78,7 +78,7 @@ def rec(strategy: str, workers: int, seed: int, tta: float | None, *, budget: fl
     assignments = {"strategy.name": strategy, "cluster.workers": str(workers), **(variant or {})}
     m = {"clock_s": tta if tta is not None else budget, "samples": 1000.0, **(metrics or {})}
     if tta is not None:
-        m.update(tta_s=tta, samples_to_target=1000.0, updates_to_target=10.0)
+        m = {"tta_s": tta, "samples_to_target": 1000.0, "updates_to_target": 10.0, **m}
     p = {"strategy.name": strategy, "cluster.workers": str(workers), "budget.train_time_s": str(budget),
          "backend": "sim", "cluster.compute.step_s": "None", "cluster.stragglers.kind": "lognormal", **(params or {})}
     return RunRecord(run_id=f"{strategy}-{workers}-{seed}-{len(str(variant))}", run_name="", status="FINISHED",
@@ -253,3 +253,47 @@ def test_claims_with_too_few_seeds_are_underpowered_not_inconclusive():
     # claim (a): 2 worker counts x 2 seeds: the smallest p is 2!2!/4! = 1/6
     wait = [rec("sync", n, s, 0.1, metrics=wait_metrics(0.1 * n + 0.01 * s)) for n in (2, 4) for s in range(2)]
     assert claim_sync_wait(sweep_of(wait)).verdict_text == "underpowered (needs >= 3 seeds)"
+
+
+# ---------------------------------------------------------------------------------------
+# threats to validity
+
+
+def _threats(runs):
+    from analysis.claims import evaluate_claims
+    from analysis.summary import summarize_cells
+    from analysis.threats import compute_threats
+
+    sweep = sweep_of(runs)
+    cells = summarize_cells(sweep)
+    threats, errors = compute_threats(sweep, cells, evaluate_claims(sweep))
+    assert errors == []
+    return {t.key: t for t in threats}
+
+
+def test_threats_list_an_untuned_cross_n_comparison_and_drop_it_once_cells_are_tuned():
+    def runs(tuned: bool):
+        tags = {"syncbench.tuned_from": "s/tune/cell/3"} if tuned else {}
+        return [rec(st, n, s, 0.1 * n ** 0.5 + 0.01 * s, budget=10.0, params={"task.module_args.lr": "0.003",
+                                                                             "eval.every_s": "0.001"},
+                    metrics={"samples_to_target": 1000.0 * n, "step_time_s": 0.0015}, tags=tags)
+                for st in ("sync", "async") for n in (1, 4, 8) for s in range(5)]
+
+    untuned = _threats(runs(tuned=False))
+    assert "untuned" in untuned
+    assert "N=1: lr 0.003" in untuned["untuned"].detail and "grow 8.0x from N=1 to N=8" in untuned["untuned"].detail
+    tuned = _threats(runs(tuned=True))
+    assert "untuned" not in tuned
+    # 5 seeds, no censoring, a fine eval interval: what is left is inherent to the simulation
+    assert [t.key for t in tuned.values() if not t.inherent] == []
+
+
+def test_threats_name_too_few_seeds_censoring_and_a_coarse_resolution():
+    runs = [rec("sync", 4, s, 0.2 + 0.01 * s, params={"eval.every_s": "0.05"}) for s in range(2)]
+    runs += [rec("async", 4, 0, 0.1, params={"eval.every_s": "0.05"}),
+             rec("async", 4, 1, None, params={"eval.every_s": "0.05"})]
+    threats = _threats(runs)
+    assert "2 vs 2 seeds: the smallest p a one-sided Mann–Whitney U can reach is 0.167" in threats["seeds"].detail
+    assert "1 of 4 finished runs" in threats["censoring"].detail
+    assert "24% of the fastest cell's median TTA (sync, N=4: 0.205 s)" in threats["resolution"].detail
+    assert threats["simulated"].inherent
