@@ -388,11 +388,15 @@ def plot_efficiency(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -
     if labels:  # an empty legend with ncol=0 is a matplotlib ValueError
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 3),
                    frameon=False)
+    empty_left = not left.lines
     _save(fig, out_dir, "efficiency.png")
-    return Plot("efficiency.png", "Statistical vs hardware efficiency",
-                "TTA = samples to target × clock per sample. Left: samples whose gradients reached the model before "
-                "the target was met (median; cells with fewer than 2 seeds reaching the target are omitted). Right: "
-                "training clock per sample over the whole run (median over seeds, censored runs included).")
+    caption = ("TTA = samples to target × clock per sample. Left: samples whose gradients reached the model before "
+               "the target was met (median; cells with fewer than 2 seeds reaching the target are omitted). Right: "
+               "training clock per sample over the whole run (median over seeds, censored runs included).")
+    if empty_left:
+        caption += (" The left panel is empty: no cell has 2 or more seeds reaching the target, so no median "
+                    "samples to target exists.")
+    return Plot("efficiency.png", "Statistical vs hardware efficiency", caption)
 
 
 def make_plots(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> tuple[list[Plot], list[str]]:
