@@ -9,6 +9,7 @@ from a copy of those empty databases.
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
 import math
 import os
@@ -343,7 +344,8 @@ def test_tuned_cells_run_their_seeds_with_their_best_parameters(ws, tmp_path):
     for name in ("sync", "local_sgd"):
         cell = f"strategy.name={name},cluster.workers=2"
         tuning = study(f"tuned/tune/{cell}", ws)
-        assert states(tuning.trials) == {"COMPLETE": 3}
+        # the race pruner (the default) may stop trials that can no longer win: PRUNED, still counted
+        assert sum(states(tuning.trials).values()) == 3 and set(states(tuning.trials)) <= {"COMPLETE", "PRUNED"}
         assert all(("strategy.local_steps" in t.params) == (name == "local_sgd") for t in tuning.trials)
         best = tuning.best_trial.params
         runs = [r for r in children if r.data.tags["syncbench.cell"] == cell]
@@ -408,6 +410,14 @@ def test_race_pruner_stops_trials_that_cannot_win_and_never_the_best(ws, tmp_pat
         history = sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)
         assert [m.value for m in history] == pytest.approx([t.intermediate_values[k] for k in sorted(t.intermediate_values)])
     assert sum(r.data.tags["syncbench.phase"] == "eval" for r in children) == 1  # pruned trials are not eval runs
+
+    # the report lists pruned trials with the tuning trials and uses none of them for TTA statistics
+    assert main(["report", "race", "--workspace", str(ws)]) == 0
+    out = ws / "reports" / "race"
+    (row,) = list(csv.DictReader(open(out / "summary.csv")))
+    assert (row["n_seeds"], row["n_reached"]) == ("1", "1")
+    md = (out / "report.md").read_text()
+    assert f"| {RACE_CELL} | 6 | {6 - len(pruned)} | {len(pruned)} |" in md
 
     # rerun each pruned trial's parameters to the end: none of them would have won
     for t in pruned:
