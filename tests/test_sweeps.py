@@ -364,6 +364,7 @@ RACE_TUNE = {"n_trials": 6, "params": {"task.module_args.lr": {"low": 1.0e-4, "h
 RACE_CELL = "strategy.name=sync,cluster.workers=2"
 
 
+@pytest.mark.heavy
 def test_race_pruner_stops_trials_that_cannot_win_and_never_the_best(ws, tmp_path):
     """Sequential tuning (--jobs 1) of one cell: each trial is raced against the best TTA of
     the trials before it. A pruned trial is PRUNED in Optuna and outcome=pruned in MLflow,
@@ -425,6 +426,31 @@ def test_race_pruner_stops_trials_that_cannot_win_and_never_the_best(ws, tmp_pat
                                       f"task.module_args.lr={t.params['task.module_args.lr']}", "seed=0"])
         result = execute_run(config, workspace=tmp_path / "rerun", tracking_uri=f"sqlite:///{tmp_path / 'rerun.db'}")
         assert result.outcome != "reached" or result.tta_s > best_final
+
+
+@pytest.mark.heavy
+def test_median_pruner_compares_the_target_metric_in_its_own_direction(ws, tmp_path):
+    """tune.pruner: median is Optuna's MedianPruner on the reported val_acc. The tuning study
+    minimises TTA, but accuracy is better high: a pruned trial must be one whose best
+    accuracy so far was below the median of the finished trials at that evaluation."""
+    import numpy as np
+    from optuna.trial import TrialState
+
+    tune = {**RACE_TUNE, "pruner": "median"}
+    spec = write_spec(tmp_path / "median.yaml", "median", grid={"strategy.name": ["sync"], "cluster.workers": [2]},
+                      seeds=[0], set={"budget.train_time_s": 1.0}, tune=tune)
+    assert sweep(spec, ws) == 0
+    trials = sorted(study(f"median/tune/{RACE_CELL}", ws).trials, key=lambda t: t.number)
+    assert set(states(trials)) <= {"COMPLETE", "PRUNED"} and len(trials) == 6
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "the low learning rates of this range should fall behind the median"
+    for t in pruned:
+        step = t.last_step
+        others = [u.intermediate_values[step] for u in trials[:t.number]
+                  if u.state == TrialState.COMPLETE and step in u.intermediate_values]
+        assert max(t.intermediate_values.values()) < np.median(others)
+    _, children = mlflow_runs("median", ws)
+    assert sum(r.data.tags["outcome"] == "pruned" for r in children) == len(pruned)
 
 
 # ------------------------------------------------------------------ divergence
