@@ -255,6 +255,14 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "sweep"
 
 
+def _short_value(value: str | None) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{number:.3g}" if not number.is_integer() else str(value)
+
+
 def _tune_rows(sweep: SweepData) -> list[dict[str, Any]]:
     """Per tuned cell: trials, how many reached and were pruned, the best TTA and its values."""
     tune_cells: dict[str, list] = {}
@@ -266,7 +274,9 @@ def _tune_rows(sweep: SweepData) -> list[dict[str, Any]]:
         varying = sorted(k for k in {k for r in runs for k in r.params}
                          if len({r.params.get(k) for r in runs}) > 1 and k != "name")
         best = min(reached, key=lambda r: r.tta) if reached else None
-        chosen = ", ".join(f"{short_key(k)}={best.params.get(k)}" for k in varying) if best else "—"
+        # the values the seeds ran with (the launcher's pick among tied best trials is Optuna's)
+        used = next((r for r in sweep.runs if r.cell == cell and "syncbench.tuned_from" in r.tags), best)
+        chosen = ", ".join(f"{short_key(k)}={_short_value(used.params.get(k))}" for k in varying) if used else "—"
         rows.append({"cell": cell, "trials": len(runs), "reached": len(reached),
                      "pruned": sum(r.outcome == "pruned" for r in runs),
                      "best": fmt_s(best.tta) if best else "—", "chosen": chosen or "—"})
