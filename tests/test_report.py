@@ -433,7 +433,7 @@ def test_report_of_a_sweep_still_running_is_written(degenerate_ws):
     assert "Missing runs" in md and "1 evaluation run(s) still RUNNING were left out" in md
 
     name = "nothing-yet"
-    client.create_experiment(name)
+    client.create_experiment(name, artifact_location=(degenerate_ws / "artifacts" / name).as_uri())
     exp = client.get_experiment_by_name(name)
     client.create_run(exp.experiment_id, tags={"syncbench.sweep": name, "syncbench.role": "parent"})
     client.create_run(exp.experiment_id, run_name="first", tags={
