@@ -38,6 +38,10 @@ def strategy_color(name: str, _extra: dict[str, str] = {}) -> str:  # noqa: B006
     return _extra[name]
 
 
+class NotDrawn(Exception):
+    """A figure that this sweep cannot support; the message says why (shown in its place)."""
+
+
 @dataclass
 class Plot:
     filename: str
@@ -80,6 +84,10 @@ def _target_text(sweep: SweepData) -> str:
 
 
 def plot_tta_vs_workers(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> Plot:
+    if not cells:
+        raise NotDrawn("the sweep has no finished evaluation runs yet")
+    if not any(c.n_reached for c in cells):
+        raise NotDrawn("no run of any cell reached the target")
     fig, ax = plt.subplots(figsize=(8.0, 5.0))
     variants = sorted({c.variant for c in cells}, key=variant_sort_key)
     many = len(variants) > 1
@@ -342,6 +350,9 @@ def plot_memory(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> Pl
 def plot_efficiency(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> Plot | None:
     if len({c.workers for c in cells}) < 2:
         return None
+    if not any(c.samples_to_target_median is not None or c.time_per_sample_s is not None for c in cells):
+        raise NotDrawn("no cell has a median samples-to-target or a clock per sample (too few seeds reached the "
+                       "target)")
     variants = sorted({c.variant for c in cells}, key=variant_sort_key)
     many = len(variants) > 1
     workers = sorted({c.workers for c in cells})
@@ -367,15 +378,25 @@ def plot_efficiency(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -
     left.set_title("Statistical efficiency (lower is better)")
     right.set_ylabel("training clock per sample (µs, log)")
     right.set_title("Hardware efficiency (lower is better)")
+    if not left.lines:
+        left.text(0.5, 0.5, "no cell has >= 2 seeds reaching the target:\nno median samples to target",
+                  transform=left.transAxes, ha="center", va="center", color="0.4")
     fig.tight_layout()
     handles, labels = left.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 3),
-               frameon=False)
+    if not labels:
+        handles, labels = right.get_legend_handles_labels()
+    if labels:  # an empty legend with ncol=0 is a matplotlib ValueError
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 3),
+                   frameon=False)
+    empty_left = not left.lines
     _save(fig, out_dir, "efficiency.png")
-    return Plot("efficiency.png", "Statistical vs hardware efficiency",
-                "TTA = samples to target × clock per sample. Left: samples whose gradients reached the model before "
-                "the target was met (median; cells with fewer than 2 seeds reaching the target are omitted). Right: "
-                "training clock per sample over the whole run (median over seeds, censored runs included).")
+    caption = ("TTA = samples to target × clock per sample. Left: samples whose gradients reached the model before "
+               "the target was met (median; cells with fewer than 2 seeds reaching the target are omitted). Right: "
+               "training clock per sample over the whole run (median over seeds, censored runs included).")
+    if empty_left:
+        caption += (" The left panel is empty: no cell has 2 or more seeds reaching the target, so no median "
+                    "samples to target exists.")
+    return Plot("efficiency.png", "Statistical vs hardware efficiency", caption)
 
 
 def make_plots(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> tuple[list[Plot], list[str]]:
@@ -390,10 +411,18 @@ def make_plots(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> tup
         (plot_memory, "the sweep has no runs with checkpointing.enabled=true"),
     ]
     for maker, why_not in makers:
-        with plt.rc_context(STYLE):
-            plot = maker(sweep, cells, out_dir)
+        name = maker.__name__.removeprefix('plot_').replace('_', ' ')
+        try:
+            with plt.rc_context(STYLE):
+                plot = maker(sweep, cells, out_dir)
+        except NotDrawn as exc:
+            plot, why_not = None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one figure must not sink the report
+            plot, why_not = None, f"could not be drawn ({type(exc).__name__}: {exc})"
+        finally:
+            plt.close("all")
         if plot is None:
-            skipped.append(f"{maker.__name__.removeprefix('plot_').replace('_', ' ')}: not drawn — {why_not}")
+            skipped.append(f"{name}: not drawn — {why_not}")
         else:
             plots.append(plot)
     return plots, skipped

@@ -298,9 +298,8 @@ def load_sweep(client, name: str, tracking_uri: str, *, curves: bool = True) -> 
         group.sort(key=lambda r: (r.status == "FINISHED", r.start_time))
         eval_runs.append(group[-1])
         superseded.extend(group[:-1])
-    if not eval_runs:
-        raise ConfigError(f"sweep {name!r}: no finished evaluation runs (phase=eval) yet "
-                          f"({len(tune_runs)} tuning trials, {len(unfinished)} still running)")
+    # no finished evaluation run yet (tuning, or every run still RUNNING): the report is still
+    # written, and each part says why it is empty
     eval_runs.sort(key=lambda r: (variant_sort_key(r.variant), strategy_sort_key(r.strategy), r.workers, r.seed or 0))
     parent = parents[-1] if parents else None
     data = SweepData(name=name, tracking_uri=tracking_uri, experiment_id=exp.experiment_id,

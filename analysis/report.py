@@ -27,10 +27,11 @@ from analysis.plots import Plot, make_plots
 from analysis.reader import SweepData, load_sweep, resolve_tracking_uri, short_key, strategy_sort_key
 from analysis.stats import ALPHA, CONFIDENCE, N_BOOT, N_PERM
 from analysis.summary import CellSummary, summarize_cells, summary_csv
+from analysis.threats import Threat, compute_threats
 from experiments.config import ConfigError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
-REPORT_FILES = ("report.html", "report.md", "summary.csv", "claims.json")
+REPORT_FILES = ("report.html", "report.md", "summary.csv", "claims.json", "threats.json")
 STEP_SOURCES = {"pinned": "pinned in the config", "calibrated": "calibrated by each run on its machine",
                 "sweep": "calibrated once per task by the sweep"}
 EVAL_RESOLUTION_LIMIT = 0.05  # DESIGN.md: the eval interval should be <= 5% of the 1-worker TTA
@@ -45,6 +46,7 @@ class ReportResult:
     claims: list[Claim]
     plots: list[Plot]
     parent_run_id: str | None
+    threats: list[Threat] = field(default_factory=list)
     logged_to_parent: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -253,18 +255,40 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "sweep"
 
 
-def build_context(sweep: SweepData, cells: list[CellSummary], claims: list[Claim], plots: list[Plot],
-                  skipped: list[str], out_dir: Path) -> dict[str, Any]:
-    keys = grid_keys(sweep)
-    other_keys = [k for k in keys if k not in ("strategy.name", "cluster.workers")]
+def _short_value(value: str | None) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{number:.3g}" if not number.is_integer() else str(value)
+
+
+def _tune_rows(sweep: SweepData) -> list[dict[str, Any]]:
+    """Per tuned cell: trials, how many reached and were pruned, the best TTA and its values."""
     tune_cells: dict[str, list] = {}
     for r in sweep.tune_runs:
         tune_cells.setdefault(r.cell, []).append(r)
-    tune_rows = []
+    rows = []
     for cell, runs in sorted(tune_cells.items()):
-        reached = [r.tta for r in runs if r.usable and r.reached]
-        tune_rows.append({"cell": cell, "trials": len(runs), "reached": len(reached),
-                          "best": fmt_s(min(reached)) if reached else "—"})
+        reached = [r for r in runs if r.usable and r.reached]
+        varying = sorted(k for k in {k for r in runs for k in r.params}
+                         if len({r.params.get(k) for r in runs}) > 1 and k != "name")
+        best = min(reached, key=lambda r: r.tta) if reached else None
+        # the values the seeds ran with (the launcher's pick among tied best trials is Optuna's)
+        used = next((r for r in sweep.runs if r.cell == cell and "syncbench.tuned_from" in r.tags), best)
+        chosen = ", ".join(f"{short_key(k)}={_short_value(used.params.get(k))}" for k in varying) if used else "—"
+        rows.append({"cell": cell, "trials": len(runs), "reached": len(reached),
+                     "pruned": sum(r.outcome == "pruned" for r in runs),
+                     "best": fmt_s(best.tta) if best else "—", "chosen": chosen or "—"})
+    return rows
+
+
+def build_context(sweep: SweepData, cells: list[CellSummary], claims: list[Claim], plots: list[Plot],
+                  skipped: list[str], out_dir: Path, threats: list[Threat] = (),
+                  threat_errors: list[str] = ()) -> dict[str, Any]:
+    keys = grid_keys(sweep)
+    other_keys = [k for k in keys if k not in ("strategy.name", "cluster.workers")]
+    tune_rows = _tune_rows(sweep)
     not_reached = [r for r in sweep.runs if not r.reached]
     return {
         "sweep": sweep,
@@ -282,6 +306,8 @@ def build_context(sweep: SweepData, cells: list[CellSummary], claims: list[Claim
         "provenance": provenance(sweep),
         "findings": findings(sweep, cells, claims),
         "claims": claims,
+        "threats": list(threats),
+        "threat_errors": list(threat_errors),
         "not_testable": NOT_TESTABLE,
         "combine_rule": COMBINE_RULE,
         "alpha": ALPHA,
@@ -318,9 +344,10 @@ def write_report(client, sweep_name: str, out_dir: Path, *, tracking_uri: str,
     sweep = load_sweep(client, sweep_name, tracking_uri)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = summarize_cells(sweep)
-    claims = evaluate_claims(sweep)
-    plots, skipped = make_plots(sweep, cells, out_dir)
-    ctx = build_context(sweep, cells, claims, plots, skipped, out_dir)
+    claims = evaluate_claims(sweep)  # a claim that raises is reported as such, the others stand
+    plots, skipped = make_plots(sweep, cells, out_dir)  # likewise each figure
+    threats, threat_errors = compute_threats(sweep, cells, claims)
+    ctx = build_context(sweep, cells, claims, plots, skipped, out_dir, threats, threat_errors)
     env = _env()
     files = []
     (out_dir / "report.html").write_text(env.get_template("report.html.j2").render(**ctx), encoding="utf-8")
@@ -328,9 +355,11 @@ def write_report(client, sweep_name: str, out_dir: Path, *, tracking_uri: str,
     (out_dir / "summary.csv").write_text(summary_csv(cells), encoding="utf-8")
     (out_dir / "claims.json").write_text(json.dumps([c.as_dict() for c in claims], indent=2, ensure_ascii=False),
                                          encoding="utf-8")
+    (out_dir / "threats.json").write_text(json.dumps([t.as_dict() for t in threats], indent=2, ensure_ascii=False),
+                                          encoding="utf-8")
     files = [out_dir / f for f in REPORT_FILES] + [out_dir / p.filename for p in plots]
     result = ReportResult(out_dir=out_dir, files=files, sweep=sweep, cells=cells, claims=claims, plots=plots,
-                          parent_run_id=sweep.parent_run_id)
+                          parent_run_id=sweep.parent_run_id, threats=threats)
     if log_to_parent:
         if sweep.parent_run_id is None:
             result.warnings.append(f"sweep {sweep_name!r} has no parent run (syncbench.role=parent): the report was "
@@ -360,7 +389,7 @@ def run_report_command(args) -> int:
     result = write_report(client, args.sweep_name, out, tracking_uri=tracking_uri)
     for warning in result.warnings:
         print(f"syncbench: warning: {warning}", file=sys.stderr)
-    verdicts = ", ".join(f"({c.key}) {c.verdict}" for c in result.claims)
+    verdicts = ", ".join(f"({c.key}) {c.verdict_text}" for c in result.claims)
     print(f"report for sweep {args.sweep_name!r}: {len(result.sweep.runs)} runs in {len(result.cells)} cells; "
           f"claims: {verdicts}")
     print(f"wrote {out / 'report.html'}")

@@ -221,3 +221,59 @@ def bootstrap_sd_ratio(a: Sequence[float], b: Sequence[float], n_boot: int = N_B
     ratios = np.array([ratio(sd(a_arr[i]), sd(b_arr[j])) for i, j in zip(ia, ib)])
     low, high = _quantiles(ratios, level)
     return Interval(estimate, low, high, f"percentile bootstrap, {n_boot} stratified resamples, {level:.0%}")
+
+
+# ---------------------------------------------------------------------------------------
+# multiple settings and power: Holm-Bonferroni, and the smallest p-value a test can reach
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down), in the input order; NaN stays NaN and
+    does not count as a hypothesis. Adjusted p_(i) = max_{j<=i} min(1, (m - j + 1) p_(j))."""
+    p = as_array(pvalues)
+    out = np.full(p.size, math.nan)
+    idx = [i for i in np.argsort(p, kind="stable") if not math.isnan(p[i])]
+    m = len(idx)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return [float(v) for v in out]
+
+
+def min_p_mann_whitney(n_a: int, n_b: int) -> float:
+    """The smallest one-sided p-value a Mann–Whitney U can reach with groups of n_a and n_b
+    (complete separation, no ties): scipy's exact null distribution, 1 / C(n_a + n_b, n_a)."""
+    from scipy import stats
+
+    if n_a < 1 or n_b < 1:
+        return 1.0
+    return float(stats.mannwhitneyu(np.arange(n_a), np.arange(n_a, n_a + n_b), alternative="less",
+                                    method="exact").pvalue)
+
+
+def min_p_brown_forsythe(n_a: int, n_b: int) -> float:
+    """The smallest p-value of the Brown–Forsythe test with groups of n_a and n_b. With both
+    groups of >= 4 it can reach 0 (equal deviations within each group). With a group of 3
+    the deviations from its median are {0, x, y}: the largest statistic is at x = y against a
+    constant other group (W = 4 for 3 vs 3, p = 0.116). Fewer than 3: no test (the claim
+    needs >= 3 finished seeds)."""
+    from scipy import stats
+
+    small, large = sorted((n_a, n_b))
+    if small < 3:
+        return 1.0
+    if small >= 4:
+        return 0.0
+    res = stats.levene([0.0, 1.0, 2.0], [5.0] * large, center="median")
+    return float(res.pvalue)
+
+
+def seeds_needed(min_p: Callable[[int, int], float], settings: int, alpha: float = ALPHA, start: int = 2,
+                 limit: int = 50) -> int:
+    """The fewest seeds per group k for which ``settings`` x min_p(k, k) <= alpha, i.e. the
+    smallest Holm-adjusted p-value over that many settings can reach the level."""
+    for k in range(start, limit + 1):
+        if max(1, settings) * min_p(k, k) <= alpha:
+            return k
+    return limit

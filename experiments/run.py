@@ -23,11 +23,19 @@ from torch.utils.data import Dataset, default_collate
 from experiments.config import ConfigError, RunConfig, import_object
 from strategies.lightning_bridge import build_optimizer, capture_logs, evaluate, materialize, take_logged, training_loss
 from experiments.recording import RunRecorder, environment_tags, get_or_create_experiment, open_client
-from experiments.run_loop import Evaluation, LoopResult, train_to_target
+from experiments.run_loop import Evaluation, LoopResult, TTATracker, train_to_target
 from experiments.workspace import artifacts_dir, default_tracking_uri, workspace_dir
 from experiments.sharding import ShardedBatches
 from experiments.sim.engine import SimEngine, lr_factor
 from strategies import STRATEGIES
+
+# on_evaluation(clock_s, metrics) -> True stops the run as ``pruned`` (a sweep's tuning race)
+EvaluationCallback = Callable[[float, dict[str, float]], bool]
+
+
+class _Pruned(Exception):
+    """Raised from the evaluation hook to stop a run that its on_evaluation callback prunes."""
+
 
 SUMMARY_KEYS = ("tta_s", "samples_to_target", "updates_to_target", "best_val", "final_val")
 
@@ -48,7 +56,7 @@ class PreparedTask:
 class RunResult(LoopResult):
     """A run's outcome and TTA figures (``LoopResult``), with what the run around it measured."""
 
-    outcome: str = "failed"  # reached | budget | diverged | failed
+    outcome: str = "failed"  # reached | budget | diverged | failed | pruned
     run_id: str | None = None
     init_s: float = 0.0
     wall_s: float = 0.0
@@ -220,9 +228,13 @@ class _Progress:
 def execute_run(config: RunConfig, *, workspace: str | Path | None = None, tracking_uri: str | None = None,
                 experiment: str | None = None, tags: dict[str, str] | None = None,
                 parent_run_id: str | None = None, run_name: str | None = None,
-                progress: bool = False) -> RunResult:
+                progress: bool = False, on_evaluation: EvaluationCallback | None = None) -> RunResult:
     """Run one config to its outcome and record it. Bad input raises ``ConfigError`` before
-    any MLflow run exists; an exception during training marks the run FAILED and re-raises."""
+    any MLflow run exists; an exception during training marks the run FAILED and re-raises.
+
+    ``on_evaluation(clock_s, metrics)`` (sim backend only) is called after each evaluation;
+    returning True at one that does not end the run (target, budget, divergence) stops it
+    there with outcome ``pruned`` (MLflow tag ``outcome=pruned``, run FINISHED, no TTA)."""
     wall0 = time.perf_counter()
     ws = workspace_dir(workspace)
     tracking_uri = tracking_uri or default_tracking_uri(ws)
@@ -255,12 +267,21 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
             init_s = time.perf_counter() - wall0
             evaluate_global = lambda s: evaluate(s.global_model(), task.val_batches)  # noqa: E731
 
+            seen = TTATracker(config)  # the loop's outcome of each evaluation, for the pruning hook
+
             def on_eval(ev: Evaluation) -> None:
                 recorder.metrics(ev.metrics, step=ev.updates, clock_s=ev.clock_s)
                 bar.update(ev)
+                ends = seen.observe(ev)
+                if on_evaluation is not None and on_evaluation(ev.clock_s, ev.metrics) and ends is None:
+                    raise _Pruned
 
             with _Progress(config, progress) as bar:
-                loop = train_to_target(config, engine, evaluate_global, on_eval)
+                try:
+                    loop = train_to_target(config, engine, evaluate_global, on_eval)
+                except _Pruned:
+                    loop = seen.result
+                    loop.outcome = "pruned"
             result = _result(recorder.run_id, loop, init_s, step_s, engine.summary_metrics())
             summary = {k: getattr(result, k) for k in SUMMARY_KEYS if getattr(result, k) is not None}
             summary.update(reached=float(loop.outcome == "reached"), init_s=init_s, step_time_s=step_s,

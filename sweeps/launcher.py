@@ -7,7 +7,9 @@ Layout in the stores (the report relies on it):
   ``cell``, ``seed``, ``phase``, ``overrides``; after the run ``outcome``, ``tta_s``,
   ``mlflow_run_id``, ``wall_s``); with ``tune:``, each cell also has a study
   ``<name>/tune/<cell id>`` of ``n_trials`` TPE trials (``phase = tune``). The value is
-  ``tta_s`` or a penalty (see :mod:`sweeps.trials`). Study user attributes keep the spec's
+  ``tta_s`` or a penalty (see :mod:`sweeps.trials`); each evaluation of a tuning trial is an
+  intermediate value (the target metric) and a trial that ``tune.pruner`` stops is PRUNED
+  (its MLflow run ``outcome=pruned``; it counts towards ``n_trials``). Study user attributes keep the spec's
   fingerprint, the calibrated ``step_s`` per task and the MLflow parent run id.
 * MLflow: the experiment ``<name>``; one parent run (run name ``<name>``, tags
   ``syncbench.sweep``, ``syncbench.role=parent``; params ``base``, ``grid``, ``seeds``, ``set``,
@@ -43,7 +45,16 @@ from experiments.workspace import artifacts_dir, default_optuna_storage, default
 from sweeps.progress import CellSummary, Counts, SweepDisplay
 from sweeps.spec import Cell, ParamSpec, Sweep, format_value, load_sweep, task_key
 from sweeps.storage import Heartbeat, StorageLock, normalize_url, open_storage, redact, use_wal
-from sweeps.trials import TrialJob, TrialReport, make_executor, objective_value, report_attrs, run_trial_job, warm_up
+from sweeps.trials import (
+    TrialJob,
+    TrialReport,
+    TuneContext,
+    make_executor,
+    objective_value,
+    report_attrs,
+    run_trial_job,
+    warm_up,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 CALIBRATION_REPEATS = 5  # calibrate_step_s calls per task; ~20 steps each
@@ -109,6 +120,7 @@ class Claim:
     seed: int
     overrides: dict[str, Any]
     extra_tags: dict[str, str] = field(default_factory=dict)
+    race_best_s: float | None = None  # tune: the cell's best TTA when the trial was claimed
     heartbeat: Heartbeat | None = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -436,7 +448,8 @@ class Launcher:
                 trial.set_user_attr("cell", cell.id)
                 trial.set_user_attr("seed", self.sweep.seeds[0])
                 trial.set_user_attr("phase", "tune")
-                return Claim(study, trial, "tune", cell, self.sweep.seeds[0], dict(trial.params))
+                return Claim(study, trial, "tune", cell, self.sweep.seeds[0], dict(trial.params),
+                             race_best_s=_best_tta(trials))
             if state["RUNNING"] or cell.id in self.eval_enqueued:
                 continue
             self.eval_enqueued.add(cell.id)
@@ -466,12 +479,19 @@ class Launcher:
         if claim.cell.id in self.step_s:
             raw = apply_overrides(raw, {"cluster.compute.step_s": self.step_s[claim.cell.id]})
             tags["syncbench.step_s_source"] = "sweep"
-        validate_config(raw, claim.ref)  # fail here, not in a worker, when a tuned value is invalid
+        config = validate_config(raw, claim.ref)  # fail here, not in a worker, when a tuned value is invalid
         run_name = (f"{claim.cell.label} seed={claim.seed}" if claim.phase == "eval"
                     else f"tune {claim.cell.label} #{claim.trial.number}")
+        tune = None
+        if claim.phase == "tune":
+            spec = self.sweep.tune
+            tune = TuneContext(storage_url=self.opt.storage_url, study_name=claim.study.study_name,
+                               trial_id=claim.trial._trial_id, pruner=spec.pruner, metric=config.target.metric,
+                               mode=config.target.mode, every_s=config.eval.every_s, race_best_s=claim.race_best_s,
+                               race_margin=spec.race_margin, n_trials=spec.n_trials)
         return TrialJob(config=raw, tags=tags, run_name=run_name, experiment=self.sweep.name,
                         parent_run_id=self.parent_run_id, tracking_uri=self.opt.tracking_uri,
-                        workspace=str(self.opt.workspace))
+                        workspace=str(self.opt.workspace), tune=tune)
 
     def run(self) -> bool:
         """Claim and run trials, ``jobs`` at a time, until the sweep is done. Returns True
@@ -560,7 +580,9 @@ class Launcher:
         try:
             for key, val in attrs.items():
                 claim.trial.set_user_attr(key, val)
-            if value is None:
+            if report.outcome == "pruned":
+                claim.study.tell(claim.trial, state=TrialState.PRUNED)
+            elif value is None:
                 claim.study.tell(claim.trial, state=TrialState.FAIL)
             else:
                 claim.study.tell(claim.trial, value)
@@ -614,7 +636,7 @@ class Launcher:
         n_trials = self.sweep.tune.n_trials if self.sweep.tune else 0
         for study in self.tune_studies.values():
             tally = _tally(study.get_trials(deepcopy=False))
-            done = min(n_trials, tally["COMPLETE"])
+            done = min(n_trials, tally["COMPLETE"] + tally["PRUNED"])
             counts.done += done
             counts.failed += min(n_trials - done, tally["FAIL"])
             counts.running += tally["RUNNING"]
@@ -684,6 +706,13 @@ def _suggest(trial, key: str, param: ParamSpec) -> Any:
     if param.is_int:
         return trial.suggest_int(key, int(param.low), int(param.high), step=int(param.step or 1), log=param.log)
     return trial.suggest_float(key, float(param.low), float(param.high), step=param.step, log=param.log)
+
+
+def _best_tta(trials: list) -> float | None:
+    """The best TTA among a tuning study's finished trials that reached the target."""
+    ttas = [t.value for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("outcome") == "reached"
+            and t.value is not None]
+    return min(ttas) if ttas else None
 
 
 def _replaced(trials: list) -> set[int]:

@@ -87,7 +87,7 @@ class SweepDisplay:
 
     def trial_line(self, counts: Counts, phase: str, label: str, seed: int | None, outcome: str,
                    tta_s: float | None, wall_s: float, error: str | None = None) -> None:
-        colour = {"reached": "green", "budget": "yellow", "diverged": "magenta"}.get(outcome, "red")
+        colour = {"reached": "green", "budget": "yellow", "diverged": "magenta", "pruned": "cyan"}.get(outcome, "red")
         what = f"{phase} {label}" + (f" seed={seed}" if seed is not None else "")
         tta = f" tta {tta_s:.3g} s" if tta_s is not None else ""
         why = f" — {error}" if error else ""

@@ -16,6 +16,8 @@ seeds: [0, 1, 2]                         # each cell is run once per seed
 tune:                                    # optional: tune each cell, then run seeds with the best
   n_trials: 8
   seed: 0                                # TPE sampler seed (mixed with the cell id)
+  pruner: race                           # race (default) | median | hyperband | none
+  race_margin: 1.0                       # race: stop a trial once its clock passes best TTA x this
   params:
     task.module_args.lr: {low: 1.0e-3, high: 0.3, log: true}
     strategy.local_steps: {choices: [2, 4, 8, 16], when: {strategy.name: local_sgd}}
@@ -29,7 +31,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -100,9 +102,24 @@ class ParamSpec(_Strict):
         return all(_matches(flat_config, key, want) for key, want in self.when.items())
 
 
+PRUNERS = ("race", "median", "hyperband", "none")
+TUNE_DEFAULTS = {"pruner": "race", "race_margin": 1.0}  # keys added after the first sweeps were stored
+
+
 class TuneSpec(_Strict):
+    """Tuning per cell. Every evaluation of a tuning trial is reported to Optuna as an
+    intermediate value (the target metric, step = evaluation index). ``pruner``: ``race``
+    stops a trial as soon as its next evaluation would come later than the best TTA of its
+    cell so far x ``race_margin`` (it can no longer win); ``median`` / ``hyperband`` are
+    Optuna's pruners on the intermediate values; ``none`` prunes nothing. Pruned trials are
+    Optuna PRUNED, MLflow ``outcome=pruned``, and count towards ``n_trials``."""
+
     n_trials: int = Field(ge=1, description="Tuning trials per cell")
     seed: int = Field(default=0, description="TPE sampler seed (mixed with the cell id)")
+    pruner: Literal["race", "median", "hyperband", "none"] = Field(
+        default="race", description="race: stop a trial once its clock passes its cell's best TTA x race_margin "
+        "(it can no longer win); median / hyperband: Optuna's pruners on the target metric; none")
+    race_margin: float = Field(default=1.0, ge=1.0, description="race pruner: the margin over the cell's best TTA")
     params: dict[str, ParamSpec] = Field(min_length=1, description="Tuned parameters by dotted config key")
 
 
@@ -182,7 +199,11 @@ class Sweep:
         grid and the seeds set) and the tuning. Adding grid values or seeds is allowed."""
         owned = [*self.spec.grid, "seed"]
         base = {k: v for k, v in flatten(self.base_raw).items() if not any(_under(k, o) for o in owned)}
-        return {"base": base, "tune": self.tune.model_dump(mode="json") if self.tune else None}
+        tune = None
+        if self.tune:  # keys at their defaults are left out, so sweeps stored before they existed resume
+            tune = {k: v for k, v in self.tune.model_dump(mode="json").items()
+                    if not (k in TUNE_DEFAULTS and v == TUNE_DEFAULTS[k])}
+        return {"base": base, "tune": tune}
 
     def total_trials(self) -> int:
         per_cell = len(self.seeds) + (self.tune.n_trials if self.tune else 0)

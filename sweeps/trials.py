@@ -14,6 +14,11 @@ scores ``BUDGET_PENALTY`` × ``budget.train_time_s`` and a diverged one ``DIVERG
 ``budget.train_time_s`` — finite, so the trial completes and the sampler learns from it, and
 always worse than any reached run (whose TTA is at most the budget), with divergence worse
 than censoring. NaN is never a value. A run that raised makes the trial FAIL.
+
+Tuning trials (``TrialJob.tune`` set) report every evaluation's target metric to Optuna as
+an intermediate value (``step`` = evaluation index, so step k is training clock k x
+``eval.every_s`` in every trial of a cell) and may be pruned: see :class:`TuneHook`. A
+pruned run ends with outcome ``pruned`` (MLflow tag), the launcher tells Optuna PRUNED.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+REFRESH_EVERY = 10  # race: re-read the cell's best TTA every this many evaluations
 BUDGET_PENALTY = 2.0
 DIVERGED_PENALTY = 4.0
 
@@ -42,11 +48,28 @@ class TrialJob:
     parent_run_id: str
     tracking_uri: str
     workspace: str
+    tune: "TuneContext | None" = None  # tuning trials: report evaluations, maybe prune
+
+
+@dataclass
+class TuneContext:
+    """Where a tuning trial reports its evaluations and when it stops (plain data)."""
+
+    storage_url: str
+    study_name: str
+    trial_id: int
+    pruner: str  # race | median | hyperband | none
+    metric: str  # the target metric, reported at each evaluation
+    mode: str  # max | min: the metric's better direction (Optuna's pruners compare in it)
+    every_s: float  # eval.every_s: step k = clock k x every_s
+    race_best_s: float | None = None  # race: the cell's best TTA when the trial started
+    race_margin: float = 1.0
+    n_trials: int = 8
 
 
 @dataclass
 class TrialReport:
-    """What came back from a trial (``outcome`` is reached | budget | diverged | failed)."""
+    """What came back from a trial (``outcome`` is reached | budget | diverged | failed | pruned)."""
 
     outcome: str
     run_id: str | None = None
@@ -66,15 +89,109 @@ def run_trial_job(job: TrialJob) -> TrialReport:
 
     try:
         config = validate_config(job.config, job.run_name)
+        hook = TuneHook(job.tune) if job.tune is not None and config.cluster.backend == "sim" else None
         result = execute_run(config, workspace=job.workspace, tracking_uri=job.tracking_uri,
                              experiment=job.experiment, tags=job.tags, parent_run_id=job.parent_run_id,
-                             run_name=job.run_name, progress=False)
+                             run_name=job.run_name, progress=False, on_evaluation=hook)
     except Exception as exc:  # noqa: BLE001 - reported to the launcher, which fails the trial
         tb = traceback.format_exc(limit=6)
         return TrialReport(outcome="failed", error=f"{type(exc).__name__}: {exc}", extra={"traceback": tb})
     return TrialReport(outcome=result.outcome, run_id=result.run_id, tta_s=result.tta_s, wall_s=result.wall_s,
                        mlflow_log_s=result.mlflow_log_s, init_s=result.init_s,
                        extra={"best_val": result.best_val, "samples_to_target": result.samples_to_target})
+
+
+_STORAGES: dict[tuple[str, str], Any] = {}  # per process: engine start-up is not free
+
+
+def _hook_storage(url: str, mode: str):
+    """A plain Optuna storage (no heartbeats: the launcher beats for the trial) whose studies
+    report the target metric's direction (``mode``) instead of the stored one (minimise TTA):
+    Optuna's pruners compare intermediate values in the study's direction. Only the tuning
+    hook uses it; the launcher's own handle is untouched."""
+    key = (url, mode)
+    if key not in _STORAGES:
+        from optuna.storages import RDBStorage
+        from optuna.study import StudyDirection
+
+        from sweeps.storage import SQLITE_BUSY_TIMEOUT_S, _relax_sqlite_sync, is_sqlite
+
+        kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if is_sqlite(url) else {"pool_pre_ping": True}
+        storage = RDBStorage(url, engine_kwargs=kwargs)
+        if is_sqlite(url):
+            _relax_sqlite_sync(storage.engine)
+        direction = StudyDirection.MAXIMIZE if mode == "max" else StudyDirection.MINIMIZE
+        storage.get_study_directions = lambda study_id: [direction]
+        _STORAGES[key] = storage
+    return _STORAGES[key]
+
+
+def make_pruner(name: str, n_trials: int):
+    """Optuna's pruner for ``tune.pruner`` (None for race and none, decided by TuneHook)."""
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=max(1, min(5, n_trials // 4)), n_warmup_steps=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=2)
+    return None
+
+
+class TuneHook:
+    """``execute_run``'s ``on_evaluation`` for a tuning trial: report the target metric as an
+    Optuna intermediate value, then say whether to stop.
+
+    * ``race``: stop once the next evaluation would come later than the cell's best TTA so
+      far x ``race_margin``: this trial's TTA could then only be worse than the best, so it
+      cannot win (with margin 1 the trial that ends up best is never stopped: it reaches
+      the target at or before that clock).
+    * ``median`` / ``hyperband``: ``Trial.should_prune()`` with Optuna's pruner. They compare
+      intermediate values in the study's direction, which for a tuning study (minimising
+      TTA) is the opposite of a ``max`` target metric: the hook's own storage handle reports
+      the metric's direction to the pruner, nothing else changes.
+    """
+
+    def __init__(self, ctx: TuneContext):
+        import optuna
+
+        self.ctx = ctx
+        pruner = make_pruner(ctx.pruner, ctx.n_trials)
+        study = optuna.load_study(study_name=ctx.study_name, storage=_hook_storage(ctx.storage_url, ctx.mode),
+                                  pruner=pruner)
+        self.study = study
+        self.trial = optuna.trial.Trial(study, ctx.trial_id)
+        self.best_s = ctx.race_best_s
+        self.calls = 0
+
+    @property
+    def threshold(self) -> float:
+        if self.ctx.pruner != "race" or self.best_s is None:
+            return math.inf
+        return self.best_s * self.ctx.race_margin
+
+    def _refresh_best(self) -> None:
+        """With --jobs K, trials of one cell run side by side: a sibling that finished since
+        this one started may have set a better TTA."""
+        from optuna.trial import TrialState
+
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.user_attrs.get("outcome") == "reached" and t.value is not None:
+                self.best_s = t.value if self.best_s is None else min(self.best_s, t.value)
+
+    def __call__(self, clock_s: float, metrics: dict[str, float]) -> bool:
+        step = int(round(clock_s / self.ctx.every_s))
+        value = metrics.get(self.ctx.metric)
+        if value is not None and math.isfinite(value):
+            self.trial.report(float(value), step)
+        self.calls += 1
+        if self.ctx.pruner == "race" and self.calls % REFRESH_EVERY == 0:
+            self._refresh_best()
+        if self.ctx.pruner == "race":
+            next_clock = (step + 1) * self.ctx.every_s
+            return next_clock > self.threshold * (1 + 1e-9)
+        if self.ctx.pruner in ("median", "hyperband"):
+            return self.trial.should_prune()
+        return False
 
 
 def warm_up(tracking_uri: str) -> None:
@@ -93,7 +210,7 @@ def objective_value(report: TrialReport, budget_s: float) -> float | None:
         return BUDGET_PENALTY * budget_s
     if report.outcome == "diverged":
         return DIVERGED_PENALTY * budget_s
-    return None
+    return None  # failed (FAIL) or pruned (PRUNED: the launcher tells the state, no value)
 
 
 def report_attrs(report: TrialReport) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def rec(strategy: str, workers: int, seed: int, tta: float | None, *, budget: fl
     assignments = {"strategy.name": strategy, "cluster.workers": str(workers), **(variant or {})}
     m = {"clock_s": tta if tta is not None else budget, "samples": 1000.0, **(metrics or {})}
     if tta is not None:
-        m.update(tta_s=tta, samples_to_target=1000.0, updates_to_target=10.0)
+        m = {"tta_s": tta, "samples_to_target": 1000.0, "updates_to_target": 10.0, **m}
     p = {"strategy.name": strategy, "cluster.workers": str(workers), "budget.train_time_s": str(budget),
          "backend": "sim", "cluster.compute.step_s": "None", "cluster.stragglers.kind": "lognormal", **(params or {})}
     return RunRecord(run_id=f"{strategy}-{workers}-{seed}-{len(str(variant))}", run_name="", status="FINISHED",
@@ -124,7 +124,8 @@ def test_claim_b_counts_censored_async_runs_as_slower_not_as_their_budget():
                                                                         for s in range(4)]
     assert claim_async_faster(sweep_of(faster)).verdict == "supported"
     two_seeds = faster[:2] + faster[4:6]
-    assert claim_async_faster(sweep_of(two_seeds)).verdict == "inconclusive"  # p >= 1/6 with 2 vs 2
+    claim = claim_async_faster(sweep_of(two_seeds))  # p >= 1/6 with 2 vs 2, whatever the data
+    assert claim.verdict == "underpowered" and claim.verdict_text == "underpowered (needs >= 3 seeds)"
 
 
 def test_claim_b_mixed_settings_are_inconclusive():
@@ -183,3 +184,116 @@ def test_cell_summary_with_censored_seeds():
     five = [rec("sync", 1, s, t) for s, t in enumerate([0.1, 0.2, 0.3, 0.4, None])]
     (cell,) = summarize_cells(sweep_of(five))
     assert cell.tta_median_s == pytest.approx(0.3) and cell.tta_mlperf_mean_s == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------------------------------
+# multiple settings and power
+
+
+def test_holm_matches_the_step_down_definition():
+    p = [0.01, 0.04, 0.03, 0.2]
+    order = sorted(range(4), key=lambda i: p[i])
+    expected, running = [0.0] * 4, 0.0
+    for rank, i in enumerate(order):  # Holm (1979): max over the smaller ones of (m - rank) p, capped at 1
+        running = max(running, min(1.0, (4 - rank) * p[i]))
+        expected[i] = running
+    assert stats.holm(p) == pytest.approx(expected)
+    assert stats.holm([0.02]) == [0.02]
+
+
+def test_smallest_attainable_p_values_come_from_scipy():
+    from scipy import stats as sps
+
+    assert stats.min_p_mann_whitney(2, 2) == pytest.approx(
+        sps.mannwhitneyu([1, 2], [3, 4], alternative="less", method="exact").pvalue)  # 1/6 = 0.167
+    assert stats.min_p_mann_whitney(2, 2) == pytest.approx(0.1667, abs=1e-4)
+    assert stats.seeds_needed(stats.min_p_mann_whitney, 1) == 3  # 1/20 = 0.05
+    assert stats.seeds_needed(stats.min_p_mann_whitney, 3) == 4  # 3/20 > 0.05 >= 3/70
+    assert stats.min_p_brown_forsythe(3, 3) == pytest.approx(sps.levene([0, 1, 2], [7, 7, 7], center="median").pvalue)
+    assert stats.min_p_brown_forsythe(3, 3) > 0.05 and stats.min_p_brown_forsythe(4, 4) == 0.0
+
+
+BORDERLINE = {"async": [1.0, 2.0, 3.0, 10.0], "sync": [9.0, 11.0, 12.0, 13.0]}  # rank sum 11: p = 2/70
+
+
+def test_holm_adjustment_changes_a_borderline_verdict():
+    from scipy import stats as sps
+
+    from analysis.claims import claim_async_faster
+
+    raw = sps.mannwhitneyu(BORDERLINE["async"], BORDERLINE["sync"], alternative="less", method="exact").pvalue
+    assert raw <= 0.05 < 2 * raw  # significant alone, not after Holm over two settings
+
+    def runs(workers):
+        return [rec(strategy, n, s, t, budget=100.0) for n in workers for strategy, ttas in BORDERLINE.items()
+                for s, t in enumerate(ttas)]
+
+    alone = claim_async_faster(sweep_of(runs([4])))
+    assert alone.verdict == "supported"
+    both = claim_async_faster(sweep_of(runs([2, 4])))
+    assert [r.verdict for r in both.rows] == ["inconclusive", "inconclusive"]
+    assert both.verdict == "inconclusive"
+    assert all("not after the Holm adjustment" in r.note for r in both.rows)
+    assert f"Holm {2 * raw:.3g}" in both.rows[0].values["p (async faster)"]
+
+
+def test_claims_with_too_few_seeds_are_underpowered_not_inconclusive():
+    from analysis.claims import claim_async_faster, claim_async_inconsistent, claim_sync_wait
+
+    sync = [rec("sync", 4, s, 0.2 + 0.01 * s) for s in range(3)]
+    fast = [rec("async", 4, s, 0.1 + 0.05 * s) for s in range(3)]
+    spread = claim_async_inconsistent(sweep_of(sync + fast))
+    assert spread.verdict_text == "underpowered (needs >= 4 seeds)"
+    # three worker counts x 3 seeds: 1/20 each for (b), x 3 settings with Holm = 0.15 > 0.05
+    runs = [rec(st, n, s, (0.1 if st == "async" else 0.2) + 0.01 * s) for n in (2, 4, 8) for st in ("sync", "async")
+            for s in range(3)]
+    claim = claim_async_faster(sweep_of(runs))
+    assert claim.verdict_text == "underpowered (needs >= 4 seeds)"
+    assert "0.05" in claim.rows[0].note and "0.15 after Holm over 3 settings" in claim.rows[0].note
+    # claim (a): 2 worker counts x 2 seeds: the smallest p is 2!2!/4! = 1/6
+    wait = [rec("sync", n, s, 0.1, metrics=wait_metrics(0.1 * n + 0.01 * s)) for n in (2, 4) for s in range(2)]
+    assert claim_sync_wait(sweep_of(wait)).verdict_text == "underpowered (needs >= 3 seeds)"
+
+
+# ---------------------------------------------------------------------------------------
+# threats to validity
+
+
+def _threats(runs):
+    from analysis.claims import evaluate_claims
+    from analysis.summary import summarize_cells
+    from analysis.threats import compute_threats
+
+    sweep = sweep_of(runs)
+    cells = summarize_cells(sweep)
+    threats, errors = compute_threats(sweep, cells, evaluate_claims(sweep))
+    assert errors == []
+    return {t.key: t for t in threats}
+
+
+def test_threats_list_an_untuned_cross_n_comparison_and_drop_it_once_cells_are_tuned():
+    def runs(tuned: bool):
+        tags = {"syncbench.tuned_from": "s/tune/cell/3"} if tuned else {}
+        return [rec(st, n, s, 0.1 * n ** 0.5 + 0.01 * s, budget=10.0, params={"task.module_args.lr": "0.003",
+                                                                             "eval.every_s": "0.001"},
+                    metrics={"samples_to_target": 1000.0 * n, "step_time_s": 0.0015}, tags=tags)
+                for st in ("sync", "async") for n in (1, 4, 8) for s in range(5)]
+
+    untuned = _threats(runs(tuned=False))
+    assert "untuned" in untuned
+    assert "N=1: lr 0.003" in untuned["untuned"].detail and "grow 8.0x from N=1 to N=8" in untuned["untuned"].detail
+    tuned = _threats(runs(tuned=True))
+    assert "untuned" not in tuned
+    # 5 seeds, no censoring, a fine eval interval: what is left is inherent to the simulation
+    assert [t.key for t in tuned.values() if not t.inherent] == []
+
+
+def test_threats_name_too_few_seeds_censoring_and_a_coarse_resolution():
+    runs = [rec("sync", 4, s, 0.2 + 0.01 * s, params={"eval.every_s": "0.05"}) for s in range(2)]
+    runs += [rec("async", 4, 0, 0.1, params={"eval.every_s": "0.05"}),
+             rec("async", 4, 1, None, params={"eval.every_s": "0.05"})]
+    threats = _threats(runs)
+    assert "2 vs 2 seeds: the smallest p a one-sided Mann–Whitney U can reach is 0.167" in threats["seeds"].detail
+    assert "1 of 4 finished runs" in threats["censoring"].detail
+    assert "24% of the fastest cell's median TTA (sync, N=4: 0.205 s)" in threats["resolution"].detail
+    assert threats["simulated"].inherent

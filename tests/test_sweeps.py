@@ -9,7 +9,9 @@ from a copy of those empty databases.
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
+import math
 import os
 import shutil
 import signal
@@ -342,7 +344,8 @@ def test_tuned_cells_run_their_seeds_with_their_best_parameters(ws, tmp_path):
     for name in ("sync", "local_sgd"):
         cell = f"strategy.name={name},cluster.workers=2"
         tuning = study(f"tuned/tune/{cell}", ws)
-        assert states(tuning.trials) == {"COMPLETE": 3}
+        # the race pruner (the default) may stop trials that can no longer win: PRUNED, still counted
+        assert sum(states(tuning.trials).values()) == 3 and set(states(tuning.trials)) <= {"COMPLETE", "PRUNED"}
         assert all(("strategy.local_steps" in t.params) == (name == "local_sgd") for t in tuning.trials)
         best = tuning.best_trial.params
         runs = [r for r in children if r.data.tags["syncbench.cell"] == cell]
@@ -354,6 +357,100 @@ def test_tuned_cells_run_their_seeds_with_their_best_parameters(ws, tmp_path):
             if name == "local_sgd":
                 assert int(run.data.params["strategy.local_steps"]) == best["strategy.local_steps"]
             assert run.data.tags["syncbench.tuned_from"] == f"tuned/tune/{cell}/{tuning.best_trial.number}"
+
+
+# ------------------------------------------------------------------ tuning race
+RACE_TUNE = {"n_trials": 6, "params": {"task.module_args.lr": {"low": 1.0e-4, "high": 0.05, "log": True}}}
+RACE_CELL = "strategy.name=sync,cluster.workers=2"
+
+
+@pytest.mark.heavy
+def test_race_pruner_stops_trials_that_cannot_win_and_never_the_best(ws, tmp_path):
+    """Sequential tuning (--jobs 1) of one cell: each trial is raced against the best TTA of
+    the trials before it. A pruned trial is PRUNED in Optuna and outcome=pruned in MLflow,
+    was stopped at the first evaluation after which it could no longer win, and, rerun
+    without pruning, would indeed have been slower than the cell's best."""
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from experiments.config import load_config
+    from experiments.run import execute_run
+
+    every, budget = 0.01, 2.0  # digits_mlp.yaml's eval.every_s; a short budget
+    spec = write_spec(tmp_path / "race.yaml", "race", grid={"strategy.name": ["sync"], "cluster.workers": [2]},
+                      seeds=[0], set={"budget.train_time_s": budget}, tune=RACE_TUNE)
+    assert sweep(spec, ws) == 0
+    trials = sorted(study(f"race/tune/{RACE_CELL}", ws).trials, key=lambda t: t.number)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and len(pruned) < len(trials)
+    assert states(trials)["COMPLETE"] + len(pruned) == 6  # pruned trials count towards n_trials
+    best_final = min(t.value for t in trials if t.state == TrialState.COMPLETE)
+    for t in trials:
+        # every evaluation was reported: steps 1..k, k = the evaluation the run stopped at
+        assert sorted(t.intermediate_values) == list(range(1, t.last_step + 1))
+        earlier = [u.value for u in trials[:t.number]
+                   if u.state == TrialState.COMPLETE and u.user_attrs["outcome"] == "reached"]
+        best = min(earlier, default=math.inf)
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["outcome"] == "pruned"
+            # stopped as soon as the next evaluation would come after the best so far, not later
+            assert (t.last_step + 1) * every > best + 1e-9 and t.last_step * every <= best + 1e-9
+        else:
+            # not pruned: it reached the target no later than the best before it (or raced nobody)
+            assert math.isinf(best) or (t.user_attrs["outcome"] == "reached" and t.value <= best + 1e-9)
+
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    _, children = mlflow_runs("race", ws)
+    tune_runs = {r.info.run_id: r for r in children if r.data.tags["syncbench.phase"] == "tune"}
+    assert sorted(r.data.tags["outcome"] for r in tune_runs.values() if r.data.tags["outcome"] == "pruned") == \
+        ["pruned"] * len(pruned)
+    for t in pruned:
+        run = tune_runs[t.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "pruned"
+        assert run.data.metrics["reached"] == 0 and "tta_s" not in run.data.metrics
+        history = sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)
+        assert [m.value for m in history] == pytest.approx([t.intermediate_values[k] for k in sorted(t.intermediate_values)])
+    assert sum(r.data.tags["syncbench.phase"] == "eval" for r in children) == 1  # pruned trials are not eval runs
+
+    # the report lists pruned trials with the tuning trials and uses none of them for TTA statistics
+    assert main(["report", "race", "--workspace", str(ws)]) == 0
+    out = ws / "reports" / "race"
+    (row,) = list(csv.DictReader(open(out / "summary.csv")))
+    assert (row["n_seeds"], row["n_reached"]) == ("1", "1")
+    md = (out / "report.md").read_text()
+    assert f"| {RACE_CELL} | 6 | {6 - len(pruned)} | {len(pruned)} |" in md
+
+    # rerun each pruned trial's parameters to the end: none of them would have won
+    for t in pruned:
+        config = load_config(DIGITS, [f"budget.train_time_s={budget}", "cluster.workers=2",
+                                      f"task.module_args.lr={t.params['task.module_args.lr']}", "seed=0"])
+        result = execute_run(config, workspace=tmp_path / "rerun", tracking_uri=f"sqlite:///{tmp_path / 'rerun.db'}")
+        assert result.outcome != "reached" or result.tta_s > best_final
+
+
+@pytest.mark.heavy
+def test_median_pruner_compares_the_target_metric_in_its_own_direction(ws, tmp_path):
+    """tune.pruner: median is Optuna's MedianPruner on the reported val_acc. The tuning study
+    minimises TTA, but accuracy is better high: a pruned trial must be one whose best
+    accuracy so far was below the median of the finished trials at that evaluation."""
+    import numpy as np
+    from optuna.trial import TrialState
+
+    tune = {**RACE_TUNE, "pruner": "median"}
+    spec = write_spec(tmp_path / "median.yaml", "median", grid={"strategy.name": ["sync"], "cluster.workers": [2]},
+                      seeds=[0], set={"budget.train_time_s": 1.0}, tune=tune)
+    assert sweep(spec, ws) == 0
+    trials = sorted(study(f"median/tune/{RACE_CELL}", ws).trials, key=lambda t: t.number)
+    assert set(states(trials)) <= {"COMPLETE", "PRUNED"} and len(trials) == 6
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "the low learning rates of this range should fall behind the median"
+    for t in pruned:
+        step = t.last_step
+        others = [u.intermediate_values[step] for u in trials[:t.number]
+                  if u.state == TrialState.COMPLETE and step in u.intermediate_values]
+        assert max(t.intermediate_values.values()) < np.median(others)
+    _, children = mlflow_runs("median", ws)
+    assert sum(r.data.tags["outcome"] == "pruned" for r in children) == len(pruned)
 
 
 # ------------------------------------------------------------------ divergence
@@ -403,6 +500,10 @@ BAD_SPECS = {
         "choices": [2], "when": {"strategy.name": "local-sgd"}}}}}, "matches no grid cell"),
     "when names no key": ({"tune": {"n_trials": 2, "params": {"strategy.local_steps": {
         "choices": [2], "when": {"strategy.nam": "sync"}}}}}, "'strategy.nam' is not a config key"),
+    "bad pruner name": ({"tune": {"n_trials": 2, "pruner": "medain", "params": {
+        "task.module_args.lr": {"low": 0.001, "high": 0.1}}}}, "tune.pruner"),
+    "race margin below 1": ({"tune": {"n_trials": 2, "race_margin": 0.5, "params": {
+        "task.module_args.lr": {"low": 0.001, "high": 0.1}}}}, "tune.race_margin"),
 }
 
 
