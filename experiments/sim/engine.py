@@ -210,6 +210,10 @@ class SimEngine:
     def finish(self) -> None:
         """The run has ended: ``on_train_end`` on every replica."""
         for w in self.workers:
+            spe = w.batches.steps_per_epoch
+            if w.steps % spe:  # stopped mid-epoch: the Trainer still closes the epoch
+                call_hook(w.module, "on_train_epoch_end")
+            w.trainer.current_epoch = -(-w.steps // spe)
             w.trainer.training = False
             call_hook(w.module, "on_train_end")
 
