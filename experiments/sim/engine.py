@@ -206,6 +206,8 @@ class SimEngine:
     def observe_evaluation(self, metrics: dict[str, float]) -> None:
         """The global model's latest evaluation (what ``ReduceLROnPlateau`` monitors)."""
         self.latest_metrics = dict(metrics)
+        for w in self.workers:
+            w.trainer.callback_metrics = {k: torch.tensor(v) for k, v in metrics.items()}
 
     def finish(self) -> None:
         """The run has ended: ``on_train_end`` on every replica."""
