@@ -19,7 +19,7 @@ from strategies.local_sgd import OuterConfig
 from strategies.program import ConfigError
 from strategies.registry import STRATEGIES
 
-__all__ = ["CheckpointingConfig", "ConfigError", "OuterConfig", "RunConfig", "StrategyConfig"]
+__all__ = ["CheckpointingConfig", "ConfigError", "OuterConfig", "RunConfig", "StrategyConfig", "TrainerConfig"]
 
 
 class _Strict(BaseModel):
@@ -164,6 +164,20 @@ class ClusterConfig(_Strict):
                                         "fails the run within this many seconds")
 
 
+class TrainerConfig(_Strict):
+    """What Lightning's Trainer would take for the user's module, applied identically on both backends."""
+
+    gradient_clip_val: float | None = Field(default=None, ge=0, description="Clip gradients at this value before "
+                                            "every optimizer step, as Trainer(gradient_clip_val=...) does (through "
+                                            "the module's configure_gradient_clipping); applied to the gradient the "
+                                            "step uses: sync's averaged one, each local SGD replica's, the async "
+                                            "server's pushed one; null or 0 = no clipping")
+    gradient_clip_algorithm: Literal["norm", "value"] = Field(default="norm", description="norm: scale the "
+                                                              "gradients so that their total 2-norm is at most "
+                                                              "gradient_clip_val; value: clamp each element to "
+                                                              "[-gradient_clip_val, gradient_clip_val]")
+
+
 class RunConfig(_Strict):
     name: str = Field(description="The run's name; also the MLflow experiment of a single run")
     task: TaskConfig = Field(description="What to train: your LightningModule and LightningDataModule")
@@ -178,6 +192,8 @@ class RunConfig(_Strict):
                                    "hardware model")
     checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig, description="Activation "
                                                "checkpointing of every k-th block")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Trainer options for the user's "
+                                   "module (gradient clipping), the same on both backends")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

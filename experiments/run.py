@@ -21,7 +21,16 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from experiments.config import ConfigError, RunConfig, import_object
-from strategies.lightning_bridge import build_optimizer, capture_logs, evaluate, materialize, take_logged, training_loss
+from strategies.lightning_bridge import (
+    build_optimizer,
+    capture_logs,
+    check_trainable,
+    evaluate,
+    materialize,
+    plateau_monitors,
+    take_logged,
+    training_loss,
+)
 from experiments.recording import RunRecorder, environment_tags, get_or_create_experiment, open_client
 from experiments.run_loop import Evaluation, LoopResult, TTATracker, train_to_target
 from experiments.workspace import artifacts_dir, default_tracking_uri, workspace_dir
@@ -109,13 +118,25 @@ def prepare_task(config: RunConfig) -> PreparedTask:
                           f"{type(exc).__name__}: {exc}") from None
     if not val_batches:
         raise ConfigError(f"task.data: {data_cls.__name__}.val_dataloader() yields no batches")
+    try:
+        check_trainable(module)  # manual optimisation, several optimizers, a malformed configure_optimizers
+        monitors = plateau_monitors(module)
+    except ValueError as exc:
+        raise ConfigError(f"task.module: {exc}") from None
     capture_logs(module)
-    logged = sorted(evaluate(module, val_batches[:1]))
+    probe = copy.deepcopy(module)  # the dry run leaves no trace (metric states, trainer stand-in) on the module
+    logged = sorted(evaluate(probe, val_batches[:1]))
     if config.target.metric not in logged:
         raise ConfigError(
             f"target.metric: {module_cls.__name__}.validation_step never logs {config.target.metric!r} "
             f"(it logs: {', '.join(logged) or 'nothing'})"
         )
+    for monitor, strict in monitors:
+        if strict and monitor not in logged:
+            raise ConfigError(
+                f"task.module: {module_cls.__name__}'s ReduceLROnPlateau monitors {monitor!r}, which validation_step "
+                f"never logs (it logs: {', '.join(logged) or 'nothing'}); it reads the global model's evaluations"
+            )
     collate = train_loader.collate_fn or default_collate
     return PreparedTask(module, datamodule, train_loader.dataset, collate, val_batches, logged)
 
@@ -182,7 +203,8 @@ def build_simulation(config: RunConfig, task: PreparedTask, step_s: float) -> Si
     cluster = config.cluster
     return SimEngine(strategy, task.module, task.train_set, task.collate, workers=cluster.workers,
                      batch_size=config.batch_size, seed=config.seed, step_s=step_s, stragglers=cluster.stragglers,
-                     network=cluster.network, lr_factor=lr_factor(strategy, config.strategy.lr_scaling))
+                     network=cluster.network, lr_factor=lr_factor(strategy, config.strategy.lr_scaling),
+                     trainer_options=config.trainer)
 
 
 def curve_csv(evaluations: list[Evaluation]) -> str:
@@ -282,6 +304,7 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
                 except _Pruned:
                     loop = seen.result
                     loop.outcome = "pruned"
+            engine.finish()
             result = _result(recorder.run_id, loop, init_s, step_s, engine.summary_metrics())
             summary = {k: getattr(result, k) for k in SUMMARY_KEYS if getattr(result, k) is not None}
             summary.update(reached=float(loop.outcome == "reached"), init_s=init_s, step_time_s=step_s,

@@ -88,6 +88,7 @@ def train_to_target(config: RunConfig, engine: SimEngine, evaluate: EvaluateFn,
 
     def evaluate_at(clock: float) -> str | None:
         metrics = evaluate(engine)
+        engine.observe_evaluation(metrics)
         ledger = engine.ledger
         train_loss = engine.take_train_loss()
         updates, samples = engine.counters()

@@ -51,8 +51,13 @@ def within_bound(staleness: int, max_staleness: int | None) -> bool:
 
 
 @torch.no_grad()
-def apply_gradient_(optimizer: torch.optim.Optimizer, lr_scale: float) -> None:
-    """One optimizer step with every group's lr scaled by ``lr_scale`` (then restored)."""
+def apply_gradient_(optimizer: Any, lr_scale: float) -> None:
+    """One optimizer step with every group's lr scaled by ``lr_scale`` (then restored). The
+    server's optimizer is the module's, with its schedulers (``ModuleOptimizer``): they step
+    after the restore, once per server update."""
+    if hasattr(optimizer, "schedulers"):  # strategies.lightning_bridge.ModuleOptimizer
+        optimizer.step(lr_scale=lr_scale)
+        return
     saved = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = group["lr"] * lr_scale

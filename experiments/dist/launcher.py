@@ -714,7 +714,7 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
     import pytorch_lightning as pl
     import torch
     import torch.distributed as dist
-    from torch.utils.data import DataLoader, IterableDataset
+    from torch.utils.data import DataLoader, Dataset
 
     from experiments.run import RunResult, curve_csv, measure_activation_bytes, prepare_task, seed_everything
     from experiments.sharding import ShardedBatches
@@ -773,12 +773,14 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
         strategy = ProgramStrategy(worker, definition, lr_factor(definition, config.strategy.lr_scaling))
         batches = ShardedBatches(task.train_set, rank, world, config.batch_size, config.seed, task.collate)
 
-        class _Stream(IterableDataset):
-            def __iter__(self):
-                while True:
-                    if heartbeat is not None:
-                        heartbeat.steps += 1
-                    yield next(batches)
+        class _Stream(Dataset):  # one epoch = this rank's shard (Lightning counts epochs as the sim does)
+            def __len__(self):
+                return batches.steps_per_epoch
+
+            def __getitem__(self, index):
+                if heartbeat is not None:
+                    heartbeat.steps += 1
+                return next(batches)
 
         trainer = pl.Trainer(
             accelerator="cuda" if device.type == "cuda" else "cpu", devices=[local_rank] if device.type == "cuda" else 1,

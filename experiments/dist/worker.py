@@ -49,7 +49,7 @@ from experiments.config import RunConfig
 from experiments.dist.buckets import GradBuckets
 from experiments.run_loop import Evaluation, TTATracker
 from experiments.sim.engine import scale_lr_
-from strategies.lightning_bridge import build_optimizer, evaluate, is_finite
+from strategies.lightning_bridge import ModuleOptimizer, TrainerStandIn, build_module_optimizer, evaluate, is_finite
 from strategies.program import (
     Compute,
     PushPull,
@@ -482,23 +482,6 @@ class DistWorker:
         return self._face.stop_requested()
 
 
-class _ProgramOptimizer:
-    """Stands in for the module's optimizer in Lightning's ``optimizer_step``: ``step(closure)``
-    runs one step of the worker program, whose ``Compute`` is Lightning's closure (forward,
-    backward, ``on_before_optimizer_step``, clipping) and whose own ``optimizer.step()`` is
-    the real one."""
-
-    def __init__(self, optimizer: Any, run: Callable[[Callable[[], Any]], Any]):
-        self._optimizer, self._run = optimizer, run
-
-    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-        assert closure is not None, "Lightning's automatic optimisation always passes a closure"
-        return self._run(closure)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._optimizer, name)
-
-
 class ProgramStrategy(Strategy):
     """Lightning sees a single process (rank 0 of 1); we run the strategy's worker program
     over our own process groups (see the module docstring).
@@ -570,7 +553,18 @@ class ProgramStrategy(Strategy):
         if len(optimizers) != 1:
             raise ValueError(f"{type(self.module).__name__}.configure_optimizers must return exactly one optimizer "
                              f"(got {len(optimizers)})")
-        optimizer = optimizers[0]
+        # the program's optimizer step is ours (as in the sim backend): on_before_optimizer_step,
+        # clipping, the step, then the schedulers bound to this optimizer; Lightning steps none of them
+        trainer = self.lightning_module.trainer
+        configs, self.lr_scheduler_configs = list(self.lr_scheduler_configs), []
+        clip = self.worker.config.trainer
+        steps_per_epoch = trainer.num_training_batches
+        self.latest_metrics: dict[str, float] = {}  # rank 0's latest evaluation (ReduceLROnPlateau)
+        optimizer = ModuleOptimizer(self.module, optimizers[0], configs, steps_per_epoch=steps_per_epoch,
+                                    gradient_clip_val=clip.gradient_clip_val,
+                                    gradient_clip_algorithm=clip.gradient_clip_algorithm,
+                                    metrics=self._plateau_metrics)
+        self.plateau_monitors = sorted({c.monitor for c in configs if c.reduce_on_plateau})
         scale_lr_(optimizer, self.lr_factor)
         self.program = self.definition.program(DistWorker(self, optimizer))
         self.exchange = Exchange(comm)
@@ -591,13 +585,29 @@ class ProgramStrategy(Strategy):
             monitor = self.worker.monitor
             server_module = monitor.eval_module if monitor is not None else copy.deepcopy(self.module).cpu()
             load_flat_state_(server_module, flat_state(self.module).cpu())
-            server = self.definition.server(server_module, build_optimizer(server_module))
+            # one epoch of the server = one pass over the training data: every worker's shard
+            epoch = comm.world * steps_per_epoch
+            TrainerStandIn(server_module, num_training_batches=epoch, gradient_clip_val=clip.gradient_clip_val,
+                           gradient_clip_algorithm=clip.gradient_clip_algorithm).attach()
+            server_optimizer = build_module_optimizer(
+                server_module, steps_per_epoch=epoch, metrics=self._plateau_metrics, owns_counters=True,
+                gradient_clip_val=clip.gradient_clip_val, gradient_clip_algorithm=clip.gradient_clip_algorithm) \
+                if self.definition.server_based else None
+            server = self.definition.server(server_module, server_optimizer)
             if server is not None:
                 scale_lr_(server.optimizer, self.lr_factor)
                 # the server thread must get the GIL promptly when a push arrives while this
                 # thread runs Lightning's Python loop (the default switch interval is 5 ms)
                 sys.setswitchinterval(min(sys.getswitchinterval(), 2e-4))
                 self.server = ServerThread(self.worker, server, self.worker.emulation.network_on)
+
+    def _plateau_metrics(self) -> dict[str, float]:
+        """The latest evaluation of the global model: rank 0's own; the other ranks', as rank 0
+        sent it with the evaluation pause."""
+        monitor = self.worker.monitor
+        if monitor is not None and monitor.result.evaluations:
+            return monitor.result.evaluations[-1].metrics
+        return self.latest_metrics
 
     @torch.no_grad()
     def _broadcast_initial_state(self) -> None:
@@ -641,8 +651,10 @@ class ProgramStrategy(Strategy):
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         self._round_done = False
-        out = Strategy.optimizer_step(self, _ProgramOptimizer(optimizer, self._run_program), closure, model,
-                                      **kwargs)
+        # Lightning's closure (training_step, zero_grad, backward) is the program's Compute; the
+        # precision plugin's wrapper (on_before_optimizer_step, clipping) is not used: the
+        # program's optimizer step runs them after the gradients are reduced (ModuleOptimizer)
+        out = self._run_program(closure)
         self._end_step()
         if self.uses_server:
             if self.server is not None and self.worker.stop_outcome is None:
@@ -679,10 +691,23 @@ class ProgramStrategy(Strategy):
                 worker.stop_outcome = outcome
         if comm.rank == 0 and worker.stop_outcome is not None:
             stop = 1.0
+        monitors = self.plateau_monitors
+        if monitor is not None and monitor.result.evaluations:
+            self.latest_metrics = dict(monitor.result.evaluations[-1].metrics)
         if comm.world > 1:
-            flag = torch.tensor([stop], dtype=torch.float64)
+            # rank 0's stop decision, and the monitored metrics every rank's ReduceLROnPlateau reads
+            values = [stop] + [0.0] * (2 * len(monitors))
+            if comm.rank == 0:
+                for i, name in enumerate(monitors):
+                    if name in self.latest_metrics:
+                        values[1 + 2 * i], values[2 + 2 * i] = 1.0, float(self.latest_metrics[name])
+            flag = torch.tensor(values, dtype=torch.float64)
             dist.all_reduce(flag, group=comm.ctrl)
-            stop = float(flag)
+            stop = float(flag[0])
+            if comm.rank != 0:
+                for i, name in enumerate(monitors):
+                    if flag[1 + 2 * i] > 0:
+                        self.latest_metrics[name] = float(flag[2 + 2 * i])
         spent = time.perf_counter() - t0
         if monitor is not None:  # the monitor has excluded the evaluation itself, not the rest of the pause
             monitor.eval_total += spent - evaluated_s

@@ -41,7 +41,14 @@ from experiments.cluster_model import (
     ring_allreduce_s,
 )
 from experiments.sharding import ShardedBatches
-from strategies.lightning_bridge import build_optimizer, is_finite, training_loss
+from strategies.lightning_bridge import (
+    ModuleOptimizer,
+    TrainerStandIn,
+    build_module_optimizer,
+    call_hook,
+    is_finite,
+    training_loss,
+)
 from strategies.program import (
     Compute,
     Op,
@@ -96,14 +103,25 @@ class TimeLedger:
 
 class SimWorker:
     """One virtual worker: the ``strategies.program.Worker`` its program sees, plus the
-    engine's bookkeeping (its generator, its computation in flight, its collective count)."""
+    engine's bookkeeping (its generator, its computation in flight, its collective count).
+
+    Its replica runs as under Lightning's Trainer: a trainer stand-in (``global_step`` = the
+    worker's training batches, ``current_epoch`` = the epoch of its shard), the fit hooks at
+    the matching points, and ``optimizer`` = the module's optimizer with its LR schedulers,
+    gradient clipping and ``on_before_optimizer_step`` (``ModuleOptimizer``)."""
 
     def __init__(self, rank: int, world: int, batch_size: int, module: pl.LightningModule,
-                 batches: ShardedBatches):
+                 batches: ShardedBatches, trainer_options: Any = None,
+                 metrics: Callable[[], dict[str, float]] | None = None):
         self.rank, self.world, self.batch_size = rank, world, batch_size
         self.module = module
-        self.optimizer = build_optimizer(module)
+        clip = _clip_options(trainer_options)
+        self.trainer = TrainerStandIn(module, num_training_batches=batches.steps_per_epoch, **clip).attach()
+        self.optimizer: ModuleOptimizer = build_module_optimizer(module, steps_per_epoch=batches.steps_per_epoch,
+                                                                 metrics=metrics, **clip)
         self.batches = batches
+        self.last_batch: Any = None
+        self.last_loss: torch.Tensor | None = None
         self.steps = 0  # gradients computed (the module's batch_idx)
         self.completed = 0  # program steps finished
         self.program: WorkerProgram | None = None
@@ -115,6 +133,17 @@ class SimWorker:
 
     def stop_requested(self) -> bool:
         return False  # the sim stops between events; nothing is ever left unsynchronised
+
+    def batch_idx(self) -> int:
+        """Index of the next batch within its epoch (the module's ``batch_idx``, as the Trainer's)."""
+        return self.steps % self.batches.steps_per_epoch
+
+
+def _clip_options(trainer_options: Any) -> dict[str, Any]:
+    if trainer_options is None:
+        return {}
+    return {"gradient_clip_val": trainer_options.gradient_clip_val,
+            "gradient_clip_algorithm": trainer_options.gradient_clip_algorithm}
 
 
 @dataclass
@@ -134,19 +163,27 @@ class SimEngine:
 
     def __init__(self, strategy: Strategy, module: pl.LightningModule, train_set: Dataset, collate: Callable,
                  *, workers: int, batch_size: int, seed: int, step_s: float, stragglers: Any,
-                 network: NetworkConfig, lr_factor: float = 1.0):
+                 network: NetworkConfig, lr_factor: float = 1.0, trainer_options: Any = None):
         self.strategy, self.n, self.step_s, self.net = strategy, workers, step_s, network
         self.stragglers = StragglerModel(stragglers, workers, seed)
+        self.latest_metrics: dict[str, float] = {}  # of the last evaluation (ReduceLROnPlateau reads them)
+        metrics = lambda: self.latest_metrics  # noqa: E731
         replicas = [module] + [copy.deepcopy(module) for _ in range(workers - 1)]
         self.workers = [SimWorker(w, workers, batch_size, replicas[w],
-                                  ShardedBatches(train_set, w, workers, batch_size, seed, collate))
+                                  ShardedBatches(train_set, w, workers, batch_size, seed, collate),
+                                  trainer_options, metrics)
                         for w in range(workers)]
         self.server: ParameterServer | None = None
-        server_module = copy.deepcopy(module)
-        server = strategy.server(server_module, build_optimizer(server_module))
-        if server is not None:
+        if strategy.server_based:
+            server_module = copy.deepcopy(module)
+            # one epoch of the server = one pass over the training data: every worker's shard
+            epoch = workers * self.workers[0].batches.steps_per_epoch
+            TrainerStandIn(server_module, num_training_batches=epoch, **_clip_options(trainer_options)).attach()
+            server = strategy.server(server_module, build_module_optimizer(
+                server_module, steps_per_epoch=epoch, metrics=metrics, owns_counters=True,
+                **_clip_options(trainer_options)))
             self.server = server
-        for opt in [w.optimizer for w in self.workers] + ([server.optimizer] if server else []):
+        for opt in [w.optimizer for w in self.workers] + ([self.server.optimizer] if self.server else []):
             scale_lr_(opt, lr_factor)
         for w in self.workers:
             w.program = strategy.program(w)
@@ -160,7 +197,27 @@ class SimEngine:
         self.recent_losses: list[float] = []
         self.eval_module = copy.deepcopy(module)
         for w in self.workers:
+            call_hook(w.module, "on_fit_start")
+        for w in self.workers:
+            call_hook(w.module, "on_train_start")
+        for w in self.workers:
             self._drive(w, 0.0, None)
+
+    def observe_evaluation(self, metrics: dict[str, float]) -> None:
+        """The global model's latest evaluation (what ``ReduceLROnPlateau`` monitors)."""
+        self.latest_metrics = dict(metrics)
+        for w in self.workers:
+            w.trainer.callback_metrics = {k: torch.tensor(v) for k, v in metrics.items()}
+
+    def finish(self) -> None:
+        """The run has ended: ``on_train_end`` on every replica."""
+        for w in self.workers:
+            spe = w.batches.steps_per_epoch
+            if w.steps % spe:  # stopped mid-epoch: the Trainer still closes the epoch
+                call_hook(w.module, "on_train_epoch_end")
+            w.trainer.current_epoch = -(-w.steps // spe)
+            w.trainer.training = False
+            call_hook(w.module, "on_train_end")
 
     # -- the run loop's view --------------------------------------------------------------------
     def next_time(self) -> float:
@@ -204,6 +261,7 @@ class SimEngine:
             except StopIteration:
                 w.gen = None
                 w.completed += 1
+                self._end_batch(w)
                 continue
             self._dispatch(w, t, op)
             return
@@ -235,16 +293,39 @@ class SimEngine:
         self.queue.push(t + c, done)
 
     def _forward_backward(self, w: SimWorker) -> float:
-        w.optimizer.zero_grad(set_to_none=True)
-        loss = training_loss(w.module, next(w.batches), w.steps)
+        """Lightning's closure: the batch hooks, ``training_step``, zero_grad, backward."""
+        module, trainer, idx = w.module, w.trainer, w.batch_idx()
+        trainer.global_step = w.completed
+        if idx == 0:
+            trainer.current_epoch = w.steps // w.batches.steps_per_epoch
+            call_hook(module, "on_train_epoch_start")
+        batch = next(w.batches)
+        call_hook(module, "on_train_batch_start", batch, idx)
+        loss = training_loss(module, batch, idx)
         w.steps += 1
+        w.last_batch, w.last_loss = (batch, idx), loss.detach()
+        call_hook(module, "on_before_zero_grad", w.optimizer.optimizer)
+        w.optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
         self.recent_losses.append(value)
         if not is_finite(value):
             self.diverged = True
             return value
+        call_hook(module, "on_before_backward", loss)
         loss.backward()
+        call_hook(module, "on_after_backward")
         return value
+
+    def _end_batch(self, w: SimWorker) -> None:
+        """A program step has finished: ``on_train_batch_end`` (and the epoch's end)."""
+        if w.last_batch is None:
+            return
+        (batch, idx), loss = w.last_batch, w.last_loss
+        w.last_batch = None
+        w.trainer.global_step = w.completed
+        call_hook(w.module, "on_train_batch_end", {"loss": loss}, batch, idx)
+        if idx == w.batches.steps_per_epoch - 1:
+            call_hook(w.module, "on_train_epoch_end")
 
     def _abandon(self, w: SimWorker, t: float) -> None:
         """A dropped backup worker: its batch is consumed, its computation cut short at ``t``."""
@@ -337,8 +418,11 @@ def lr_factor(strategy: Strategy, scaling: str) -> float:
     return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
 
 
-def scale_lr_(optimizer: torch.optim.Optimizer, factor: float) -> None:
+def scale_lr_(optimizer: Any, factor: float) -> None:
     if factor == 1.0:
+        return
+    if isinstance(optimizer, ModuleOptimizer):  # its schedulers' base lrs too
+        optimizer.scale_lr(factor)
         return
     for group in optimizer.param_groups:
         group["lr"] = group["lr"] * factor
