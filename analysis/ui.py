@@ -200,21 +200,30 @@ def serve(cmd: list[str], health_url: str, what: str, announce, env: dict[str, s
     once it answers ``health_url``."""
     proc = subprocess.Popen(cmd, start_new_session=True, env=env)
 
+    stopping = []
+
     def on_term(signum, frame):  # noqa: ARG001 - signal handler signature
-        raise KeyboardInterrupt
+        # no exception from a handler: one raised at an unlucky point (inside ``finally``)
+        # escapes and the interpreter dies of SIGINT; stop the server and let wait() return
+        stopping.append(signum)
 
     try:
         previous = signal.signal(signal.SIGTERM, on_term)
     except ValueError:  # not the main thread: Ctrl-C handling is the caller's
         previous = None
     try:
-        if not wait_http_ok(health_url, proc):
+        if not wait_http_ok(health_url, proc) and not stopping:
             code = proc.poll()
             stop(proc)
             print(f"syncbench: the {what} did not start (exit code {code}); see its output above", file=sys.stderr)
             return 1
         announce()
-        code = proc.wait()
+        while proc.poll() is None and not stopping:
+            time.sleep(0.1)
+        code = proc.poll()
+        if stopping:
+            print(f"syncbench: stopping the {what}", file=sys.stderr, flush=True)
+            return 0
         return 0 if code == 0 else 1
     except KeyboardInterrupt:
         print(f"syncbench: stopping the {what}", file=sys.stderr, flush=True)
