@@ -240,8 +240,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "calibrate": cmd_calibrate, "report": cmd_report, "ui": cmd_ui, "dashboard": cmd_dashboard,
-            "config": cmd_config, "init": cmd_init}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "calibrate": cmd_calibrate, "report": cmd_report, "ui": cmd_ui,
+            "dashboard": cmd_dashboard, "config": cmd_config, "init": cmd_init}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
