@@ -254,46 +254,40 @@ def _dist_run(cfg: Any, tmp: Path, tag: str, debug: bool) -> tuple[Any, Path]:
     return result, debug_dir
 
 
-def measure_rounds(config: Any, workers: int, strategy: str, budget_s: float = 2.0) -> float:
-    """Training clock per global update of ``strategy`` (sync | async) on the dist backend, no
-    emulation: what the sim has to predict, measured with the framework's own communication."""
-    cfg = measurement_config(config, workers, budget_s, strategy)
-    with tempfile.TemporaryDirectory(prefix="syncbench-calibrate-") as tmp:
-        result, _ = _dist_run(cfg, Path(tmp), strategy, debug=False)
-    updates = result.evaluations[-1].updates if result.evaluations else 0
-    if updates < 5:
-        raise RuntimeError(f"calibration: {strategy} made only {updates} updates in {budget_s} s")
-    return result.clock_s / updates
-
-
-def measure_compute(config: Any, workers: int, budget_s: float = 3.0, skip: int = 10) -> dict[str, Any]:
-    """Seconds per worker step of the dist backend's loop with no communication, N processes at
-    once: ``mean`` and ``median`` of the step-start intervals (first ``skip`` steps dropped,
-    intervals holding the end-of-budget evaluation dropped), the slowest rank's."""
+def measure_loop(config: Any, workers: int, strategy: str = "compute", budget_s: float = 3.0,
+                 skip: int = 10) -> dict[str, Any]:
+    """The dist backend's loop, N processes at once, no emulation (``strategy``: ``compute`` =
+    no communication at all, or ``sync`` / ``async``): ``mean_s`` and ``median_s`` of the
+    step-start intervals (first ``skip`` steps dropped, and the rare intervals beyond 10x the
+    median that hold something other than a step: a GC pause, the budget's stop decision), the
+    slowest rank's; ``clock_per_update_s`` as the run records it."""
     import torch
 
     from experiments.dist.launcher import under_torchrun
 
-    cfg = measurement_config(config, workers, budget_s)
+    cfg = measurement_config(config, workers, budget_s, strategy)
     with tempfile.TemporaryDirectory(prefix="syncbench-calibrate-") as tmp:
-        result, debug = _dist_run(cfg, Path(tmp), "compute", debug=True)
+        result, debug = _dist_run(cfg, Path(tmp), strategy, debug=True)
         ranks = [int(os.environ.get("RANK", "0"))] if under_torchrun() else range(cfg.cluster.workers)
         dumps = [torch.load(debug / f"rank{r}.pt", weights_only=False) for r in ranks]
     per_rank = []
     for d in dumps:
         gaps = np.diff(np.asarray(d["step_starts"], dtype=float))[skip:]
         if len(gaps) < 5:
-            raise RuntimeError(f"calibration: rank {d['rank']} took only {len(gaps) + skip + 1} steps in {budget_s} s")
-        # steady state: drop the rare intervals that hold something other than a step (a GC
-        # pause, the budget's stop decision) -- beyond 10x the median
+            raise RuntimeError(f"calibration: rank {d['rank']} took only {len(gaps) + skip + 1} steps of "
+                               f"{strategy} in {budget_s} s")
         med = float(np.median(gaps))
         kept = gaps[gaps < 10 * med]
         per_rank.append({"rank": int(d["rank"]), "steps": int(len(d["step_starts"])), "median_s": med,
                          "mean_s": float(kept.mean()), "p90_s": float(np.percentile(kept, 90))})
-    rows = dumps[0]["rows"]  # every rank's ledger (gathered): a cross-check over all nodes
-    ledger_mean = max((r["elapsed"] - r["excluded"]) / max(1.0, r["steps"]) for r in rows)
+    updates = result.evaluations[-1].updates if result.evaluations else 0
     return {"mean_s": max(r["mean_s"] for r in per_rank), "median_s": max(r["median_s"] for r in per_rank),
-            "ledger_mean_s": float(ledger_mean), "ranks": per_rank, "init_s": float(result.init_s or 0.0)}
+            "clock_per_update_s": result.clock_s / max(1, updates), "ranks": per_rank}
+
+
+def measure_compute(config: Any, workers: int, budget_s: float = 3.0) -> dict[str, Any]:
+    """Seconds per worker step of the dist backend's loop without communication (see measure_loop)."""
+    return measure_loop(config, workers, "compute", budget_s)
 
 
 # ------------------------------------------------------------------------------------------
@@ -376,28 +370,38 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
         f"(the dist backend's loop included, {workers} processes at once)")
     round_budget = max(1.0, budget_s * 2 / 3)
     say(f"timing the dist backend's sync and async rounds, {round_budget:g} s each ...")
-    measured = {s: measure_rounds(config, workers, s, round_budget) for s in ("sync", "async")}
-    _, alone = choose_latency(measured, workers, step_s, beta, payload)
+    loops = {s: measure_loop(config, workers, s, round_budget) for s in ("sync", "async")}
+    measured = {s: loop["clock_per_update_s"] for s, loop in loops.items()}
     # the sim's all-reduce model (sync, local SGD) gets the dist backend's own all-reduce round:
-    # the wire latency, raised to the per-round cost of the framework when that is larger.
-    # Async is not fitted: its cost on the dist backend is dominated by the parameter-server
-    # thread sharing rank 0's process with a worker, which no alpha-beta link describes, and
-    # one alpha fitted to it would wreck the all-reduce strategies (measured here: 3x).
-    chosen = max(alpha, alone["sync"] or 0.0)
+    # the wire latency, raised to the per-round cost of the framework when that is larger. The
+    # round's cost is the median sync step less the median step without communication: medians,
+    # so that a burst of load from other processes during one of the two short runs does not
+    # become the network's latency.
+    grad = payload["gradient_bytes"]
+    overhead = loops["sync"]["median_s"] - compute["median_s"]
+    wire_bytes = 2 * (workers - 1) / workers * grad / beta
+    needed = (overhead - wire_bytes) / (2 * (workers - 1)) if overhead > wire_bytes else None
+    chosen = max(alpha, needed or 0.0)
+    # async is not fitted: on the dist backend its cost is dominated by the parameter-server
+    # thread sharing rank 0's process with a worker, which no alpha-beta link describes
+    _, alone = choose_latency({"async": measured["async"]}, workers, step_s, beta, payload)
     raw_pred = {s: predicted_per_update(s, workers, step_s, alpha, beta, payload) for s in measured}
     new_pred = {s: predicted_per_update(s, workers, step_s, chosen, beta, payload) for s in measured}
     fmt = lambda d: ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in d.items())  # noqa: E731
-    fmt_a = lambda a: "n/a (compute alone predicts more)" if a is None else f"{a * 1e6:.0f} us"  # noqa: E731
+    fmt_a = lambda a: "none (compute alone accounts for it)" if a is None else f"{a * 1e6:.0f} us"  # noqa: E731
     note = (f"latency_s = {chosen * 1e6:.0f} us: the larger of the all-reduce fit of timed transfers "
             f"({alpha * 1e6:.0f} us) and the per-message time the dist backend's own sync rounds need "
-            f"({fmt_a(alone['sync'])}: the framework's per-round work and the jitter between ranks). "
-            f"Point-to-point fit: {p_alpha * 1e6:.0f} us, {gbps(p_beta):.3g} Gbit/s. Sim per update with the "
-            f"all-reduce fit {fmt(raw_pred)}; with latency_s {fmt(new_pred)}; dist measured {fmt(measured)}.")
+            f"({fmt_a(needed)}: median sync step {loops['sync']['median_s'] * 1e3:.3f} ms less median step "
+            f"without communication {compute['median_s'] * 1e3:.3f} ms; the framework's per-round work and the "
+            f"jitter between ranks). Point-to-point fit: {p_alpha * 1e6:.0f} us, {gbps(p_beta):.3g} Gbit/s. "
+            f"Sim per update with the all-reduce fit {fmt(raw_pred)}; with latency_s {fmt(new_pred)}; dist "
+            f"measured {fmt(measured)}.")
     if alone["async"] is not None and alone["async"] > 2 * max(chosen, 1e-9):
         note += (f" Async on the dist backend would need alpha {fmt_a(alone['async'])}: its parameter server "
-                 f"shares rank 0's process and core with a worker, which the sim's link model does not "
-                 f"describe; the sim underestimates async's clock on this machine.")
+                 f"shares rank 0's process with a worker, which the sim's link model does not describe; the "
+                 f"sim underestimates async's clock on this machine.")
     say(note)
+    alone["sync"] = needed
 
     def model_vs_measured(times: dict[int, float], fn: Any) -> dict[int, list[float]]:
         return {int(s): [float(times[s]), float(fn(s))] for s in sorted(times)}
@@ -414,7 +418,7 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
                 datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "workers": int(workers), "launcher": "torchrun" if torchrun else "local",
             "config": config.name, "task": config.task.module, "batch_size": int(config.batch_size),
-            "step_s": {"mean": step_s, "median": compute["median_s"], "ledger_mean": compute["ledger_mean_s"],
+            "step_s": {"mean": step_s, "median": compute["median_s"],
                        "source": "mean step-start interval of the dist backend's loop without communication",
                        "ranks": compute["ranks"]},
             "payload": payload,
@@ -426,6 +430,7 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
             "sim_clock_per_update_s": {"with_effective_latency": new_pred, "with_allreduce_fit": raw_pred},
             "latency_alone_s": alone,
             "latency_source": "max(all-reduce fit, what the dist backend's sync rounds need)",
+            "sync_step_s": {"median": loops["sync"]["median_s"], "mean": loops["sync"]["mean_s"]},
             "note": note,
         },
     }
