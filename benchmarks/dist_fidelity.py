@@ -86,6 +86,7 @@ def main() -> None:
         profile = calibrate(load_config(REPO / path), 2, budget_s=args.calibration_budget,
                             log=lambda msg: print(f"  [{task}] {msg}", flush=True))
         (ws / f"{task}.profile.yaml").write_text(profile_yaml(profile))
+        print(f"  [{task}] profile written to {ws / f'{task}.profile.yaml'}", flush=True)
         merged = load_profile(ws / f"{task}.profile.yaml")
         meta = profile["calibration"]
         print(f"{task}: step_s {merged['cluster.compute.step_s'] * 1e3:.3f} ms (median "
