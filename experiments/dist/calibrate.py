@@ -17,10 +17,10 @@ What is measured, with N processes running at once:
   processes (the parameter server's push and pull), fitted to t = α + S/β. Both fits minimise
   the relative error, so α is determined by the small sizes and β by the large ones; sizes are
   interleaved so that a burst of load hits all of them alike. ``bandwidth_gbps`` is the
-  all-reduce β. ``latency_s`` is the all-reduce α, raised to the per-message time the dist
-  backend's own sync rounds need when that is more (a short sync run at N, compared with the
-  sim's closed-form prediction): for small models the framework's per-round work and the
-  jitter between ranks cost more than the wire. The sim has one α/β pair (the all-reduce
+  all-reduce β. ``latency_s`` is the all-reduce α, raised to what makes the sim's sync clock
+  per update equal the dist backend's in a short sync run at N (the sim's closed form) when
+  that is more: for small models the framework's per-round work and the jitter between ranks
+  cost more than the wire. The sim has one α/β pair (the all-reduce
   model of sync and local SGD); the point-to-point fit and what async would need are
   recorded and reported, not used (async's server thread shares rank 0's process with a
   worker, which no link model describes).
@@ -272,7 +272,8 @@ def measure_loop(config: Any, workers: int, strategy: str = "compute", budget_s:
         dumps = [torch.load(debug / f"rank{r}.pt", weights_only=False) for r in ranks]
     per_rank = []
     for d in dumps:
-        gaps = np.diff(np.asarray(d["step_starts"], dtype=float))[skip:]
+        gaps = np.diff(np.asarray(d["step_starts"], dtype=float))
+        gaps = gaps[skip:]
         if len(gaps) < 5:
             raise RuntimeError(f"calibration: rank {d['rank']} took only {len(gaps) + skip + 1} steps of "
                                f"{strategy} in {budget_s} s")
@@ -281,8 +282,14 @@ def measure_loop(config: Any, workers: int, strategy: str = "compute", budget_s:
         per_rank.append({"rank": int(d["rank"]), "steps": int(len(d["step_starts"])), "median_s": med,
                          "mean_s": float(kept.mean()), "p90_s": float(np.percentile(kept, 90))})
     updates = result.evaluations[-1].updates if result.evaluations else 0
-    return {"mean_s": max(r["mean_s"] for r in per_rank), "median_s": max(r["median_s"] for r in per_rank),
-            "clock_per_update_s": result.clock_s / max(1, updates), "ranks": per_rank}
+    out = {"mean_s": max(r["mean_s"] for r in per_rank), "median_s": max(r["median_s"] for r in per_rank),
+           "clock_per_update_s": result.clock_s / max(1, updates), "ranks": per_rank}
+    # the ledgers of every rank (gathered): blocked seconds per step, split into communication
+    # (the last arrival's blocked time) and waiting for the slower rank, measured in this run
+    rows = dumps[0]["rows"]
+    out["comm_per_step_s"] = statistics.mean(r["comm"] / max(1.0, r["steps"]) for r in rows)
+    out["wait_per_step_s"] = statistics.mean(r["wait"] / max(1.0, r["steps"]) for r in rows)
+    return out
 
 
 def measure_compute(config: Any, workers: int, budget_s: float = 3.0) -> dict[str, Any]:
@@ -373,27 +380,22 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
     loops = {s: measure_loop(config, workers, s, round_budget) for s in ("sync", "async")}
     measured = {s: loop["clock_per_update_s"] for s, loop in loops.items()}
     # the sim's all-reduce model (sync, local SGD) gets the dist backend's own all-reduce round:
-    # the wire latency, raised to the per-round cost of the framework when that is larger. The
-    # round's cost is the median sync step less the median step without communication: medians,
-    # so that a burst of load from other processes during one of the two short runs does not
-    # become the network's latency.
-    grad = payload["gradient_bytes"]
-    overhead = loops["sync"]["median_s"] - compute["median_s"]
-    wire_bytes = 2 * (workers - 1) / workers * grad / beta
-    needed = (overhead - wire_bytes) / (2 * (workers - 1)) if overhead > wire_bytes else None
+    # the wire latency, raised to what makes the sim's sync clock per update equal the dist
+    # backend's when that is larger. (The sync run's ledgers cannot say it: gradient buckets are
+    # reduced while backward runs, so most of a round's cost -- gloo's threads, the hooks --
+    # shows up as slower compute, not as blocked time.) Async is not fitted: on the dist backend
+    # its cost is dominated by the parameter-server thread sharing rank 0's process with a
+    # worker, which no alpha-beta link describes.
+    _, alone = choose_latency(measured, workers, step_s, beta, payload)
+    needed = alone["sync"]
     chosen = max(alpha, needed or 0.0)
-    # async is not fitted: on the dist backend its cost is dominated by the parameter-server
-    # thread sharing rank 0's process with a worker, which no alpha-beta link describes
-    _, alone = choose_latency({"async": measured["async"]}, workers, step_s, beta, payload)
     raw_pred = {s: predicted_per_update(s, workers, step_s, alpha, beta, payload) for s in measured}
     new_pred = {s: predicted_per_update(s, workers, step_s, chosen, beta, payload) for s in measured}
     fmt = lambda d: ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in d.items())  # noqa: E731
     fmt_a = lambda a: "none (compute alone accounts for it)" if a is None else f"{a * 1e6:.0f} us"  # noqa: E731
     note = (f"latency_s = {chosen * 1e6:.0f} us: the larger of the all-reduce fit of timed transfers "
             f"({alpha * 1e6:.0f} us) and the per-message time the dist backend's own sync rounds need "
-            f"({fmt_a(needed)}: median sync step {loops['sync']['median_s'] * 1e3:.3f} ms less median step "
-            f"without communication {compute['median_s'] * 1e3:.3f} ms; the framework's per-round work and the "
-            f"jitter between ranks). Point-to-point fit: {p_alpha * 1e6:.0f} us, {gbps(p_beta):.3g} Gbit/s. "
+            f"({fmt_a(needed)}: the framework's per-round work and the jitter between ranks). Point-to-point fit: {p_alpha * 1e6:.0f} us, {gbps(p_beta):.3g} Gbit/s. "
             f"Sim per update with the all-reduce fit {fmt(raw_pred)}; with latency_s {fmt(new_pred)}; dist "
             f"measured {fmt(measured)}.")
     if alone["async"] is not None and alone["async"] > 2 * max(chosen, 1e-9):
@@ -401,7 +403,6 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
                  f"shares rank 0's process with a worker, which the sim's link model does not describe; the "
                  f"sim underestimates async's clock on this machine.")
     say(note)
-    alone["sync"] = needed
 
     def model_vs_measured(times: dict[int, float], fn: Any) -> dict[int, list[float]]:
         return {int(s): [float(times[s]), float(fn(s))] for s in sorted(times)}
@@ -430,7 +431,6 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
             "sim_clock_per_update_s": {"with_effective_latency": new_pred, "with_allreduce_fit": raw_pred},
             "latency_alone_s": alone,
             "latency_source": "max(all-reduce fit, what the dist backend's sync rounds need)",
-            "sync_step_s": {"median": loops["sync"]["median_s"], "mean": loops["sync"]["mean_s"]},
             "note": note,
         },
     }
