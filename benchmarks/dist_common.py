@@ -1,6 +1,7 @@
 """Shared pieces of the dist benchmarks: the ~5M-parameter MLP task (FACTS.md's 5.26M MLP),
-raw-torch baselines run in their own processes (compute-only, DistributedDataParallel, a gloo
-all-reduce sweep), and a helper that runs the dist backend and reads back per-step times.
+raw-torch baselines run in their own processes (compute-only, DistributedDataParallel), and a
+helper that runs the dist backend and reads back per-step times. The gloo all-reduce timings and
+the alpha-beta fit live in ``experiments.dist.calibrate`` (re-exported here).
 
 Every number is measured in the same benchmark run as the number it is compared with; the
 machine may be shared, so benchmarks interleave repetitions and report medians.
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from experiments.classification import ArrayDataModule, ClassifierModule
+from experiments.dist.calibrate import allreduce_times, fit_alpha_beta  # noqa: F401 - one copy, re-exported
 
 IN, HIDDEN, CLASSES = 1024, 2048, 10
 BATCH = 16  # per worker: FACTS.md's regime (about 13 ms compute, 32 ms DDP step at N=2)
@@ -119,7 +121,7 @@ def _batches(rank: int, n: int, steps: int):
 
 
 def _raw_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup: int, queue: Any,
-                sizes: list[int] | None = None, stat: str = "median") -> None:
+                stat: str = "median") -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
@@ -127,22 +129,6 @@ def _raw_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup:
 
     if kind != "compute":
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    if kind == "allreduce":
-        out = {}
-        for size in sizes or []:
-            t = torch.zeros(size // 4)
-            for _ in range(3):
-                dist.all_reduce(t)
-            times = []
-            for _ in range(steps):
-                dist.barrier()
-                t0 = time.perf_counter()
-                dist.all_reduce(t)
-                times.append(time.perf_counter() - t0)
-            out[size] = statistics.median(times)
-        queue.put((rank, out))
-        dist.destroy_process_group()
-        return
     torch.manual_seed(0)
     model = build_mlp()
     if kind == "ddp":
@@ -169,7 +155,7 @@ def raw_step_s(kind: str, world: int = 2, steps: int = 100, warmup: int = 10, st
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_raw_worker, args=(kind, r, world, port, steps, warmup, queue, None, stat))
+    procs = [ctx.Process(target=_raw_worker, args=(kind, r, world, port, steps, warmup, queue, stat))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -177,30 +163,6 @@ def raw_step_s(kind: str, world: int = 2, steps: int = 100, warmup: int = 10, st
     for p in procs:
         p.join()
     return max(results.values())
-
-
-def allreduce_times(sizes: list[int], world: int = 2, reps: int = 15) -> dict[int, float]:
-    """Median seconds of one gloo all-reduce of each size (bytes) at ``world`` processes."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_raw_worker, args=("allreduce", r, world, port, reps, 0, queue, sizes))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join()
-    return {s: max(results[r][s] for r in results) for s in sizes}
-
-
-def fit_alpha_beta(times: dict[int, float], world: int) -> tuple[float, float]:
-    """Least squares of the ring model t = 2(N-1)·α + 2(N-1)/N · S/β: returns (α s, β bytes/s)."""
-    sizes = np.array(sorted(times), dtype=float)
-    t = np.array([times[int(s)] for s in sizes])
-    a = np.stack([np.full_like(sizes, 2 * (world - 1)), 2 * (world - 1) / world * sizes], axis=1)
-    (alpha, inv_beta), *_ = np.linalg.lstsq(a, t, rcond=None)
-    return max(float(alpha), 0.0), 1.0 / max(float(inv_beta), 1e-15)
 
 
 def load_note() -> str:

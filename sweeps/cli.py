@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri")
     run.add_argument("--experiment")
     run.add_argument("--no-progress", action="store_true")
+    _profile_option(run)
     _common(run)
 
     sweep = sub.add_parser("sweep", help="run a sweep spec with Optuna (resumable)", epilog=EPILOG)
@@ -56,7 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--tracking-uri")
     sweep.add_argument("--jobs", type=int, default=1, help="trials run at once, in worker processes")
     sweep.add_argument("--no-progress", action="store_true")
+    _profile_option(sweep)
     _common(sweep)
+
+    cal = sub.add_parser("calibrate", help="measure compute per step and the network on real processes; write "
+                         "a cluster profile for --profile", epilog=EPILOG)
+    cal.add_argument("config", help="run config YAML: the task (module, data, batch size) to time")
+    cal.add_argument("--workers", type=int, help="processes running at once (default: the config's "
+                     "cluster.workers; under torchrun: the job's WORLD_SIZE)")
+    cal.add_argument("--out", help="profile YAML to write (default: <config name>.profile.yaml here)")
+    cal.add_argument("--budget", type=float, default=3.0, help="seconds of training timed for the compute step")
+    cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
 
     report = sub.add_parser("report", help="write the analysis report of a sweep")
     report.add_argument("sweep_name")
@@ -89,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _profile_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", metavar="FILE", help="a cluster profile from `syncbench calibrate`, merged "
+                        "into the config before --set (so --set wins)")
+
+
+def _with_profile(args: argparse.Namespace) -> list[str]:
+    """``--set`` items with the profile's keys first (bad profile: ConfigError, exit 2)."""
+    if not getattr(args, "profile", None):
+        return list(args.set)
+    from experiments.dist.calibrate import profile_overrides
+
+    return [*profile_overrides(args.profile), *args.set]
+
+
 def add_import_paths(*dirs: str | os.PathLike) -> None:
     """Let `task.module` / `task.data` name modules next to the config (and in the current
     directory), as in a project written by `syncbench init`: the console script's own
@@ -107,10 +132,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     add_import_paths(os.path.dirname(os.path.abspath(args.config)))
     from experiments.run import execute_run
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, _with_profile(args))
+    tags = {"syncbench.profile": os.path.abspath(args.profile)} if args.profile else None
     try:
         result = execute_run(config, workspace=args.workspace, tracking_uri=args.tracking_uri,
-                             experiment=args.experiment, progress=not args.no_progress and sys.stderr.isatty())
+                             experiment=args.experiment, tags=tags,
+                             progress=not args.no_progress and sys.stderr.isatty())
     except Exception as exc:  # noqa: BLE001 - the run is recorded FAILED; say why and exit 1
         from experiments.config import ConfigError
 
@@ -127,7 +154,44 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeps.launcher import run_sweep_command
 
     add_import_paths(os.path.dirname(os.path.abspath(args.spec)))
+    args.set = _with_profile(args)
     return run_sweep_command(args)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from experiments.config import ConfigError, load_config
+
+    if args.workers is not None and args.workers < 2:
+        raise ConfigError(f"--workers {args.workers}: calibration times N processes running at once and the "
+                          f"transfers between them; give at least 2")
+    if args.budget <= 0:
+        raise ConfigError(f"--budget {args.budget}: must be positive")
+    add_import_paths(os.path.dirname(os.path.abspath(args.config)))
+    config = load_config(args.config, args.set)
+    from experiments.dist.calibrate import calibrate, check_writable, profile_yaml
+    from experiments.dist.launcher import under_torchrun
+
+    out = check_writable(args.out or f"{config.name}.profile.yaml")
+    workers = args.workers or config.cluster.workers
+    if workers < 2 and not under_torchrun():
+        raise ConfigError(f"{args.config}: cluster.workers is {workers}; give --workers N (at least 2)")
+    speaks = os.environ.get("RANK", "0") == "0"
+    say = (lambda msg: print(f"calibrate: {msg}", file=sys.stderr, flush=True)) if speaks else None
+    try:
+        profile = calibrate(config, workers, budget_s=args.budget, log=say)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a worker died, a transfer failed: say why, exit 1
+        print(f"syncbench: calibration failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if speaks:
+        out.write_text(profile_yaml(profile))
+        c = profile["cluster"]
+        print(f"wrote {out}: cluster.compute.step_s={c['compute']['step_s']:.6g} "
+              f"cluster.network.latency_s={c['network']['latency_s']:.6g} "
+              f"cluster.network.bandwidth_gbps={c['network']['bandwidth_gbps']:.6g} "
+              f"(N={profile['calibration']['workers']}); use: syncbench run|sweep ... --profile {out}")
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -176,8 +240,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "ui": cmd_ui, "dashboard": cmd_dashboard,
-            "config": cmd_config, "init": cmd_init}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "calibrate": cmd_calibrate, "report": cmd_report, "ui": cmd_ui,
+            "dashboard": cmd_dashboard, "config": cmd_config, "init": cmd_init}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,534 @@
+"""``syncbench calibrate``: measure this machine (or a torchrun job) on real processes and write
+a cluster profile the sim backend can use (``syncbench run|sweep --profile FILE``).
+
+What is measured, with N processes running at once:
+
+* **compute per step** (``cluster.compute.step_s``): the dist backend itself runs the task for
+  a few seconds as local SGD with no synchronisation at all (``local_steps`` larger than any
+  run), no emulation, an unreachable target; each rank records when every step starts. The
+  time from one step's start to the next is one worker step as the dist backend runs it:
+  forward, backward, optimizer step *and* Lightning's loop between steps (hooks, batch
+  fetch), with N processes competing for the machine -- which is what the sim's ``step_s``
+  stands for. The profile holds the mean over the steady state (the clock per update is a
+  sum of steps, so the mean is what predicts it); the median is reported alongside.
+* **network** (``cluster.network``): gloo all-reduces of several sizes (spanning the task's
+  gradient and state sizes) in N fresh processes, fitted to the ring model
+  t = 2(N-1)·α + 2(N-1)/N · S/β, and ping-pong point-to-point transfers between two
+  processes (the parameter server's push and pull), fitted to t = α + S/β. Both fits minimise
+  the relative error, so α is determined by the small sizes and β by the large ones; sizes are
+  interleaved so that a burst of load hits all of them alike. ``bandwidth_gbps`` is the
+  all-reduce β. ``latency_s`` is the all-reduce α, raised to what makes the sim's sync clock
+  per update equal the dist backend's in a short sync run at N (the sim's closed form) when
+  that is more: for small models the framework's per-round work and the jitter between ranks
+  cost more than the wire. The sim has one α/β pair (the all-reduce
+  model of sync and local SGD); the point-to-point fit and what async would need are
+  recorded and reported, not used (async's server thread shares rank 0's process with a
+  worker, which no link model describes).
+
+The profile is YAML: ``cluster.compute`` and ``cluster.network`` keys, plus a ``calibration``
+section of metadata (host, N, date, torch, every measured number) that ``--profile`` strips
+before merging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+META_KEY = "calibration"  # metadata section of a profile; stripped by --profile
+PROFILE_SECTIONS = ("cluster.compute", "cluster.network")  # what a profile may set
+NEVER_SYNC = 10**9  # local_steps of the compute measurement: no averaging ever happens
+DEFAULT_SIZES = [1 << 10, 8 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20]  # bytes
+
+
+# ------------------------------------------------------------------------------------------
+# alpha-beta fits (pure functions)
+# ------------------------------------------------------------------------------------------
+def _fit_linear(c_alpha: float, c_bytes: np.ndarray, sizes: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    """Fit t = c_alpha·α + c_bytes·S/β by least squares on the relative error (each row divided
+    by its t), α ≥ 0 and 1/β > 0 enforced; returns (α seconds, β bytes/s)."""
+    w = 1.0 / np.maximum(t, 1e-12)
+    a = np.stack([np.full_like(sizes, c_alpha), c_bytes * sizes], axis=1) * w[:, None]
+    (alpha, inv_beta), *_ = np.linalg.lstsq(a, t * w, rcond=None)
+    if alpha < 0:  # latency below the noise: fit the bandwidth alone
+        alpha = 0.0
+        inv_beta = float(np.sum(a[:, 1] * t * w) / np.sum(a[:, 1] ** 2))
+    if inv_beta <= 0:  # no measurable size dependence: latency alone, bandwidth "infinite"
+        inv_beta = 1e-15
+        alpha = float(np.sum(a[:, 0] * t * w) / np.sum(a[:, 0] ** 2))
+    return float(alpha), 1.0 / float(inv_beta)
+
+
+def fit_alpha_beta(times: dict[int, float], world: int) -> tuple[float, float]:
+    """Ring all-reduce model t = 2(N-1)·α + 2(N-1)/N · S/β fitted to ``{bytes: seconds}``
+    measured at ``world`` processes: returns (α seconds, β bytes/s)."""
+    if world < 2:
+        raise ValueError("an all-reduce fit needs at least 2 processes")
+    sizes = np.array(sorted(times), dtype=float)
+    t = np.array([times[int(s)] for s in sizes])
+    return _fit_linear(2 * (world - 1), 2 * (world - 1) / world, sizes, t)
+
+
+def fit_point_to_point(times: dict[int, float]) -> tuple[float, float]:
+    """Point-to-point model t = α + S/β fitted to one-way ``{bytes: seconds}``: (α s, β bytes/s)."""
+    sizes = np.array(sorted(times), dtype=float)
+    t = np.array([times[int(s)] for s in sizes])
+    return _fit_linear(1.0, 1.0, sizes, t)
+
+
+def gbps(bytes_per_s: float) -> float:
+    return bytes_per_s * 8 / 1e9
+
+
+# ------------------------------------------------------------------------------------------
+# timed transfers in fresh processes (gloo)
+# ------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _time_allreduce(dist: Any, sizes: list[int], reps: int) -> dict[int, float]:
+    """Median seconds of an all-reduce of each size. Sizes are interleaved (one of each per
+    repetition), so that a burst of load from other processes hits every size alike instead of
+    bending the fit."""
+    import torch
+
+    bufs = {size: torch.zeros(max(1, size // 4)) for size in sizes}
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for i in range(3 + reps):
+        for size in sizes:
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(bufs[size])
+            if i >= 3:
+                times[size].append(time.perf_counter() - t0)
+    return {size: statistics.median(ts) for size, ts in times.items()}
+
+
+def _time_p2p(dist: Any, sizes: list[int], reps: int, rank: int, peer: int) -> dict[int, float]:
+    """Ping-pong between rank 0 and ``peer``, sizes interleaved: half the median round trip
+    = one transfer (a push or a pull). Other ranks only take part in the barriers."""
+    import torch
+
+    bufs = {size: torch.zeros(max(1, size // 4)) for size in sizes}
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for i in range(3 + reps):
+        for size in sizes:
+            buf = bufs[size]
+            dist.barrier()
+            if rank == 0:
+                t0 = time.perf_counter()
+                dist.send(buf, dst=peer)
+                dist.recv(buf, src=peer)
+                if i >= 3:
+                    times[size].append((time.perf_counter() - t0) / 2)
+            elif rank == peer:
+                dist.recv(buf, src=0)
+                dist.send(buf, dst=0)
+    return {size: statistics.median(ts) for size, ts in times.items()} if rank == 0 else {}
+
+
+def _net_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, out: str) -> None:
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        ar = _time_allreduce(dist, sizes, reps)
+        p2p = _time_p2p(dist, sizes, reps, rank, world - 1)
+        Path(out).write_text(json.dumps({"allreduce": ar, "p2p": p2p}))
+    finally:
+        dist.destroy_process_group()
+
+
+def transfer_times(sizes: list[int], world: int = 2, reps: int = 25) -> tuple[dict[int, float], dict[int, float]]:
+    """(all-reduce seconds by size: the slowest rank's median; one-way point-to-point seconds
+    by size) measured in ``world`` fresh gloo processes on this machine (``python -m
+    experiments.dist.calibrate --net-worker ...``: no dependence on the caller's main module)."""
+    import json
+    import subprocess
+    import sys
+
+    if world < 2:
+        raise ValueError("timing transfers needs at least 2 processes")
+    port = _free_port()
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    with tempfile.TemporaryDirectory(prefix="syncbench-net-") as tmp:
+        outs = [Path(tmp) / f"rank{r}.json" for r in range(world)]
+        procs = [subprocess.Popen([sys.executable, "-m", "experiments.dist.calibrate", "--net-worker", str(r),
+                                   str(world), str(port), ",".join(map(str, sizes)), str(reps), str(outs[r])],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for r in range(world)]
+        errors = []
+        try:
+            for p in procs:
+                _, err = p.communicate(timeout=300)
+                if p.returncode != 0:
+                    errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit {p.returncode}")
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        if errors:
+            raise RuntimeError(f"timing transfers failed: {errors[0]}")
+        results = [json.loads(o.read_text()) for o in outs]
+    allreduce = {s: max(r["allreduce"][str(s)] for r in results) for s in sizes}
+    p2p = {s: results[0]["p2p"][str(s)] for s in sizes}
+    return allreduce, p2p
+
+
+def allreduce_times(sizes: list[int], world: int = 2, reps: int = 25) -> dict[int, float]:
+    """Median seconds of one gloo all-reduce of each size (bytes) at ``world`` processes."""
+    return transfer_times(sizes, world, reps)[0]
+
+
+def transfer_times_torchrun(sizes: list[int], reps: int = 25) -> tuple[dict[int, float], dict[int, float]]:
+    """As ``transfer_times``, inside a torchrun job (every rank calls it; rank 0 gets the
+    numbers): one gloo group over the job's nodes, initialised and destroyed here."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        ar = _time_allreduce(dist, sizes, reps)
+        p2p = _time_p2p(dist, sizes, reps, rank, world - 1)
+        slowest = [torch.tensor([ar[s] for s in sizes], dtype=torch.float64)]
+        dist.all_reduce(slowest[0], op=dist.ReduceOp.MAX)
+        ar = dict(zip(sizes, slowest[0].tolist()))
+        return ar, p2p
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------
+# compute per step: the dist backend's own loop without communication
+# ------------------------------------------------------------------------------------------
+def measurement_config(config: Any, workers: int, budget_s: float, strategy: str = "compute") -> Any:
+    """A measurement run: the task as configured, N dist workers, no stragglers, an unreachable
+    target, ``budget_s`` of training clock. ``strategy``: ``compute`` = local SGD that never
+    synchronises (no communication at all), ``sync`` or ``async`` = that strategy's rounds."""
+    from experiments.config import apply_overrides, validate_config
+
+    raw = config.model_dump(mode="json")
+    unreachable = 1e30 if config.target.mode == "max" else -1e30
+    if strategy == "compute":
+        chosen = {"strategy.name": "local_sgd", "strategy.local_steps": NEVER_SYNC, "strategy.outer": None,
+                  "strategy.warmup_sync_updates": 0}
+    else:
+        chosen = {"strategy.name": strategy, "strategy.backup_workers": 0, "strategy.max_staleness": None}
+    raw = apply_overrides(raw, {
+        "name": f"{config.name}-calibrate", **chosen, "strategy.lr_scaling": "none",
+        "cluster.backend": "dist", "cluster.workers": workers, "cluster.stragglers": {"kind": "none"},
+        "budget.train_time_s": budget_s, "eval.every_s": budget_s, "target.value": unreachable})
+    return validate_config(raw, "(calibration run)")
+
+
+def _dist_run(cfg: Any, tmp: Path, tag: str, debug: bool) -> tuple[Any, Path]:
+    from experiments.dist.launcher import execute_dist_run
+
+    ws, debug_dir = tmp / "ws", tmp / f"debug-{tag}"
+    result = execute_dist_run(cfg, workspace=ws, tracking_uri=f"sqlite:///{ws / 'mlflow.db'}",
+                              debug_dir=debug_dir if debug else None, emulate="none",
+                              tags={"syncbench.calibration": tag})
+    return result, debug_dir
+
+
+def measure_loop(config: Any, workers: int, strategy: str = "compute", budget_s: float = 3.0,
+                 skip: int = 10) -> dict[str, Any]:
+    """The dist backend's loop, N processes at once, no emulation (``strategy``: ``compute`` =
+    no communication at all, or ``sync`` / ``async``): ``mean_s`` and ``median_s`` of the
+    step-start intervals (first ``skip`` steps dropped, and the rare intervals beyond 10x the
+    median that hold something other than a step: a GC pause, the budget's stop decision), the
+    slowest rank's; ``clock_per_update_s`` as the run records it."""
+    import torch
+
+    from experiments.dist.launcher import under_torchrun
+
+    cfg = measurement_config(config, workers, budget_s, strategy)
+    with tempfile.TemporaryDirectory(prefix="syncbench-calibrate-") as tmp:
+        result, debug = _dist_run(cfg, Path(tmp), strategy, debug=True)
+        ranks = [int(os.environ.get("RANK", "0"))] if under_torchrun() else range(cfg.cluster.workers)
+        dumps = [torch.load(debug / f"rank{r}.pt", weights_only=False) for r in ranks]
+    per_rank = []
+    for d in dumps:
+        gaps = np.diff(np.asarray(d["step_starts"], dtype=float))
+        gaps = gaps[skip:]
+        if len(gaps) < 5:
+            raise RuntimeError(f"calibration: rank {d['rank']} took only {len(gaps) + skip + 1} steps of "
+                               f"{strategy} in {budget_s} s")
+        med = float(np.median(gaps))
+        kept = gaps[gaps < 10 * med]
+        per_rank.append({"rank": int(d["rank"]), "steps": int(len(d["step_starts"])), "median_s": med,
+                         "mean_s": float(kept.mean()), "p90_s": float(np.percentile(kept, 90))})
+    updates = result.evaluations[-1].updates if result.evaluations else 0
+    out = {"mean_s": max(r["mean_s"] for r in per_rank), "median_s": max(r["median_s"] for r in per_rank),
+           "clock_per_update_s": result.clock_s / max(1, updates), "ranks": per_rank}
+    # the ledgers of every rank (gathered): blocked seconds per step, split into communication
+    # (the last arrival's blocked time) and waiting for the slower rank, measured in this run
+    rows = dumps[0]["rows"]
+    out["comm_per_step_s"] = statistics.mean(r["comm"] / max(1.0, r["steps"]) for r in rows)
+    out["wait_per_step_s"] = statistics.mean(r["wait"] / max(1.0, r["steps"]) for r in rows)
+    return out
+
+
+def measure_compute(config: Any, workers: int, budget_s: float = 3.0) -> dict[str, Any]:
+    """Seconds per worker step of the dist backend's loop without communication (see measure_loop)."""
+    return measure_loop(config, workers, "compute", budget_s)
+
+
+# ------------------------------------------------------------------------------------------
+# the whole calibration and the profile
+# ------------------------------------------------------------------------------------------
+def payload_sizes(config: Any) -> dict[str, int]:
+    """Bytes the strategies move for this task: gradients (sync, async push) and the whole
+    float state (local SGD's average, async's pull)."""
+    from experiments.run import one_thread, prepare_task
+    from strategies.tensors import flat_state, trainable
+
+    with one_thread():
+        task = prepare_task(config)
+    grads = sum(p.numel() * p.element_size() for p in trainable(task.module))
+    state = flat_state(task.module)
+    return {"gradient_bytes": int(grads), "state_bytes": int(state.numel() * state.element_size())}
+
+
+def predicted_per_update(strategy: str, workers: int, step_s: float, latency_s: float, bytes_per_s: float,
+                         payload: dict[str, int], local_steps: int = 8) -> float:
+    """The sim's training clock per global update without stragglers, in closed form (no link
+    queueing): sync = a step + a ring all-reduce of the gradients; local SGD = a step + a ring
+    all-reduce of the state every H steps; async = (a step + a push + a pull) / N."""
+    n, alpha, beta = workers, latency_s, bytes_per_s
+    ring = lambda nbytes: 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / beta  # noqa: E731
+    if strategy == "sync":
+        return step_s + ring(payload["gradient_bytes"])
+    if strategy == "local_sgd":
+        return step_s + ring(payload["state_bytes"]) / local_steps
+    if strategy == "async":
+        return (step_s + 2 * alpha + (payload["gradient_bytes"] + payload["state_bytes"]) / beta) / n
+    raise ValueError(strategy)
+
+
+def choose_latency(measured: dict[str, float], workers: int, step_s: float, bytes_per_s: float,
+                   payload: dict[str, int]) -> tuple[float, dict[str, float]]:
+    """The one alpha (seconds, >= 0) with which the sim's per-update clock is closest to the dist
+    backend's ``measured`` clock per update for every strategy given (the largest |log ratio|
+    is minimised); also the alpha each strategy alone would need (None when even alpha = 0
+    predicts more than was measured)."""
+    grid = np.concatenate([[0.0], np.logspace(-7, -1, 3000)])
+    worst = np.zeros_like(grid)
+    for strategy, meas in measured.items():
+        pred = np.array([predicted_per_update(strategy, workers, step_s, a, bytes_per_s, payload) for a in grid])
+        worst = np.maximum(worst, np.abs(np.log(pred / meas)))
+    alone = {}
+    for strategy, meas in measured.items():
+        p0 = predicted_per_update(strategy, workers, step_s, 0.0, bytes_per_s, payload)
+        p1 = predicted_per_update(strategy, workers, step_s, 1.0, bytes_per_s, payload)
+        alone[strategy] = (meas - p0) / (p1 - p0) if meas > p0 else None
+    return float(grid[int(np.argmin(worst))]), alone
+
+
+def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
+              log: Any = None) -> dict[str, Any]:
+    """Measure and return the profile (a mapping ready for YAML)."""
+    import torch
+
+    from experiments.dist.launcher import under_torchrun
+
+    say = log or (lambda msg: None)
+    torchrun = under_torchrun()
+    if torchrun:
+        workers = int(os.environ["WORLD_SIZE"])
+    payload = payload_sizes(config)
+    sizes = sorted(set(DEFAULT_SIZES) | {max(4, payload["gradient_bytes"]), max(4, payload["state_bytes"])})
+    say(f"timing gloo all-reduce and point-to-point transfers of {len(sizes)} sizes at N={workers} ...")
+    if torchrun:
+        ar_times, p2p_times = transfer_times_torchrun(sizes, reps)
+    else:
+        ar_times, p2p_times = transfer_times(sizes, workers, reps)
+    alpha, beta = fit_alpha_beta(ar_times, workers)
+    p_alpha, p_beta = fit_point_to_point(p2p_times) if p2p_times else (float("nan"), float("nan"))
+    say(f"transfers: all-reduce fit alpha {alpha * 1e6:.1f} us, beta {gbps(beta):.3g} Gbit/s; point-to-point "
+        f"fit alpha {p_alpha * 1e6:.1f} us, beta {gbps(p_beta):.3g} Gbit/s")
+    say(f"timing the dist backend's loop, {workers} processes, no communication, {budget_s:g} s ...")
+    compute = measure_compute(config, workers, budget_s)
+    step_s = compute["mean_s"]
+    say(f"compute per step: mean {step_s * 1e3:.3f} ms, median {compute['median_s'] * 1e3:.3f} ms "
+        f"(the dist backend's loop included, {workers} processes at once)")
+    round_budget = max(1.0, budget_s * 2 / 3)
+    say(f"timing the dist backend's sync and async rounds, {round_budget:g} s each ...")
+    loops = {s: measure_loop(config, workers, s, round_budget) for s in ("sync", "async")}
+    measured = {s: loop["clock_per_update_s"] for s, loop in loops.items()}
+    # the sim's all-reduce model (sync, local SGD) gets the dist backend's own all-reduce round:
+    # the wire latency, raised to what makes the sim's sync clock per update equal the dist
+    # backend's when that is larger. (The sync run's ledgers cannot say it: gradient buckets are
+    # reduced while backward runs, so most of a round's cost -- gloo's threads, the hooks --
+    # shows up as slower compute, not as blocked time.) Async is not fitted: on the dist backend
+    # its cost is dominated by the parameter-server thread sharing rank 0's process with a
+    # worker, which no alpha-beta link describes.
+    _, alone = choose_latency(measured, workers, step_s, beta, payload)
+    needed = alone["sync"]
+    chosen = max(alpha, needed or 0.0)
+    raw_pred = {s: predicted_per_update(s, workers, step_s, alpha, beta, payload) for s in measured}
+    new_pred = {s: predicted_per_update(s, workers, step_s, chosen, beta, payload) for s in measured}
+    fmt = lambda d: ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in d.items())  # noqa: E731
+    fmt_a = lambda a: "none (compute alone accounts for it)" if a is None else f"{a * 1e6:.0f} us"  # noqa: E731
+    note = (f"latency_s = {chosen * 1e6:.0f} us: the larger of the all-reduce fit of timed transfers "
+            f"({alpha * 1e6:.0f} us) and the per-message time the dist backend's own sync rounds need "
+            f"({fmt_a(needed)}: the framework's per-round work and the jitter between ranks). Point-to-point fit: {p_alpha * 1e6:.0f} us, {gbps(p_beta):.3g} Gbit/s. "
+            f"Sim per update with the all-reduce fit {fmt(raw_pred)}; with latency_s {fmt(new_pred)}; dist "
+            f"measured {fmt(measured)}.")
+    if alone["async"] is not None and alone["async"] > 2 * max(chosen, 1e-9):
+        note += (f" Async on the dist backend would need alpha {fmt_a(alone['async'])}: its parameter server "
+                 f"shares rank 0's process with a worker, which the sim's link model does not describe; the "
+                 f"sim underestimates async's clock on this machine.")
+    say(note)
+
+    def model_vs_measured(times: dict[int, float], fn: Any) -> dict[int, list[float]]:
+        return {int(s): [float(times[s]), float(fn(s))] for s in sorted(times)}
+
+    ring = lambda s: 2 * (workers - 1) * alpha + 2 * (workers - 1) / workers * s / beta  # noqa: E731
+    p2p = lambda s: p_alpha + s / p_beta  # noqa: E731
+    profile = {
+        "cluster": {
+            "compute": {"step_s": float(f"{step_s:.6g}")},
+            "network": {"latency_s": float(f"{chosen:.6g}"), "bandwidth_gbps": float(f"{gbps(beta):.6g}")},
+        },
+        META_KEY: {
+            "host": socket.gethostname(), "platform": platform.platform(), "date": datetime.datetime.now(
+                datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "workers": int(workers), "launcher": "torchrun" if torchrun else "local",
+            "config": config.name, "task": config.task.module, "batch_size": int(config.batch_size),
+            "step_s": {"mean": step_s, "median": compute["median_s"],
+                       "source": "mean step-start interval of the dist backend's loop without communication",
+                       "ranks": compute["ranks"]},
+            "payload": payload,
+            "allreduce_fit": {"latency_s": alpha, "bandwidth_gbps": gbps(beta),
+                              "seconds_measured_vs_model": model_vs_measured(ar_times, ring)},
+            "point_to_point_fit": {"latency_s": p_alpha, "bandwidth_gbps": gbps(p_beta),
+                                   "seconds_measured_vs_model": model_vs_measured(p2p_times, p2p)},
+            "dist_clock_per_update_s": measured,
+            "sim_clock_per_update_s": {"with_effective_latency": new_pred, "with_allreduce_fit": raw_pred},
+            "latency_alone_s": alone,
+            "latency_source": "max(all-reduce fit, what the dist backend's sync rounds need)",
+            "note": note,
+        },
+    }
+    return profile
+
+
+def profile_yaml(profile: dict[str, Any]) -> str:
+    import yaml
+
+    head = ("# syncbench cluster profile, written by `syncbench calibrate`.\n"
+            "# Merge it with `syncbench run|sweep ... --profile THIS_FILE` (`--set` still wins);\n"
+            f"# the `{META_KEY}:` section is metadata and is not merged.\n")
+    return head + yaml.safe_dump(_plain(profile), sort_keys=False)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if math.isnan(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, str):
+        return str(obj)  # torch.__version__ is a str subclass
+    return obj
+
+
+# ------------------------------------------------------------------------------------------
+# reading a profile (--profile FILE)
+# ------------------------------------------------------------------------------------------
+def load_profile(path: str | os.PathLike) -> dict[str, Any]:
+    """The profile's config keys as ``{dotted key: value}`` (metadata stripped). Raises
+    ``ConfigError`` naming the key for anything but known ``cluster.compute`` /
+    ``cluster.network`` keys, and for values of the wrong type."""
+    from experiments.config import ClusterConfig, ConfigError, ComputeConfig, NetworkConfig, flatten, read_yaml
+    from pydantic import ValidationError
+
+    raw = read_yaml(path)
+    raw.pop(META_KEY, None)
+    flat = flatten(raw)
+    if not flat:
+        raise ConfigError(f"profile {path}: no config keys (expected cluster.compute / cluster.network keys)")
+    sections = {"cluster.compute": ComputeConfig, "cluster.network": NetworkConfig}
+    assert tuple(sections) == PROFILE_SECTIONS
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, _, field = key.rpartition(".")
+        model = sections.get(section)
+        if model is None or field not in model.model_fields:
+            known = [f"{s}.{f}" for s, m in sections.items() for f in m.model_fields]
+            what = "unknown key" if model is not None or not key.startswith("cluster.") or \
+                key.split(".")[1] not in ClusterConfig.model_fields else "not a profile key"
+            raise ConfigError(f"profile {path}: {key}: {what} (a profile sets only {', '.join(known)}; "
+                              f"metadata goes under `{META_KEY}:`)")
+        try:
+            model.model_validate({field: value})
+        except ValidationError as exc:
+            raise ConfigError(f"profile {path}: {key}: {exc.errors()[0]['msg']} (got {value!r})") from None
+        out[key] = value
+    return out
+
+
+
+def profile_overrides(path: str | os.PathLike) -> list[str]:
+    """The profile as ``--set``-style ``KEY=VALUE`` items (values written as YAML and checked to
+    read back identically), to go before the user's own ``--set`` items so that those win."""
+    import yaml
+
+    from experiments.config import parse_override
+
+    items = []
+    for key, value in load_profile(path).items():
+        text = yaml.safe_dump([value], default_flow_style=True).strip()[1:-1]
+        item = f"{key}={text}"
+        assert parse_override(item) == (key, value), (item, value)
+        items.append(item)
+    return items
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """``--out``: refuse (``ConfigError``) a path that cannot be written, before measuring."""
+    from experiments.config import ConfigError
+
+    out = Path(path).expanduser().resolve()
+    if out.is_dir():
+        raise ConfigError(f"--out {path}: is a directory; give a file name, e.g. {Path(path) / 'profile.yaml'}")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {path}: directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ConfigError(f"--out {path}: not writable")
+    return out
+
+
+if __name__ == "__main__":  # one process of ``transfer_times``
+    import sys
+
+    _, flag, rank_, world_, port_, sizes_, reps_, out_ = sys.argv
+    assert flag == "--net-worker", sys.argv
+    _net_worker(int(rank_), int(world_), int(port_), [int(x) for x in sizes_.split(",")], int(reps_), out_)

@@ -1,0 +1,223 @@
+"""`syncbench calibrate` and `--profile`: the alpha-beta fits against closed-form timings, the
+profile's validation and merging, bad input, and (heavy) a real calibration on 2 processes."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from experiments.config import ConfigError, load_config
+from experiments.dist.calibrate import (
+    META_KEY,
+    choose_latency,
+    fit_alpha_beta,
+    fit_point_to_point,
+    load_profile,
+    predicted_per_update,
+    profile_overrides,
+)
+from sweeps.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = str(REPO / "experiments" / "configs" / "digits_mlp.yaml")
+SIZES = [1 << 10, 8 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20]
+
+
+def write_profile(path: Path, **network) -> Path:
+    profile = {"cluster": {"compute": {"step_s": 0.0012},
+                           "network": {"latency_s": 0.0003, "bandwidth_gbps": 3.5, **network}},
+               META_KEY: {"host": "test", "workers": 2}}
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+# ------------------------------------------------------------------ fits, closed form
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_ring_fit_recovers_alpha_beta_from_closed_form_timings(world):
+    alpha, beta = 7.5e-5, 1.25e9  # 75 us, 10 Gbit/s
+    times = {s: 2 * (world - 1) * alpha + 2 * (world - 1) / world * s / beta for s in SIZES}
+    a, b = fit_alpha_beta(times, world)
+    assert a == pytest.approx(alpha, rel=1e-9)
+    assert b == pytest.approx(beta, rel=1e-9)
+
+
+def test_point_to_point_fit_recovers_alpha_beta():
+    alpha, beta = 2.0e-4, 3.0e8
+    a, b = fit_point_to_point({s: alpha + s / beta for s in SIZES})
+    assert a == pytest.approx(alpha, rel=1e-9)
+    assert b == pytest.approx(beta, rel=1e-9)
+
+
+def test_fits_stay_physical_on_noise():
+    # times falling with size: no bandwidth term is measurable; latency alone, never negative
+    a, b = fit_alpha_beta({1024: 3e-4, 1 << 20: 2e-4}, 2)
+    assert a > 0 and b > 1e12
+    # pure bandwidth with a slightly negative intercept: alpha clamped at 0
+    a, b = fit_point_to_point({1 << 20: 1.0e-3, 2 << 20: 2.0e-3, 4 << 20: 4.1e-3})
+    assert a == 0.0 and b > 0
+
+
+def test_choose_latency_recovers_a_consistent_alpha():
+    payload = {"gradient_bytes": 20000, "state_bytes": 20000}
+    step, beta, alpha = 0.004, 1.25e9, 8e-4
+    measured = {s: predicted_per_update(s, 2, step, alpha, beta, payload) for s in ("sync", "async")}
+    chosen, alone = choose_latency(measured, 2, step, beta, payload)
+    assert chosen == pytest.approx(alpha, rel=0.01)
+    assert alone["sync"] == pytest.approx(alpha, rel=1e-6) and alone["async"] == pytest.approx(alpha, rel=1e-6)
+    # disagreeing strategies: the compromise lies between what each alone needs
+    measured["async"] *= 1.3
+    chosen, alone = choose_latency(measured, 2, step, beta, payload)
+    assert alone["sync"] < chosen < alone["async"]
+
+
+# ------------------------------------------------------------------ the profile
+def test_profile_merges_dotted_or_nested_and_strips_metadata(tmp_path):
+    nested = write_profile(tmp_path / "p.yaml")
+    assert load_profile(nested) == {"cluster.compute.step_s": 0.0012, "cluster.network.latency_s": 0.0003,
+                                    "cluster.network.bandwidth_gbps": 3.5}
+    dotted = tmp_path / "d.yaml"
+    dotted.write_text("cluster.network.latency_s: 1.0e-05\ncluster:\n  compute: {step_s: 0.002}\n")
+    items = profile_overrides(dotted)
+    config = load_config(DIGITS, [*items, "cluster.compute.step_s=0.005"])  # --set wins
+    assert config.cluster.network.latency_s == 1.0e-05 and config.cluster.compute.step_s == 0.005
+
+
+@pytest.mark.parametrize("body,named", [
+    ("cluster: {network: {latency_s: 1.0e-4, jitter_s: 1.0}}", "cluster.network.jitter_s"),
+    ("cluster: {compute: {step_s: 0.001}}\nhost: me", "host"),
+    ("cluster: {workers: 8}", "cluster.workers"),
+    ("cluster: {network: {bandwidth_gbps: -1}}", "cluster.network.bandwidth_gbps"),
+])
+def test_bad_profile_is_refused_naming_the_key(tmp_path, body, named):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_profile(path)
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_profile_with_unknown_key_exits_2_before_any_run(workspace, tmp_path, capsys, command):
+    bad = write_profile(tmp_path / "bad.yaml", jitter_s=0.1)
+    target = DIGITS if command == "run" else str(REPO / "sweeps" / "specs" / "digits_smoke.yaml")
+    code = cli_main([command, target, "--no-progress", "--profile", str(bad)])
+    assert code == 2
+    assert "cluster.network.jitter_s" in capsys.readouterr().err
+    assert not (workspace / "mlflow.db").exists() and not (workspace / "optuna.db").exists()
+
+
+def test_sweep_cells_take_the_profile_and_set_wins(tmp_path):
+    from sweeps.cli import _with_profile
+    from sweeps.spec import load_sweep
+
+    class Args:
+        profile, set = str(write_profile(tmp_path / "p.yaml")), ["cluster.network.latency_s=0.0009"]
+
+    sweep = load_sweep(REPO / "sweeps" / "specs" / "digits_smoke.yaml", _with_profile(Args))
+    for cell in sweep.cells:
+        assert cell.config.cluster.compute.step_s == 0.0012
+        assert cell.config.cluster.network.bandwidth_gbps == 3.5
+        assert cell.config.cluster.network.latency_s == 0.0009
+
+
+# ------------------------------------------------------------------ bad input of calibrate
+@pytest.mark.parametrize("args,says", [
+    (["--workers", "0"], "--workers 0"),
+    (["--workers", "1"], "--workers 1"),
+    (["--out", "/nonexistent-dir/x/p.yaml"], "does not exist"),
+    (["--out", "/"], "is a directory"),
+])
+def test_calibrate_bad_input_exits_2_before_measuring(workspace, tmp_path, capsys, args, says):
+    t0 = time.perf_counter()
+    code = cli_main(["calibrate", DIGITS, *args])
+    assert code == 2
+    assert says in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 20  # nothing was measured
+
+
+def test_calibrate_missing_config_or_readonly_out_exits_2(tmp_path, capsys):
+    assert cli_main(["calibrate", str(tmp_path / "nope.yaml"), "--workers", "2"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        assert cli_main(["calibrate", DIGITS, "--workers", "2", "--out", str(ro / "p.yaml")]) == 2
+        assert "not writable" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ real processes
+def plain_step_s(config) -> float:
+    """An independent timing: the module's own training step in a plain PyTorch loop, one thread."""
+    import torch
+
+    from experiments.config import import_object
+
+    torch.set_num_threads(1)
+    module = import_object(config.task.module, "task.module")(**config.task.module_args)
+    data = import_object(config.task.data, "task.data")(**config.task.data_args)
+    data.prepare_data()
+    data.setup("fit")
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer[0] if isinstance(optimizer, (list, tuple)) else optimizer
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    loader = torch.utils.data.DataLoader(data.train_dataloader().dataset, batch_size=config.batch_size,
+                                         shuffle=True)
+    times = []
+    for i, (x, y) in enumerate(loader):
+        t0 = time.perf_counter()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+        if i == 60:
+            break
+    return statistics.median(times[10:])
+
+
+@pytest.mark.heavy
+def test_calibrate_on_two_processes_writes_a_plausible_profile(tmp_path):
+    out = tmp_path / "digits.profile.yaml"
+    proc = subprocess.run([sys.executable, "-m", "sweeps.cli", "calibrate", DIGITS, "--workers", "2", "--out",
+                           str(out), "--budget", "2"], capture_output=True, text=True, cwd=REPO, timeout=400,
+                          env={**os.environ, "SYNCBENCH_WORKSPACE": str(tmp_path / "ws")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {out}" in proc.stdout
+    keys = load_profile(out)  # validates against the config model
+    assert set(keys) == {"cluster.compute.step_s", "cluster.network.latency_s", "cluster.network.bandwidth_gbps"}
+    config = load_config(DIGITS, profile_overrides(out))
+    meta = yaml.safe_load(out.read_text())[META_KEY]
+    assert meta["workers"] == 2 and meta["torch"] and meta["host"]
+    step = config.cluster.compute.step_s
+    independent = plain_step_s(config)
+    assert 0.2 * independent <= step <= 5 * independent, (step, independent)
+    assert 0 <= config.cluster.network.latency_s < 0.05
+    assert 0.01 < config.cluster.network.bandwidth_gbps < 10_000
+    assert 0 < meta["allreduce_fit"]["latency_s"] < 0.05 and meta["point_to_point_fit"]["bandwidth_gbps"] > 0.01
+    assert all(v > 0 for v in meta["dist_clock_per_update_s"].values())
+
+
+@pytest.mark.heavy
+def test_run_with_profile_records_it_and_set_overrides_it(workspace, tmp_path):
+    profile = write_profile(tmp_path / "p.yaml")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    code = cli_main(["run", DIGITS, "--no-progress", "--profile", str(profile), "--tracking-uri", uri,
+                     "--set", "cluster.network.bandwidth_gbps=7", "--set", "budget.train_time_s=0.2",
+                     "--set", "eval.every_s=0.05", "--set", "cluster.workers=2"])
+    assert code == 0
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    params, tags = runs[0].data.params, runs[0].data.tags
+    assert float(params["cluster.compute.step_s"]) == 0.0012
+    assert float(params["cluster.network.latency_s"]) == 0.0003
+    assert float(params["cluster.network.bandwidth_gbps"]) == 7.0  # --set wins over the profile
+    assert tags["syncbench.profile"] == str(profile)
+    assert tags["syncbench.step_s_source"] == "pinned"
