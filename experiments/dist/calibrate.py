@@ -407,11 +407,23 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
     def model_vs_measured(times: dict[int, float], fn: Any) -> dict[int, list[float]]:
         return {int(s): [float(times[s]), float(fn(s))] for s in sorted(times)}
 
+    # With stragglers whose factors go below 1 (lognormal), the dist backend's emulation pads
+    # each step to f x a base step that fast steps can still reach: the measured step over the
+    # factors' 1st percentile (experiments.dist.worker.Emulation). The sim must be timed on
+    # that same base for the two clocks to describe one cluster.
+    from experiments.cluster_model import StragglerModel
+
+    low = StragglerModel(config.cluster.stragglers, workers, config.seed).low_factor()
+    profile_step_s = step_s / low
+    if low < 1.0:
+        say(f"stragglers {config.cluster.stragglers.kind}: step_s = {step_s * 1e3:.3f} ms / {low:.3f} "
+            f"(the factors' 1st percentile) = {profile_step_s * 1e3:.3f} ms, the dist emulation's base step")
+
     ring = lambda s: 2 * (workers - 1) * alpha + 2 * (workers - 1) / workers * s / beta  # noqa: E731
     p2p = lambda s: p_alpha + s / p_beta  # noqa: E731
     profile = {
         "cluster": {
-            "compute": {"step_s": float(f"{step_s:.6g}")},
+            "compute": {"step_s": float(f"{profile_step_s:.6g}")},
             "network": {"latency_s": float(f"{chosen:.6g}"), "bandwidth_gbps": float(f"{gbps(beta):.6g}")},
         },
         META_KEY: {
@@ -419,7 +431,7 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
                 datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "workers": int(workers), "launcher": "torchrun" if torchrun else "local",
             "config": config.name, "task": config.task.module, "batch_size": int(config.batch_size),
-            "step_s": {"mean": step_s, "median": compute["median_s"],
+            "step_s": {"mean": step_s, "median": compute["median_s"], "straggler_low_factor": low,
                        "source": "mean step-start interval of the dist backend's loop without communication",
                        "ranks": compute["ranks"]},
             "payload": payload,
