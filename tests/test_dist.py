@@ -352,7 +352,7 @@ def test_torchrun_rank0_death_fails_its_run(workspace: Path, tmp_path: Path) -> 
                     with contextlib.suppress(psutil.Error):
                         if child.environ().get("RANK") == "0" and "python" in child.name():
                             rank0 = child
-        assert rank0 is not None, "rank 0 never started training"
+        assert rank0 is not None, "rank 0 never started training: " + (tmp_path / "node0.log").read_text()[-1500:] + (tmp_path / "node1.log").read_text()[-1500:]
         killed_at = time.time()
         rank0.send_signal(signal.SIGKILL)
         for a in agents:

@@ -756,13 +756,17 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
             store_hb = StoreHeartbeat(dist.distributed_c10d._get_default_store(), rank)
 
     recorder = None
+    torchrun_run_id: list[str | None] = [None]
     try:
         monitor = None
         if rank == 0:
             recorder = _open_recorder(attach, create)
-            if create is not None and store_hb is not None:  # torchrun: the other ranks may have to mark it
-                with contextlib.suppress(Exception):
-                    store_hb.store.set(RUN_ID_KEY, recorder.run_id)
+            torchrun_run_id[0] = recorder.run_id
+        if attach is None and world > 1:
+            # torchrun: every rank learns rank 0's run id, to mark it FAILED should rank 0 die
+            # (the job's store may die with rank 0, so it travels in a collective)
+            dist.broadcast_object_list(torchrun_run_id, src=0, group=ctrl)
+        if rank == 0:
             if create is not None:
                 recorder.log_params({**config.flat(), "backend": "dist"})
             eval_module = copy.deepcopy(task.module).cpu()
@@ -817,32 +821,30 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
                 raise DistRunFailed(message, recorder.run_id) from exc
             with contextlib.suppress(Exception):
                 recorder.flush()  # keep the curve measured so far; the launcher marks the run
-        elif attach is None and create is None and store_hb is not None and tracking_uri:
+        elif attach is None and create is None and tracking_uri and torchrun_run_id[0]:
             # torchrun, a rank other than 0: if rank 0 died, nobody else would end its run
-            _fail_orphaned_run(store_hb, world, tracking_uri, _failure_message(exc, rank, store_hb, world))
+            _fail_orphaned_run(torchrun_run_id[0], store_hb, world, tracking_uri,
+                               _failure_message(exc, rank, store_hb, world))
         raise
     finally:
         if store_hb is not None:
             store_hb.stop()
 
 
-RUN_ID_KEY = "syncbench/run_id"
-
-
-def _fail_orphaned_run(store_hb: "StoreHeartbeat", world: int, tracking_uri: str, message: str,
-                       grace_s: float = 3.0) -> None:
-    """Under torchrun, mark rank 0's run FAILED when rank 0 is gone (its heartbeat in the job's
-    store stopped) and the run is still RUNNING after a grace period in which a live rank 0
-    would have marked it itself."""
-    import datetime
-
-    try:
-        store_hb.store.set_timeout(datetime.timedelta(seconds=2))
-        run_id = store_hb.store.get(RUN_ID_KEY).decode()
-    except Exception:  # noqa: BLE001 - no run was created (or the store is gone with rank 0's node)
-        return
-    if 0 not in store_hb.silent_ranks(world, window_s=1.0):
-        return  # rank 0 is alive and marks its own run
+def _fail_orphaned_run(run_id: str, store_hb: "StoreHeartbeat | None", world: int, tracking_uri: str,
+                       message: str, grace_s: float = 3.0) -> None:
+    """Under torchrun, mark rank 0's run FAILED when rank 0 is gone: its heartbeat in the job's
+    store stopped (or the store, which rank 0 may host, is gone) and the run is still RUNNING
+    after a grace period in which a live rank 0 would have marked it itself."""
+    if store_hb is not None:
+        alive = [r for r in range(world) if r not in store_hb.silent_ranks(world, window_s=1.0)]
+        store_reachable = True
+        try:
+            store_hb.store.add("syncbench/probe", 0)
+        except Exception:  # noqa: BLE001
+            store_reachable = False
+        if store_reachable and 0 in alive:
+            return  # rank 0 is alive and marks its own run
     time.sleep(grace_s)
     with contextlib.suppress(Exception):
         from experiments.recording import open_client
