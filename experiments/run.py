@@ -306,26 +306,36 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
                     loop.outcome = "pruned"
             engine.finish()
             result = _result(recorder.run_id, loop, init_s, step_s, engine.summary_metrics())
-            summary = {k: getattr(result, k) for k in SUMMARY_KEYS if getattr(result, k) is not None}
-            summary.update(reached=float(loop.outcome == "reached"), init_s=init_s, step_time_s=step_s,
-                           activation_bytes=float(act_bytes or 0), **result.extra)
             updates, _ = engine.counters()
-            if updates:
-                summary["clock_per_update_s"] = loop.clock_s / updates
-            recorder.metrics(summary, step=updates, clock_s=loop.clock_s)
-            recorder.set_tags({"outcome": loop.outcome})
-            recorder.log_text(config.to_yaml(), "config.yaml")
-            recorder.log_text(curve_csv(loop.evaluations), "curve.csv")
-            for name, text in engine.artifacts().items():
-                recorder.log_text(text, name)
-            result.wall_s = time.perf_counter() - wall0
-            recorder.metrics({"wall_s": result.wall_s, "mlflow_log_s": recorder.log_seconds}, clock_s=loop.clock_s)
-            recorder.finish("FINISHED")
-            result.mlflow_log_s = recorder.log_seconds
+            record_finished_run(recorder, config, result, updates, act_bytes, engine.artifacts(),
+                                lambda: time.perf_counter() - wall0)
             return result
         except BaseException as exc:
             recorder.fail(exc)
             raise
+
+
+def record_finished_run(recorder: RunRecorder, config: RunConfig, result: RunResult, updates: int,
+                        activation_bytes: int | None, artifacts: dict[str, str], wall_s: Callable[[], float],
+                        extra_summary: dict[str, float] | None = None) -> None:
+    """Record what every finished run records, whatever its backend (DESIGN.md "What a run
+    records"): the summary metrics, the outcome tag, config.yaml, curve.csv and the
+    strategy's artifacts; then end the run FINISHED."""
+    summary = {k: getattr(result, k) for k in SUMMARY_KEYS if getattr(result, k) is not None}
+    summary.update(reached=float(result.outcome == "reached"), init_s=result.init_s, step_time_s=result.step_time_s,
+                   activation_bytes=float(activation_bytes or 0), **result.extra, **(extra_summary or {}))
+    if updates:
+        summary["clock_per_update_s"] = result.clock_s / updates
+    recorder.metrics(summary, step=updates, clock_s=result.clock_s)
+    recorder.set_tags({"outcome": result.outcome})
+    recorder.log_text(config.to_yaml(), "config.yaml")
+    recorder.log_text(curve_csv(result.evaluations), "curve.csv")
+    for name, text in artifacts.items():
+        recorder.log_text(text, name)
+    result.wall_s = wall_s()
+    recorder.metrics({"wall_s": result.wall_s, "mlflow_log_s": recorder.log_seconds}, clock_s=result.clock_s)
+    recorder.finish("FINISHED")
+    result.mlflow_log_s = recorder.log_seconds
 
 
 def _result(run_id: str, loop: LoopResult, init_s: float, step_s: float, extra: dict[str, float]) -> RunResult:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from strategies.lightning_bridge import scaled_lr
 from strategies.program import (
     Compute,
     Options,
@@ -58,12 +59,8 @@ def apply_gradient_(optimizer: Any, lr_scale: float) -> None:
     if hasattr(optimizer, "schedulers"):  # strategies.lightning_bridge.ModuleOptimizer
         optimizer.step(lr_scale=lr_scale)
         return
-    saved = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * lr_scale
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, saved):
-        group["lr"] = lr
+    with scaled_lr(optimizer, lr_scale):
+        optimizer.step()
 
 
 def staleness_summary(counts: Counter) -> dict[str, float]:

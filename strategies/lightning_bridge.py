@@ -19,8 +19,9 @@ module reads of ``self.trainer`` in the sim backend.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -47,6 +48,22 @@ def _reduce_name(fx: Any) -> str:
     name = getattr(fx, "__name__", "mean")
     return _REDUCE.get(name, "mean")
 
+
+
+@contextlib.contextmanager
+def scaled_lr(optimizer: torch.optim.Optimizer, scale: float) -> Iterator[None]:
+    """Every param group's lr x ``scale`` inside the block, restored after."""
+    if scale == 1.0:
+        yield
+        return
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * scale
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, saved):
+            group["lr"] = lr
 
 class _LogCapture:
     """Stands in for ``module.log``/``module.log_dict``: records into ``module._syncbench_logged``.
@@ -182,15 +199,33 @@ def attach_trainer(module: pl.LightningModule, **kwargs: Any) -> TrainerStandIn:
     return TrainerStandIn(module, **kwargs).attach()
 
 
+_OVERRIDDEN: dict[tuple[type, str], bool] = {}
+
+
+def _overridden(module: pl.LightningModule, name: str) -> bool:
+    """Whether the module's class replaces Lightning's own (empty) hook ``name``: the sim calls
+    several hooks per worker step, and skipping the empty ones keeps its overhead small."""
+    key = (type(module), name)
+    found = _OVERRIDDEN.get(key)
+    if found is None:
+        mine, base = getattr(type(module), name, None), getattr(pl.LightningModule, name, None)
+        found = _OVERRIDDEN[key] = mine is None or base is None or mine is not base
+    return found or name in vars(module)
+
+
 def _call_hook(module: pl.LightningModule, name: str, *args: Any) -> Any:
+    if name.startswith("on_") and not _overridden(module, name):  # Lightning's on_* hooks are empty
+        return None
     fn = getattr(module, name, None)
     if not callable(fn):
         return None
-    prev, module._current_fx_name = module._current_fx_name, name
+    # plain attribute: nn.Module.__setattr__'s checks cost more than the hook itself
+    prev = module._current_fx_name
+    object.__setattr__(module, "_current_fx_name", name)
     try:
         return fn(*args)
     finally:
-        module._current_fx_name = prev
+        object.__setattr__(module, "_current_fx_name", prev)
 
 
 call_hook = _call_hook
@@ -337,14 +372,7 @@ class ModuleOptimizer:
                           gradient_clip_val=self.gradient_clip_val,
                           gradient_clip_algorithm=self.gradient_clip_algorithm or "norm")
         self.lr_history.append(float(optimizer.param_groups[0]["lr"]))
-        if lr_scale != 1.0:
-            saved = [group["lr"] for group in optimizer.param_groups]
-            for group in optimizer.param_groups:
-                group["lr"] = group["lr"] * lr_scale
-            optimizer.step()
-            for group, lr in zip(optimizer.param_groups, saved):
-                group["lr"] = lr
-        else:
+        with scaled_lr(optimizer, lr_scale):
             optimizer.step()
         self.steps += 1
         self.batch_in_epoch += 1

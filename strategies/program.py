@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from strategies.tensors import flat_state, float_buffers, load_flat_grads_, trainable
+from strategies.tensors import flat_state, float_buffers, load_flat_grads_, load_params_then_buffers_, trainable
 
 
 class ConfigError(ValueError):
@@ -122,15 +122,9 @@ def gradient_payload(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat(parts)
 
 
-@torch.no_grad()
 def load_gradient_payload_(module: torch.nn.Module, payload: torch.Tensor) -> None:
-    n = sum(p.numel() for p in trainable(module))
-    load_flat_grads_(module, payload[:n])
-    offset = n
-    for b in float_buffers(module):
-        b.copy_(payload[offset : offset + b.numel()].view_as(b))
-        offset += b.numel()
-    assert offset == payload.numel(), "payload does not match the module"
+    """Gradients and floating-point buffers from ``gradient_payload``'s layout."""
+    load_params_then_buffers_(module, payload, load_flat_grads_)
 
 
 def state_payload(module: torch.nn.Module) -> torch.Tensor:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -62,15 +63,22 @@ def flat_state(module: torch.nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_flat_state_(module: torch.nn.Module, flat: torch.Tensor) -> None:
+def load_params_then_buffers_(module: torch.nn.Module, flat: torch.Tensor,
+                              load_params: Callable[[torch.nn.Module, torch.Tensor], None]) -> None:
+    """``flat`` = trainable-parameter part (given to ``load_params``), then the float buffers."""
     n_params = sum(p.numel() for p in trainable(module))
-    load_flat_params_(module, flat[:n_params])
+    load_params(module, flat[:n_params])
     offset = n_params
     for b in float_buffers(module):
         n = b.numel()
         b.copy_(flat[offset : offset + n].view_as(b))
         offset += n
-    assert offset == flat.numel(), "flat state does not match the module"
+    assert offset == flat.numel(), "flat vector does not match the module"
+
+
+def load_flat_state_(module: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Parameters and floating-point buffers from ``flat_state``'s layout."""
+    load_params_then_buffers_(module, flat, load_flat_params_)
 
 
 def state_numel(module: torch.nn.Module) -> int:

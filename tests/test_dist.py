@@ -271,8 +271,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.heavy
-def test_two_node_torchrun_reaches_target(workspace: Path, tmp_path: Path) -> None:
+def start_torchrun_agents(workspace: Path, logs_dir: Path, rdzv_id: str, *sets: str) -> list[subprocess.Popen]:
+    """Two torchrun agents on loopback (one c10d rendezvous), each one worker of
+    ``syncbench run digits_mlp.yaml --set cluster.backend=dist`` plus ``sets``."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     port = _free_port()
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
@@ -280,27 +281,30 @@ def test_two_node_torchrun_reaches_target(workspace: Path, tmp_path: Path) -> No
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(key, None)
+    overrides = [arg for kv in ("cluster.backend=dist", "cluster.workers=2", *sets) for arg in ("--set", kv)]
     agents = []
-    logs = []
     for node in (0, 1):
-        log = open(tmp_path / f"node{node}.log", "w")
-        logs.append(log)
-        agents.append(subprocess.Popen(
-            [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "syncbench-test",
-             "--local-addr", "127.0.0.1", "-m", "sweeps.cli", "run", str(DIGITS),
-             "--set", "cluster.backend=dist", "--set", "cluster.workers=2", "--set", "budget.train_time_s=20",
-             "--set", "eval.every_s=0.02", "--workspace", str(workspace), "--tracking-uri", uri, "--no-progress"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        ))
+        with open(logs_dir / f"node{node}.log", "w") as log:
+            agents.append(subprocess.Popen(
+                [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
+                 "--local-addr", "127.0.0.1", "-m", "sweeps.cli", "run", str(DIGITS), *overrides,
+                 "--workspace", str(workspace), "--tracking-uri", uri, "--no-progress"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            ))
+    return agents
+
+
+@pytest.mark.heavy
+def test_two_node_torchrun_reaches_target(workspace: Path, tmp_path: Path) -> None:
+    agents = start_torchrun_agents(workspace, tmp_path, "syncbench-test", "budget.train_time_s=20",
+                                   "eval.every_s=0.02")
     try:
         codes = [a.wait(timeout=180) for a in agents]
     finally:
         for a in agents:
             if a.poll() is None:
                 os.killpg(a.pid, signal.SIGKILL)
-        for log in logs:
-            log.close()
     output = "\n".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1))
     assert codes == [0, 0], output
     assert "outcome=reached" in output
@@ -317,25 +321,8 @@ def test_two_node_torchrun_reaches_target(workspace: Path, tmp_path: Path) -> No
 def test_torchrun_rank0_death_fails_its_run(workspace: Path, tmp_path: Path) -> None:
     """Under torchrun rank 0 owns the MLflow run; when it is SIGKILLed a surviving rank marks
     the run FAILED (it used to stay RUNNING forever)."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    port = _free_port()
-    uri = f"sqlite:///{workspace / 'mlflow.db'}"
-    workspace.mkdir(parents=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
-        env.pop(key, None)
-    agents = []
-    for node in (0, 1):
-        log = open(tmp_path / f"node{node}.log", "w")
-        agents.append(subprocess.Popen(
-            [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "syncbench-kill",
-             "--local-addr", "127.0.0.1", "-m", "sweeps.cli", "run", str(DIGITS),
-             "--set", "cluster.backend=dist", "--set", "cluster.workers=2", "--set", "budget.train_time_s=120",
-             "--set", "target.value=1.01", "--set", "eval.every_s=0.5", "--set", "cluster.collective_timeout_s=15",
-             "--workspace", str(workspace), "--tracking-uri", uri, "--no-progress"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        ))
+    agents = start_torchrun_agents(workspace, tmp_path, "syncbench-kill", "budget.train_time_s=120",
+                                   "target.value=1.01", "eval.every_s=0.5", "cluster.collective_timeout_s=15")
     try:
         deadline = time.time() + 120
         rank0 = None

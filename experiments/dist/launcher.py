@@ -983,7 +983,7 @@ def _final_outcome(worker: Any, comm: Any) -> str:
 
 def _record(config: Any, recorder: Any, monitor: Any, worker: Any, strategy: Any, rows: list[dict[str, float]],
             wall0: float, activation_bytes: int | None, curve_csv: Any, RunResult: Any) -> Any:  # noqa: N803
-    from experiments.run import SUMMARY_KEYS
+    from experiments.run import record_finished_run
 
     res = monitor.result
     led = worker.ledger
@@ -995,26 +995,14 @@ def _record(config: Any, recorder: Any, monitor: Any, worker: Any, strategy: Any
     updates = last.updates if last else 0
     result = RunResult(**vars(res), run_id=recorder.run_id, init_s=init_s, step_time_s=step_time,
                        extra=strategy.summary_metrics())
-    summary = {k: getattr(result, k) for k in SUMMARY_KEYS if getattr(result, k) is not None}
-    summary.update(reached=float(res.outcome == "reached"), init_s=init_s, step_time_s=step_time,
-                   activation_bytes=float(activation_bytes or 0), **result.extra)
+    summary: dict[str, float] = {}
     for name in ("compute", "comm", "wait"):
         values = [r[name] for r in rows]
         summary[f"time_{name}_s"] = sum(values) / len(values)
         summary[f"time_{name}_max_s"] = max(values)
-    if updates:
-        summary["clock_per_update_s"] = res.clock_s / updates
-    recorder.metrics(summary, step=updates, clock_s=res.clock_s)
-    recorder.set_tags({"outcome": res.outcome})
-    recorder.log_text(config.to_yaml(), "config.yaml")
-    recorder.log_text(curve_csv(res.evaluations), "curve.csv")
-    recorder.log_text(json.dumps(rows, indent=1), "ranks.json")
-    for name, text in strategy.artifacts().items():
-        recorder.log_text(text, name)
-    result.wall_s = time.time() - wall0
-    recorder.metrics({"wall_s": result.wall_s, "mlflow_log_s": recorder.log_seconds}, clock_s=res.clock_s)
-    recorder.finish("FINISHED")
-    result.mlflow_log_s = recorder.log_seconds
+    artifacts = {"ranks.json": json.dumps(rows, indent=1), **strategy.artifacts()}
+    record_finished_run(recorder, config, result, updates, activation_bytes, artifacts, lambda: time.time() - wall0,
+                        summary)
     return result
 
 
