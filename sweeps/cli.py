@@ -207,7 +207,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from analysis.ui import run_dashboard_command
+    from sweeps.dashboard import run_dashboard_command
 
     return run_dashboard_command(args)
 
