@@ -149,3 +149,27 @@ def test_both_backends_hold_the_same_parameters_after_the_same_steps(digits_conf
         sim = flat_params(engine.workers[rank].module)
         torch.testing.assert_close(dist[: sim.numel()], sim, atol=1e-5, rtol=0)
     assert torch.equal(finals[0], finals[1]) == (name == "sync")
+
+
+@pytest.mark.parametrize("scaling,factor", [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_lr_scaling_scales_by_the_effective_batch_on_sim(digits_config, scaling, factor):
+    """sync at N = 4 updates with 4 workers' batches: lr x 4 (linear) or x 2 (sqrt); local SGD
+    and async update with one worker's batch: unchanged."""
+    base_lr = 0.01  # digits_mlp.yaml's module_args.lr
+    for name in NAMES:
+        config = digits_config(f"strategy.name={name}", "cluster.workers=4", f"strategy.lr_scaling={scaling}")
+        engine = build_simulation(config, prepare_task(config), step_s=1e-3)
+        expected = base_lr * (factor if name == "sync" else 1.0)
+        lrs = [w.optimizer.param_groups[0]["lr"] for w in engine.workers]
+        if engine.server is not None:
+            lrs.append(engine.server.optimizer.param_groups[0]["lr"])
+        assert lrs == pytest.approx([expected] * len(lrs)), (name, lrs)
+
+
+@pytest.mark.heavy
+def test_lr_scaling_on_dist(digits_config, tmp_path):
+    config = digits_config("strategy.name=sync", "cluster.workers=2", "cluster.backend=dist",
+                           "strategy.lr_scaling=linear", "target.value=1.01", "budget.train_time_s=60")
+    execute_dist_run(config, workspace=tmp_path / "ws", debug_dir=tmp_path / "debug", max_steps=2, emulate="none")
+    for rank in (0, 1):
+        assert torch.load(tmp_path / "debug" / f"rank{rank}.pt", weights_only=False)["lr"] == pytest.approx(0.02)

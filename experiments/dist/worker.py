@@ -1025,6 +1025,8 @@ class ProgramStrategy(Strategy):
     def debug_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"final": flat_state(self.module).cpu(), "pulled": self.pulled, "rounds": self.rounds,
                                  "last_pre": getattr(self, "last_pre", None), "last_post": getattr(self, "last_post", None)}
+        if self.program is not None:
+            state["lr"] = float(self.program.worker.optimizer.param_groups[0]["lr"])
         if self.server is not None:
             state["server"] = flat_state(self.server.server.module).cpu()
             state["version"] = self.server.server.version
