@@ -123,6 +123,9 @@ def prepare_task(config: RunConfig) -> PreparedTask:
         monitors = plateau_monitors(module)
     except ValueError as exc:
         raise ConfigError(f"task.module: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. an optimizer rejecting task.module_args: before any run
+        raise ConfigError(f"task.module_args: {module_cls.__name__}.configure_optimizers() failed with "
+                          f"{config.task.module_args}: {type(exc).__name__}: {exc}") from None
     capture_logs(module)
     probe = copy.deepcopy(module)  # the dry run leaves no trace (metric states, trainer stand-in) on the module
     logged = sorted(evaluate(probe, val_batches[:1]))

@@ -144,6 +144,7 @@ BAD_CONFIGS = [
     (["--set", "task.module=no_such_package.mod:X"], "task.module"),
     (["--set", "task.module=experiments.digits"], "task.module"),
     (["--set", "target.metric=val_f1"], "target.metric"),
+    (["--set", "task.module_args.lr=fast"], "configure_optimizers() failed"),
     (["--set", "task.module=tests.modules:SilentMLP"], "target.metric"),
     (["--set", "cluster.stragglers={kind: lognormal}"], "cluster.stragglers.sigma"),
     (["--set", "strategy.backup_workers=4"], "backup_workers"),

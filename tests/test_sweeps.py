@@ -469,13 +469,15 @@ def test_a_diverging_cell_completes_with_a_penalty_and_is_never_best(ws, tmp_pat
 
 
 def test_a_run_that_raises_fails_its_trial_and_the_sweep_exits_1(ws, tmp_path):
-    # a learning rate the optimizer rejects only when training starts (not a config error)
-    spec = write_spec(tmp_path / "raises.yaml", "raises", grid={"task.module_args.lr": [0.01, "fast"]}, seeds=[0])
+    # a module that raises only once training is under way (not a config error): each replica
+    # of the 4 workers fails at its 4th training step
+    spec = write_spec(tmp_path / "raises.yaml", "raises", grid={"task.module_args.fail_after": [100000, 3]},
+                      seeds=[0], set={"task.module": "tests.modules:FailingMLP"})
     assert sweep(spec, ws) == 1
     trials = study("raises", ws).trials
     assert sorted(states(trials).items()) == [("COMPLETE", 1), ("FAIL", 1)]
     failed = next(t for t in trials if t.state.name == "FAIL")
-    assert failed.user_attrs["outcome"] == "failed" and "TypeError" in failed.user_attrs["error"]
+    assert failed.user_attrs["outcome"] == "failed" and "boom" in failed.user_attrs["error"]
     parents, children = mlflow_runs("raises", ws)
     assert parents[0].info.status == "FAILED"
     assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
