@@ -727,13 +727,9 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
     warnings.filterwarnings("ignore", module="pytorch_lightning")
     warnings.filterwarnings("ignore", module="lightning_fabric")
 
-    task = prepare_task(config)
+    task = prepare_task(config)  # checkpointing applied, as in every other caller
     if validate_task:
         check_shards(task, config, world)
-    if config.checkpointing.enabled:
-        from strategies.checkpointing import apply_checkpointing
-
-        apply_checkpointing(task.module, config.checkpointing)
     if rank == 0 and activation_bytes is None and create is not None:
         activation_bytes = measure_activation_bytes(task, config)
     _warm_up(task, config, rank, world)
