@@ -168,8 +168,8 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-CALIBRATION_BLOCKS = 5  # medians of blocks of steps: the step time and its measured variability
-CALIBRATION_BLOCK_STEPS = 10
+CALIBRATION_BLOCKS = 8  # medians of blocks of steps: the step time and its measured variability
+CALIBRATION_BLOCK_STEPS = 8
 
 
 @dataclass
