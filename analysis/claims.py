@@ -94,6 +94,7 @@ class Claim:
     needs_seeds: int | None = None  # underpowered: seeds per group the test needs
     power: list[str] = field(default_factory=list)  # why settings are underpowered (threats section)
     step_time_threats: list[str] = field(default_factory=list)  # (d): step times that are one number (threats)
+    step_time_basis: list[str] = field(default_factory=list)  # (d): settings tested on calibration block medians
     error: str = ""  # the claim could not be evaluated (the report still is)
 
     @property
@@ -595,6 +596,8 @@ def claim_checkpointing(sweep: SweepData) -> Claim:
                                            f"measurements), shared by its seeds")
         else:
             pending.append((row, s_on, s_off, mem.high < 1, kind_on if kind_on == kind_off else "mixed"))
+            if "calibration" in (kind_on, kind_off):
+                claim.step_time_basis.append(f"{row.label}: {len(s_on)}/{len(s_off)} block medians")
     if pending:
         scaled = [[SLOWDOWN_MARGIN * x for x in off] for _, _, off, _, _ in pending]
         p_slow = [mann_whitney(on, sc, "greater").pvalue for (_, on, _, _, _), sc in zip(pending, scaled)]

@@ -134,6 +134,14 @@ def step_time_evidence(claims: list[Claim]) -> Threat | None:
     """Claim (d)'s step-time cost, where it rests on one number per side (a pinned step_s, or
     a sweep calibration without its repeated medians): seeds sharing it are not measurements."""
     lines = [line for c in claims if c.key == "d" for line in c.step_time_threats]
+    basis = [line for c in claims if c.key == "d" for line in c.step_time_basis]
+    if not lines and basis:
+        return Threat("step-time", "Checkpointing's step-time cost is measured in one process on one machine",
+                      "Claim (d) tests the step time on the block medians of each setting's calibration (" +
+                      "; ".join(basis) + "): they show the timing noise of this machine while it calibrated, not "
+                      "the variation between machines, runs or times of day. A slowdown they show is this "
+                      "machine's; check it on the target hardware (syncbench calibrate, the dist backend).",
+                      inherent=True)
     if not lines:
         return None
     return Threat("step-time", "Checkpointing's step-time cost rests on a single number",

@@ -187,7 +187,8 @@ def test_claim_d_tests_repeated_step_time_measurements_never_seeds_sharing_one_n
     assert "single measurement" in shared.summary
     threat = step_time_evidence([shared])
     assert threat is not None and "1/1 measurements" in threat.detail
-    assert step_time_evidence([claim_checkpointing(sweep_of(runs(0.014, 100.0, "sweep")))]) is None
+    tested = step_time_evidence([claim_checkpointing(sweep_of(runs(0.014, 100.0, "sweep")))])
+    assert tested is not None and tested.inherent and "5/5 block medians" in tested.detail
 
 
 def test_cell_summary_with_censored_seeds():

@@ -505,6 +505,8 @@ BAD_SPECS = {
         "choices": [2], "when": {"strategy.nam": "sync"}}}}}, "'strategy.nam' is not a config key"),
     "bad pruner name": ({"tune": {"n_trials": 2, "pruner": "medain", "params": {
         "task.module_args.lr": {"low": 0.001, "high": 0.1}}}}, "tune.pruner"),
+    "unknown analysis key": ({"analysis": {"memory_limit": 8000000}}, "analysis.memory_limit: unknown key"),
+    "memory limit not positive": ({"analysis": {"memory_limit_bytes": 0}}, "analysis.memory_limit_bytes"),
     "race margin below 1": ({"tune": {"n_trials": 2, "race_margin": 0.5, "params": {
         "task.module_args.lr": {"low": 0.001, "high": 0.1}}}}, "tune.race_margin"),
 }

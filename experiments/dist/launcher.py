@@ -733,6 +733,10 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
     if rank == 0 and activation_bytes is None and create is not None:
         activation_bytes = measure_activation_bytes(task, config)
     _warm_up(task, config, rank, world)
+    if config.checkpointing.enabled:  # DeepSpeed made a one-process group for the steps above; it
+        from strategies.checkpointing import release_deepspeed_process_group  # joins the real one next
+
+        release_deepspeed_process_group()
     seed_everything(config.seed)
 
     timeout = datetime.timedelta(seconds=config.cluster.collective_timeout_s)
