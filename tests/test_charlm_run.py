@@ -124,12 +124,12 @@ def checkpointing_sweep(tmp_path_factory):
     finally:
         release_deepspeed_process_group()  # leave no default process group to later tests
     data = read_sweep(MlflowClient(uri), "ckpt-spend", uri, curves=False)
-    return data, standalone, MlflowClient(uri)
+    return data, standalone, MlflowClient(uri), tmp
 
 
 @pytest.mark.heavy
 def test_sweep_calibrates_a_checkpointed_cell_as_a_standalone_run_does(checkpointing_sweep):
-    data, standalone, client = checkpointing_sweep
+    data, standalone, client, _ = checkpointing_sweep
     step = {}
     for r in data.runs:
         assert r.tags["syncbench.step_s_source"] == "sweep" and len(r.step_time_samples) == 8
@@ -154,7 +154,9 @@ def test_claim_d_is_refuted_for_checkpointing_every_block(checkpointing_sweep):
     step time of x1 [1, 1] (both cells timed without checkpointing)."""
     from analysis.claims import claim_checkpointing
 
-    data, _, _ = checkpointing_sweep
+    from analysis.report import write_report
+
+    data, _, client, tmp = checkpointing_sweep
     claim = claim_checkpointing(data)
     print("\n" + claim.summary)
     for row in claim.rows:
@@ -166,4 +168,10 @@ def test_claim_d_is_refuted_for_checkpointing_every_block(checkpointing_sweep):
     assert "more than 5% slower" in rows["sync, N=1, batch_size=16"].note
     assert rows["sync, N=1, batch_size=8"].verdict != "supported"
     assert all(r.values["step-time measurements (on/off)"].startswith("8/8") for r in claim.rows)
+    report = write_report(client, "ckpt-spend", tmp / "report", tracking_uri=data.tracking_uri, log_to_parent=False)
+    (d,) = [c for c in report.claims if c.key == "d"]
+    assert d.verdict == "refuted"
+    assert "step-time" in {t.key for t in report.threats}
+    md = (tmp / "report" / "report.md").read_text()
+    assert "Memory spent" in md and "block medians" in md
     assert "checkpointing at batch_size 16 vs without at batch_size 8" in claim.summary
