@@ -191,6 +191,25 @@ def test_claim_d_tests_repeated_step_time_measurements_never_seeds_sharing_one_n
     assert tested is not None and tested.inherent and "5/5 block medians" in tested.detail
 
 
+def test_claim_d_on_the_dist_backend_tests_each_runs_measured_step_time():
+    from analysis.claims import claim_checkpointing
+
+    def runs(seeds: int, step_on: float):
+        out = []
+        for enabled, step, mem in (("True", step_on, 100.0), ("False", 0.010, 1000.0)):
+            for s in range(seeds):
+                out.append(rec("sync", 2, s, 0.1, variant={"checkpointing.enabled": enabled.lower()},
+                               params={"checkpointing.enabled": enabled, "backend": "dist"},
+                               metrics={"step_time_s": step * (1 + 0.01 * s), "activation_bytes": mem}))
+        return out
+
+    claim = claim_checkpointing(sweep_of(runs(5, 0.014)))
+    assert claim.verdict == "refuted" and "measured runs" in claim.rows[0].values["step-time measurements (on/off)"]
+    few = claim_checkpointing(sweep_of(runs(2, 0.0101)))  # 2 vs 2 real measurements: p >= 1/6 whatever the data
+    assert few.verdict == "underpowered" and few.verdict_text == "underpowered (needs >= 3 seeds)"
+    assert few.power
+
+
 def test_cell_summary_with_censored_seeds():
     from analysis.summary import summarize_cells
 
