@@ -175,3 +175,27 @@ def test_claim_d_is_refuted_for_checkpointing_every_block(checkpointing_sweep):
     md = (tmp / "report" / "report.md").read_text()
     assert "Memory spent" in md and "block medians" in md
     assert "checkpointing at batch_size 16 vs without at batch_size 8" in claim.summary
+
+
+@pytest.mark.heavy
+def test_dist_run_trains_and_measures_the_checkpointed_model(tmp_path):
+    """Two real processes train charlm with DeepSpeed checkpointing (DeepSpeed joins the run's
+    process group after the warm-up), and the run records the checkpointed model's
+    activation bytes, probed on the task as prepared for training."""
+    from experiments.run import build_task, execute_run, measure_activation_bytes, one_thread
+    from strategies.checkpointing import release_deepspeed_process_group
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(CHARLM, ["batch_size=8", "checkpointing.enabled=true", "budget.train_time_s=1.0",
+                                  "eval.every_s=0.5", "cluster.backend=dist", "cluster.workers=2",
+                                  f"task.data_args.root={tmp_path / 'data'}", "task.data_args.max_chars=400000",
+                                  "task.data_args.val_windows=64"])
+    try:
+        result = execute_run(config, workspace=tmp_path, tracking_uri=uri)
+    finally:
+        release_deepspeed_process_group()
+    assert result.outcome in ("budget", "reached") and result.step_time_s > 0
+    with one_thread():
+        plain = measure_activation_bytes(build_task(config), config)  # the user's module, not checkpointed
+    recorded = MlflowClient(tracking_uri=uri).get_run(result.run_id).data.metrics["activation_bytes"]
+    assert 0 < recorded < 0.15 * plain
