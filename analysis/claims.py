@@ -93,6 +93,8 @@ class Claim:
     notes: list[str] = field(default_factory=list)
     needs_seeds: int | None = None  # underpowered: seeds per group the test needs
     power: list[str] = field(default_factory=list)  # why settings are underpowered (threats section)
+    step_time_threats: list[str] = field(default_factory=list)  # (d): step times that are one number (threats)
+    step_time_basis: list[str] = field(default_factory=list)  # (d): settings tested on calibration block medians
     error: str = ""  # the claim could not be evaluated (the report still is)
 
     @property
@@ -471,22 +473,71 @@ def step_time_measured(run: RunRecord) -> bool:
     return run.params.get("cluster.compute.step_s") in (None, "None", "null")
 
 
+def _backend(run: RunRecord) -> str:
+    return run.params.get("backend") or run.tags.get("syncbench.backend") or run.params.get("cluster.backend") or "sim"
+
+
+def step_time_evidence(runs: list[RunRecord]) -> tuple[list[float], str]:
+    """The independent step-time measurements behind a group of runs, and what they are.
+
+    - ``calibration``: the block medians of each distinct calibration (a sweep's cell shares
+      one calibration between its seeds: its medians count once);
+    - ``runs``: real processes (dist backend), one measured step time per run;
+    - ``single``: runs that recorded only their step time: each distinct number counts once,
+      so seeds that share one pinned or calibrated number are one measurement, not k.
+    """
+    samples: list[float] = []
+    kinds: set[str] = set()
+    seen_calibrations: set[tuple[float, ...]] = set()
+    seen_values: set[float] = set()
+    for r in runs:
+        value = r.metrics.get("step_time_s")
+        if _backend(r) != "sim":
+            if value is not None and math.isfinite(value):
+                samples.append(float(value))
+                kinds.add("runs")
+            continue
+        measured = r.step_time_samples
+        if measured:
+            key = tuple(measured)
+            if key not in seen_calibrations:
+                seen_calibrations.add(key)
+                samples.extend(measured)
+            kinds.add("calibration")
+        elif value is not None and math.isfinite(value) and value not in seen_values:
+            seen_values.add(float(value))
+            samples.append(float(value))
+            kinds.add("single")
+    kind = "single" if "single" in kinds or not kinds else ("runs" if kinds == {"runs"} else "calibration")
+    return samples, kind
+
+
+EVIDENCE_TEXT = {"calibration": "calibration block medians", "runs": "measured runs (one step time each)",
+                 "single": "recorded step times"}
+
+
 def claim_checkpointing(sweep: SweepData) -> Claim:
     claim = Claim(
         key="d", title="Activation checkpointing saves memory without slowing training",
-        measure="memory (peak_mem_bytes when recorded, else activation_bytes) and step time (step_time_s), "
-                "checkpointing on vs off, in cells that differ only in checkpointing.enabled; TTA ratio for reference",
-        test=f"ratios of medians (on / off) with 95% percentile-bootstrap intervals; 'without slowing' = step time "
-             f"at most {SLOWDOWN_MARGIN - 1:.0%} slower (equivalence margin)",
-        rule=f"supported when the memory interval is below 1 and the step-time interval is at most "
-             f"{SLOWDOWN_MARGIN:g}; refuted when memory is not saved (interval at or above 1) or the step-time "
-             f"interval is entirely above {SLOWDOWN_MARGIN:g}; inconclusive otherwise, and whenever the step time "
-             f"was pinned in the config rather than measured",
-        columns=["runs (on/off)", "memory metric", "memory on/off [95% CI]", "step time on/off [95% CI]",
-                 "TTA on/off [95% CI]"],
+        measure="memory (peak_mem_bytes when recorded, else activation_bytes) and step time, checkpointing on vs "
+                "off, in cells that differ only in checkpointing.enabled. The step time is tested on its repeated "
+                "real measurements: the calibration's block medians (sim; the seeds of a sweep cell share one "
+                "calibration, so they add no measurement) or each run's measured step time (dist). TTA ratio for "
+                "reference; with analysis.memory_limit_bytes, TTA with the memory saved spent on a larger batch",
+        test=f"one-sided Mann–Whitney U (permutation p) of the step-time measurements on vs off x "
+             f"{SLOWDOWN_MARGIN:g} (equivalence margin: 'without slowing' = at most {SLOWDOWN_MARGIN - 1:.0%} "
+             f"slower), each direction Holm-adjusted across settings; ratios of medians (on / off) with 95% "
+             f"percentile-bootstrap intervals",
+        rule=f"supported when memory is saved (interval below 1) and the step time is shown below "
+             f"{SLOWDOWN_MARGIN:g} x off at the 5% level; refuted when memory is not saved (interval at or above 1) "
+             f"or the step time is shown above {SLOWDOWN_MARGIN:g} x off; inconclusive otherwise and whenever the "
+             f"step time was pinned in the config; not testable when a side has a single step-time measurement",
+        columns=["runs (on/off)", "memory metric", "memory on/off [95% CI]", "step-time measurements (on/off)",
+                 "step time on/off [95% CI]", "p slower / p within margin", "TTA on/off [95% CI]"],
         how_to_test="a sweep with grid checkpointing.enabled: [false, true] on a task with several blocks "
-                    "(e.g. the char-LM transformer), with cluster.compute.step_s: null so each run measures its "
-                    "step time (or the dist backend)",
+                    "(e.g. the char-LM transformer), with cluster.compute.step_s: null so the sweep calibrates each "
+                    "setting and records its block medians (or the dist backend); add batch_size to the grid and "
+                    "analysis.memory_limit_bytes to the spec to see whether checkpointing pays for itself",
     )
     runs = [r for r in sweep.usable_runs if r.checkpointing is not None]
     if not any(r.checkpointing for r in runs):
@@ -497,7 +548,9 @@ def claim_checkpointing(sweep: SweepData) -> Claim:
     for r in runs:
         rest = tuple((k, v) for k, v in r.variant if k != "checkpointing.enabled")
         groups[(r.strategy, r.workers, rest)][bool(r.checkpointing)].append(r)
-    for (strategy, n, rest), pair in sorted(groups.items()):
+    pending = []  # (row, on samples, off samples, saved, kind) awaiting the Holm-adjusted step-time test
+    for (strategy, n, rest), pair in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                             variant_sort_key(kv[0][2]))):
         label = f"{strategy}, " + _where(n, rest)
         on, off = pair.get(True, []), pair.get(False, [])
         values = {c: "—" for c in claim.columns}
@@ -511,42 +564,138 @@ def claim_checkpointing(sweep: SweepData) -> Claim:
             continue
         values["memory metric"] = ", ".join(sorted({m[0] for m in mem_on + mem_off}))
         mem = bootstrap_ratio([m[1] for m in mem_on], [m[1] for m in mem_off])
-        step = bootstrap_ratio([r.metrics.get("step_time_s", math.nan) for r in on],
-                               [r.metrics.get("step_time_s", math.nan) for r in off])
-        tta = bootstrap_ratio([r.tta for r in on], [r.tta for r in off])
         values["memory on/off [95% CI]"] = fmt_ci(mem.estimate, mem.low, mem.high)
-        values["step time on/off [95% CI]"] = fmt_ci(step.estimate, step.low, step.high)
+        s_on, kind_on = step_time_evidence(on)
+        s_off, kind_off = step_time_evidence(off)
+        values["step-time measurements (on/off)"] = (f"{len(s_on)}/{len(s_off)} "
+                                                     f"({EVIDENCE_TEXT[kind_on] if kind_on == kind_off else 'mixed'})")
+        if s_on and s_off:
+            step = bootstrap_ratio(s_on, s_off)
+            values["step time on/off [95% CI]"] = fmt_ci(step.estimate, step.low, step.high)
         if all(math.isinf(r.tta) for r in on + off):
             values["TTA on/off [95% CI]"] = "— (no run reached the target)"
         else:
+            tta = bootstrap_ratio([r.tta for r in on], [r.tta for r in off])
             values["TTA on/off [95% CI]"] = fmt_ci(tta.estimate, tta.low, tta.high)
-        saved = mem.high < 1
-        not_saved = mem.low >= 1
-        pinned = not all(step_time_measured(r) for r in on + off)
-        note = ""
-        if not_saved:
-            verdict, note = REFUTED, "checkpointing did not reduce memory"
-        elif pinned:
-            verdict = INCONCLUSIVE
-            note = ("step time was pinned by cluster.compute.step_s, so the simulated clock cannot show the cost of "
-                    "recomputation; rerun with cluster.compute.step_s: null or the dist backend")
-        elif step.low > SLOWDOWN_MARGIN:
-            verdict, note = REFUTED, f"step time is more than {SLOWDOWN_MARGIN - 1:.0%} slower with checkpointing"
-        elif saved and step.high <= SLOWDOWN_MARGIN:
-            verdict = SUPPORTED
+        row = Row(label, INCONCLUSIVE, values)
+        claim.rows.append(row)
+        if mem.low >= 1:
+            row.verdict, row.note = REFUTED, "checkpointing did not reduce memory"
+        elif not all(step_time_measured(r) for r in on + off):
+            row.note = ("step time was pinned by cluster.compute.step_s, so the simulated clock cannot show the cost "
+                        "of recomputation; rerun with cluster.compute.step_s: null or the dist backend")
+            claim.step_time_threats.append(f"{label}: the step time was pinned in the config (one number for "
+                                           f"checkpointing on and off)")
+        elif len(s_on) < 2 or len(s_off) < 2:
+            row.verdict = NOT_TESTABLE
+            row.note = (f"the step time is a single measurement ({len(s_on)} with checkpointing, {len(s_off)} "
+                        f"without; seeds that share one calibrated number are not repeated measurements), so no "
+                        f"test of it is possible; rerun the sweep with this version (it records the calibration's "
+                        f"block medians) or on the dist backend")
+            claim.step_time_threats.append(f"{label}: one step-time number per side ({len(s_on)}/{len(s_off)} "
+                                           f"measurements), shared by its seeds")
         else:
-            verdict = INCONCLUSIVE
-        claim.rows.append(Row(label, verdict, values, note))
+            pending.append((row, s_on, s_off, mem.high < 1, kind_on if kind_on == kind_off else "mixed"))
+            if "calibration" in (kind_on, kind_off):
+                claim.step_time_basis.append(f"{row.label}: {len(s_on)}/{len(s_off)} block medians")
+    if pending:
+        scaled = [[SLOWDOWN_MARGIN * x for x in off] for _, _, off, _, _ in pending]
+        p_slow = [mann_whitney(on, sc, "greater").pvalue for (_, on, _, _, _), sc in zip(pending, scaled)]
+        p_fast = [mann_whitney(on, sc, "less").pvalue for (_, on, _, _, _), sc in zip(pending, scaled)]
+        adj_slow, adj_fast = holm(p_slow), holm(p_fast)
+        m = len(pending)
+        for (row, on, off, saved, kind), ps, pf, a_s, a_f in zip(pending, p_slow, p_fast, adj_slow, adj_fast):
+            row.values["p slower / p within margin"] = f"{fmt_p_adj(ps, a_s, m)} / {fmt_p_adj(pf, a_f, m)}"
+            if a_s < ALPHA:
+                row.verdict = REFUTED
+                row.note = f"step time is more than {SLOWDOWN_MARGIN - 1:.0%} slower with checkpointing"
+            elif saved and a_f < ALPHA:
+                row.verdict = SUPPORTED
+            elif m * min_p_mann_whitney(len(on), len(off)) > ALPHA:
+                row.verdict = UNDERPOWERED
+                if kind == "runs":
+                    row.needs_seeds = seeds_needed(min_p_mann_whitney, m)
+                row.note = (f"{len(on)} vs {len(off)} step-time measurements cannot reach the 5% level after "
+                            f"the Holm adjustment over {m} setting(s)")
+                claim.power.append(f"claim (d) {row.label}: {len(on)} vs {len(off)} step-time measurements")
+    _spend_memory(sweep, runs, claim)
     combine(claim)
     if claim.verdict == NOT_TESTABLE:
-        claim.summary = ("Not testable on this sweep: no cell with checkpointing on has a twin with it off. "
-                         f"Would test it: {claim.how_to_test}.")
+        if any(r.values.get("memory on/off [95% CI]", "—") != "—" for r in claim.rows):
+            claim.summary = ("Not testable on this sweep: the step time of each setting is a single measurement "
+                             "(see the table), so whether checkpointing slows training cannot be tested. "
+                             f"Would test it: {claim.how_to_test}.")
+        else:
+            claim.summary = ("Not testable on this sweep: no cell with checkpointing on has a twin with it off. "
+                             f"Would test it: {claim.how_to_test}.")
     else:
         for r in claim.rows:
             r.values["memory, step time"] = (f"memory ×{r.values['memory on/off [95% CI]']}, "
                                               f"step time ×{r.values['step time on/off [95% CI]']}")
         claim.summary = summarize(claim, "memory, step time", "on/off ratios")
+    if claim.notes:
+        claim.summary += " " + " ".join(claim.notes)
     return claim
+
+
+def _spend_memory(sweep: SweepData, runs: list[RunRecord], claim: Claim) -> None:
+    """Time-to-accuracy with the memory saved spent as a practitioner would: under the spec's
+    memory limit, each checkpointing setting at the largest batch_size that fits; does
+    checkpointing at its larger batch reach the target sooner (it pays for itself)?"""
+    limit = sweep.memory_limit_bytes
+    if limit is None:
+        return
+    groups: dict[tuple, dict[tuple[bool, int], list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r.batch_size is None:
+            continue
+        rest = tuple((k, v) for k, v in r.variant if k not in ("checkpointing.enabled", "batch_size"))
+        groups[(r.strategy, r.workers, rest)][(bool(r.checkpointing), r.batch_size)].append(r)
+    tests = []  # (label, on runs, off runs, b_on, b_off)
+    for (strategy, n, rest), cells in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                              variant_sort_key(kv[0][2]))):
+        label = f"{strategy}, " + _where(n, rest)
+        best: dict[bool, int | None] = {}
+        for enabled in (True, False):
+            fits = [b for (e, b), rs in cells.items()
+                    if e == enabled and all(r.memory_bytes is not None and r.memory_bytes[1] <= limit for r in rs)]
+            best[enabled] = max(fits) if fits else None
+        if len({b for _, b in cells}) < 2:
+            claim.notes.append(f"Memory spent ({label}): only one batch_size was run, so the memory saved cannot be "
+                               f"spent on a larger batch; add batch_size to the grid.")
+        elif best[True] is None:
+            claim.notes.append(f"Memory spent ({label}): no checkpointed cell fits under the memory limit of "
+                               f"{limit:,.0f} bytes.")
+        elif best[False] is None:
+            claim.notes.append(f"Memory spent ({label}): under the memory limit of {limit:,.0f} bytes only "
+                               f"checkpointing fits (batch_size {best[True]}): there it is the only way to train.")
+        elif best[True] <= best[False]:
+            claim.notes.append(f"Memory spent ({label}): under the memory limit of {limit:,.0f} bytes checkpointing "
+                               f"allows no larger batch_size than without it ({best[False]}): the memory saved "
+                               f"buys nothing here; it only costs step time.")
+        else:
+            tests.append((label, cells[(True, best[True])], cells[(False, best[False])], best[True], best[False]))
+    if not tests:
+        return
+    p_faster = [mann_whitney([r.tta for r in on], [r.tta for r in off], "less").pvalue for _, on, off, _, _ in tests]
+    p_slower = [mann_whitney([r.tta for r in on], [r.tta for r in off], "greater").pvalue for _, on, off, _, _ in tests]
+    m = len(tests)
+    for (label, on, off, b_on, b_off), pf, ps, a_f, a_s in zip(tests, p_faster, p_slower, holm(p_faster),
+                                                                holm(p_slower)):
+        tta = bootstrap_ratio([r.tta for r in on], [r.tta for r in off])
+        if a_f < ALPHA:
+            verdict = "checkpointing pays for itself: it reaches the target sooner"
+        elif a_s < ALPHA:
+            verdict = "checkpointing does not pay for itself: it reaches the target later"
+        elif m * min_p_mann_whitney(len(on), len(off)) > ALPHA:
+            verdict = (f"underpowered: {len(on)} vs {len(off)} seeds cannot reach the 5% level "
+                       f"(needs >= {seeds_needed(min_p_mann_whitney, m)} seeds)")
+        else:
+            verdict = "no difference shown at the 5% level"
+        claim.notes.append(
+            f"Memory spent ({label}, limit {limit:,.0f} bytes): checkpointing at batch_size {b_on} vs without at "
+            f"batch_size {b_off}, the largest that fit: TTA ×{fmt_ci(tta.estimate, tta.low, tta.high)} "
+            f"(Mann–Whitney p faster {fmt_p_adj(pf, a_f, m)}, p slower {fmt_p_adj(ps, a_s, m)}): {verdict}.")
 
 
 CLAIM_TITLES = {"a": "Synchronous waiting grows with the number of workers",

@@ -27,6 +27,8 @@ CENSORED_OUTCOMES = ("budget", "diverged")
 USABLE_OUTCOMES = ("reached", *CENSORED_OUTCOMES)
 AXIS_KEYS = ("strategy.name", "cluster.workers")  # the table's rows; the rest of a cell is its "variant"
 MAX_READ_THREADS = 8
+STEP_SAMPLES_TAG = "syncbench.step_time_samples"  # experiments.run.STEP_SAMPLES_TAG
+MEMORY_LIMIT_TAG = "syncbench.memory_limit_bytes"  # sweeps.launcher.MEMORY_LIMIT_TAG
 
 
 def parse_cell(cell: str) -> dict[str, str]:
@@ -141,6 +143,25 @@ class RunRecord:
         return None
 
     @property
+    def step_time_samples(self) -> list[float] | None:
+        """The repeated measurements behind the run's step time: the block medians of the
+        calibration that set it (tag ``syncbench.step_time_samples``; a sweep's cells that
+        share a calibration share them), or None when none were recorded."""
+        raw = self.tags.get(STEP_SAMPLES_TAG)
+        if not raw:
+            return None
+        try:
+            values = [float(v) for v in json.loads(raw)]
+        except (TypeError, ValueError):
+            return None
+        return [v for v in values if math.isfinite(v) and v > 0] or None
+
+    @property
+    def batch_size(self) -> int | None:
+        value = _float(self.params.get("batch_size"))
+        return int(value) if value is not None else None
+
+    @property
     def outcome_label(self) -> str:
         if self.reached:
             return f"reached at {self.tta:.4g} s"
@@ -178,6 +199,15 @@ class SweepData:
 
     def tag_values(self, key: str) -> list[str]:
         return sorted({r.tags[key] for r in self.runs if key in r.tags})
+
+    @property
+    def memory_limit_bytes(self) -> float | None:
+        """The spec's analysis.memory_limit_bytes, as the launcher tagged the parent run."""
+        try:
+            value = json.loads(self.parent_tags.get(MEMORY_LIMIT_TAG) or "null")
+        except ValueError:
+            return None
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
     @property
     def target_metric(self) -> str:

@@ -130,6 +130,28 @@ def simulated_hardware(sweep: SweepData) -> Threat | None:
                   inherent=True)
 
 
+def step_time_evidence(claims: list[Claim]) -> Threat | None:
+    """Claim (d)'s step-time cost, where it rests on one number per side (a pinned step_s, or
+    a sweep calibration without its repeated medians): seeds sharing it are not measurements."""
+    lines = [line for c in claims if c.key == "d" for line in c.step_time_threats]
+    basis = [line for c in claims if c.key == "d" for line in c.step_time_basis]
+    if not lines and basis:
+        return Threat("step-time", "Checkpointing's step-time cost is measured in one process on one machine",
+                      "Claim (d) tests the step time on the block medians of each setting's calibration (" +
+                      "; ".join(basis) + "): they show the timing noise of this machine while it calibrated, not "
+                      "the variation between machines, runs or times of day. A slowdown they show is this "
+                      "machine's; check it on the target hardware (syncbench calibrate, the dist backend).",
+                      inherent=True)
+    if not lines:
+        return None
+    return Threat("step-time", "Checkpointing's step-time cost rests on a single number",
+                  "Claim (d) compares step times that are not repeated measurements: " + "; ".join(lines) + ". The "
+                  "seeds of a cell share that number, so they carry no information about its variability, and no "
+                  "interval or test of the slowdown can be drawn from them (an interval of [1, 1] from such seeds "
+                  "would be an artifact). Rerun with cluster.compute.step_s: null (the sweep then records the "
+                  "calibration's block medians per checkpointing setting) or on the dist backend.")
+
+
 def mixed_backends(sweep: SweepData) -> Threat | None:
     backends = sorted({_backend(r) for r in sweep.runs})
     if len(backends) < 2:
@@ -155,7 +177,8 @@ def compute_threats(sweep: SweepData, cells: list[CellSummary], claims: list[Cla
     """Every threat that applies, and a note for each check that could not be computed."""
     checks = [("untuned", lambda: untuned_cross_n(sweep, cells)), ("seeds", lambda: too_few_seeds(sweep, cells, claims)),
               ("censoring", lambda: censoring(sweep, cells)), ("resolution", lambda: resolution(sweep, cells)),
-              ("simulated", lambda: simulated_hardware(sweep)), ("backends", lambda: mixed_backends(sweep)),
+              ("simulated", lambda: simulated_hardware(sweep)), ("step-time", lambda: step_time_evidence(claims)),
+              ("backends", lambda: mixed_backends(sweep)),
               ("incomplete", lambda: incomplete(sweep))]
     threats, errors = [], []
     for name, check in checks:

@@ -138,8 +138,9 @@ StragglerConfig = Annotated[
 
 class ComputeConfig(_Strict):
     step_s: float | None = Field(default=None, gt=0, description="sim: seconds per worker step before "
-                                 "stragglers; null = calibrate on this machine (a sweep calibrates once per task "
-                                 "and pins it)")
+                                 "stragglers; null = calibrate on this machine, the model as it is trained "
+                                 "(checkpointing applied); a sweep calibrates once per task, batch_size and "
+                                 "checkpointing setting and pins it")
 
 
 class NetworkConfig(_Strict):

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import csv
 import io
+import json
 import random
 import statistics
 import time
@@ -94,7 +95,22 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_task(config: RunConfig) -> PreparedTask:
-    """Import, build and dry-run the user's module and data; every failure names its key."""
+    """The task exactly as a run trains it: the user's module and data built, checked and
+    dry-run (``build_task``), then every model-changing option of the config applied
+    (activation checkpointing). The run on both backends, the sweep's calibration, the
+    activation-memory probe and ``syncbench calibrate`` all prepare their task here, so that
+    what is timed or measured is the model that is trained."""
+    task = build_task(config)
+    if config.checkpointing.enabled:
+        from strategies.checkpointing import apply_checkpointing
+
+        apply_checkpointing(task.module, config.checkpointing)
+    return task
+
+
+def build_task(config: RunConfig) -> PreparedTask:
+    """Import, build and dry-run the user's module and data; every failure names its key.
+    The module is the user's, unchanged: use ``prepare_task`` for the one a run trains."""
     module_cls = import_object(config.task.module, "task.module")
     data_cls = import_object(config.task.data, "task.data")
     if not (isinstance(module_cls, type) and issubclass(module_cls, pl.LightningModule)):
@@ -155,9 +171,26 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def calibrate_step_s(task: PreparedTask, config: RunConfig, warmup: int = 3, measured: int = 15) -> float:
-    """Median time of a real training step (forward, backward, optimizer step) of the
-    module at the per-worker batch size, on a copy so the run's state is untouched.
+CALIBRATION_BLOCKS = 8  # medians of blocks of steps: the step time and its measured variability
+CALIBRATION_BLOCK_STEPS = 8
+
+
+@dataclass
+class StepCalibration:
+    """A calibrated step time: ``samples`` are the medians of ``len(samples)`` blocks of
+    steps (the variability of repeated real measurements, which claim (d) tests with), and
+    ``step_s`` is the least of them (a burst of load from other processes inflates a median;
+    an inflated step_s stretches every simulated clock)."""
+
+    step_s: float
+    samples: list[float]
+
+
+def calibrate_step(task: PreparedTask, config: RunConfig, blocks: int = CALIBRATION_BLOCKS,
+                   block_steps: int = CALIBRATION_BLOCK_STEPS, warmup: int = 3) -> StepCalibration:
+    """Time real training steps (forward, backward, optimizer step) of the prepared module
+    (``prepare_task``: checkpointing applied) at the per-worker batch size, on a copy so the
+    run's state is untouched: ``warmup`` steps, then ``blocks`` blocks of ``block_steps``.
 
     Timed with the thread's CPU clock: with one intra-op thread the step runs on this
     thread, and CPU time does not count the time other processes (a parallel sweep, a
@@ -167,7 +200,7 @@ def calibrate_step_s(task: PreparedTask, config: RunConfig, warmup: int = 3, mea
     batches = ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed + 1, task.collate)
     times = []
     rng_state = torch.get_rng_state()
-    for i in range(warmup + measured):
+    for i in range(warmup + blocks * block_steps):
         batch = next(batches)
         t0 = time.thread_time()
         optimizer.zero_grad(set_to_none=True)
@@ -177,7 +210,20 @@ def calibrate_step_s(task: PreparedTask, config: RunConfig, warmup: int = 3, mea
             times.append(time.thread_time() - t0)
     torch.set_rng_state(rng_state)
     take_logged(module)
-    return statistics.median(times)
+    samples = [statistics.median(times[b * block_steps:(b + 1) * block_steps]) for b in range(blocks)]
+    return StepCalibration(min(samples), samples)
+
+
+def calibrate_step_s(task: PreparedTask, config: RunConfig) -> float:
+    """The calibrated seconds per worker step (``calibrate_step``)."""
+    return calibrate_step(task, config).step_s
+
+
+STEP_SAMPLES_TAG = "syncbench.step_time_samples"  # JSON list of the calibration's block medians
+
+
+def step_samples_tag(samples: list[float]) -> str:
+    return json.dumps([float(f"{x:.6g}") for x in samples])
 
 
 def measure_activation_bytes(task: PreparedTask, config: RunConfig) -> int | None:
@@ -269,22 +315,20 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
         return execute_dist_run(config, workspace=ws, tracking_uri=tracking_uri, experiment=experiment, tags=tags,
                                 parent_run_id=parent_run_id, run_name=run_name, progress=progress)
     with one_thread():
-        task = prepare_task(config)
-        if config.checkpointing.enabled:
-            from strategies.checkpointing import apply_checkpointing
-
-            apply_checkpointing(task.module, config.checkpointing)
+        task = prepare_task(config)  # checkpointing applied: the model that is timed, probed and trained
         client = open_client(tracking_uri)
         exp_id = get_or_create_experiment(client, experiment or config.name,
                                           artifacts_dir(ws).as_uri() if tracking_uri.startswith("sqlite") else None)
         step_s = config.cluster.compute.step_s
-        step_source = "pinned"
+        step_source, step_tags = "pinned", {}
         if step_s is None:
-            step_s, step_source = calibrate_step_s(task, config), "calibrated"
+            calibration = calibrate_step(task, config)
+            step_s, step_source = calibration.step_s, "calibrated"
+            step_tags = {STEP_SAMPLES_TAG: step_samples_tag(calibration.samples)}
         act_bytes = measure_activation_bytes(task, config)
         recorder = RunRecorder(client, exp_id, run_name or config.name,
                                tags={**environment_tags(), "syncbench.backend": "sim",
-                                     "syncbench.step_s_source": step_source, **(tags or {})},
+                                     "syncbench.step_s_source": step_source, **step_tags, **(tags or {})},
                                parent_run_id=parent_run_id)
         try:
             recorder.log_params({**config.flat(), "backend": "sim"})

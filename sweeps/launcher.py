@@ -57,9 +57,12 @@ from sweeps.trials import (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-CALIBRATION_REPEATS = 5  # calibrate_step_s calls per task; ~20 steps each
 MAX_STALE_RETRIES = 3  # a trial that keeps killing its launcher is retried this often per launch
-FINGERPRINT_ATTR, STEP_S_ATTR, PARENT_ATTR = "syncbench.fingerprint", "syncbench.step_s", "syncbench.mlflow_parent_run_id"
+# the step calibration per task_key: {"step_s", "samples"} (the attribute "syncbench.step_s" of
+# sweeps stored before it timed checkpointed models as a run trains them is not reused)
+MEMORY_LIMIT_TAG = "syncbench.memory_limit_bytes"  # parent run: the spec's analysis.memory_limit_bytes (JSON)
+FINGERPRINT_ATTR, STEP_S_ATTR, PARENT_ATTR = ("syncbench.fingerprint", "syncbench.step_calibration",
+                                              "syncbench.mlflow_parent_run_id")
 
 
 @dataclass
@@ -234,6 +237,7 @@ class Launcher:
             self.client = open_client(options.tracking_uri)
         self.display = SweepDisplay(sweep.name, bar=options.bar, lines=options.lines)
         self.step_s: dict[str, float] = {}  # cell id -> step_s pinned by the sweep
+        self.step_samples: dict[str, list[float]] = {}  # cell id -> the calibration's block medians
         self.eval_enqueued: set[str] = set()  # tuned cells whose eval trials this launch enqueued
         self.untunable: set[str] = set()  # tuned cells without a single COMPLETE tuning trial
         self.trials_run, self.trials_wall_s = 0, 0.0
@@ -285,11 +289,16 @@ class Launcher:
             f"name, or undo the change.")
 
     def _calibrate(self, prepared: dict[str, Any]) -> None:
-        """DESIGN.md: a sweep calibrates step_s once per task and pins it for all its trials.
-        The value is kept in the study, so resumed and concurrent launchers reuse it."""
-        from experiments.run import calibrate_step_s, one_thread, prepare_task
+        """DESIGN.md: a sweep calibrates step_s once per model-changing config (``task_key``:
+        the task, the per-worker batch and the checkpointing section) and pins it for all the
+        trials of the cells that share it. The task is prepared as a run trains it
+        (``prepare_task``: checkpointing applied), so a checkpointed cell is timed with its
+        recomputation. The value and its block medians are kept in the study, so resumed and
+        concurrent launchers reuse them; the medians go to each trial as a tag (claim (d)
+        tests the step time with them)."""
+        from experiments.run import calibrate_step, one_thread, prepare_task
 
-        stored: dict[str, float] = dict(self.study.user_attrs.get(STEP_S_ATTR, {}))
+        stored: dict[str, dict[str, Any]] = dict(self.study.user_attrs.get(STEP_S_ATTR, {}))
         changed = False
         for cell in self.sweep.cells:
             config = cell.config
@@ -299,12 +308,11 @@ class Launcher:
             if key not in stored:
                 with one_thread():
                     task = prepared.get(key) or prepare_task(config)
-                    # the least of a few medians: a burst of load from other processes
-                    # inflates one median (measured here: 4-10 ms against 1.5 ms idle), and
-                    # an inflated step_s stretches every simulated clock of the sweep
-                    stored[key] = min(calibrate_step_s(task, config) for _ in range(CALIBRATION_REPEATS))
+                    calibration = calibrate_step(task, config)
+                stored[key] = {"step_s": calibration.step_s, "samples": calibration.samples}
                 changed = True
-            self.step_s[cell.id] = stored[key]
+            self.step_s[cell.id] = stored[key]["step_s"]
+            self.step_samples[cell.id] = stored[key]["samples"]
         if changed:
             self.study.set_user_attr(STEP_S_ATTR, stored)
 
@@ -329,7 +337,8 @@ class Launcher:
         spec = self.sweep.spec
         current = {"syncbench.grid": json.dumps(spec.grid), "syncbench.seeds": json.dumps(spec.seeds),
                    "syncbench.storage": redact(self.opt.storage_url), "syncbench.optuna_study": self.sweep.name,
-                   "syncbench.step_s": json.dumps(sorted(set(self.step_s.values())))}
+                   "syncbench.step_s": json.dumps(sorted(set(self.step_s.values()))),
+                   MEMORY_LIMIT_TAG: json.dumps(spec.analysis.memory_limit_bytes)}
         if found:
             run_id = found[0].info.run_id
             if found[0].info.status != "RUNNING":
@@ -477,8 +486,11 @@ class Launcher:
                 "syncbench.seed": str(claim.seed), "syncbench.phase": claim.phase,
                 "syncbench.optuna_trial": claim.ref, **claim.extra_tags}
         if claim.cell.id in self.step_s:
+            from experiments.run import STEP_SAMPLES_TAG, step_samples_tag
+
             raw = apply_overrides(raw, {"cluster.compute.step_s": self.step_s[claim.cell.id]})
             tags["syncbench.step_s_source"] = "sweep"
+            tags[STEP_SAMPLES_TAG] = step_samples_tag(self.step_samples[claim.cell.id])
         config = validate_config(raw, claim.ref)  # fail here, not in a worker, when a tuned value is invalid
         run_name = (f"{claim.cell.label} seed={claim.seed}" if claim.phase == "eval"
                     else f"tune {claim.cell.label} #{claim.trial.number}")

@@ -13,6 +13,7 @@ grid:                                    # every combination is a cell
   strategy.name: [sync, local_sgd, async]
   cluster.workers: [1, 2, 4, 8]
 seeds: [0, 1, 2]                         # each cell is run once per seed
+analysis: {memory_limit_bytes: 8000000}   # optional: claim (d) with the memory saved spent on a larger batch
 tune:                                    # optional: tune each cell, then run seeds with the best
   n_trials: 8
   seed: 0                                # TPE sampler seed (mixed with the cell id)
@@ -123,6 +124,17 @@ class TuneSpec(_Strict):
     params: dict[str, ParamSpec] = Field(min_length=1, description="Tuned parameters by dotted config key")
 
 
+class AnalysisSpec(_Strict):
+    """Settings the report reads (they change no run, so a resumed sweep may change them)."""
+
+    memory_limit_bytes: int | None = Field(
+        default=None, gt=0, description="Claim (d), spending the memory saved: the memory one worker may use. Of "
+        "the cells that differ only in batch_size and checkpointing.enabled, the report takes for each "
+        "checkpointing setting the largest batch_size whose runs' recorded memory (peak_mem_bytes, else "
+        "activation_bytes) fits under it, and compares their TTA: whether checkpointing pays for itself. "
+        "null = no such comparison")
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=100, description="The sweep: its MLflow experiment and "
                       "Optuna study")
@@ -135,6 +147,7 @@ class SweepSpec(_Strict):
     seeds: list[int] = Field(min_length=1, description="Each cell runs once per seed")
     tune: TuneSpec | None = Field(default=None, description="Tune each cell first (TPE), then run its seeds "
                                   "with the best values")
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="Settings of the report's analysis")
 
     @field_validator("grid")
     @classmethod

@@ -153,25 +153,61 @@ def test_claim_c_uses_censored_runs_only_as_a_lower_bound_on_spread():
     assert claim.verdict == "inconclusive" and "lower bound" in claim.rows[0].note
 
 
-def test_claim_d_needs_a_measured_step_time():
-    from analysis.claims import claim_checkpointing
+def test_claim_d_tests_repeated_step_time_measurements_never_seeds_sharing_one_number():
+    import json
 
-    def runs(step_on: float, mem_on: float, source: str):
+    from analysis.claims import claim_checkpointing
+    from analysis.threats import step_time_evidence
+
+    def runs(step_on: float, mem_on: float, source: str, samples: bool = True):
         out = []
         for enabled, step, mem in (("True", step_on, mem_on), ("False", 0.010, 1000.0)):
+            blocks = [step * (1 + 0.003 * b) for b in range(5)]  # one calibration, shared by the seeds
             for s in range(3):
+                tags = {"syncbench.step_s_source": source}
+                if samples:
+                    tags["syncbench.step_time_samples"] = json.dumps(blocks)
                 out.append(rec("sync", 1, s, 0.1, variant={"checkpointing.enabled": enabled.lower()},
                                params={"checkpointing.enabled": enabled},
-                               metrics={"step_time_s": step * (1 + 0.01 * s), "activation_bytes": mem},
-                               tags={"syncbench.step_s_source": source}))
+                               metrics={"step_time_s": min(blocks), "activation_bytes": mem}, tags=tags))
         return out
 
-    assert claim_checkpointing(sweep_of(runs(0.014, 100.0, "calibrated"))).verdict == "refuted"  # 40% slower
+    refuted = claim_checkpointing(sweep_of(runs(0.014, 100.0, "sweep")))  # 40% slower
+    assert refuted.verdict == "refuted" and refuted.rows[0].values["step-time measurements (on/off)"].startswith("5/5")
     assert claim_checkpointing(sweep_of(runs(0.010, 100.0, "sweep"))).verdict == "supported"
+    assert claim_checkpointing(sweep_of(runs(0.0105, 100.0, "sweep"))).verdict == "inconclusive"  # at the margin
     assert claim_checkpointing(sweep_of(runs(0.010, 1000.0, "calibrated"))).verdict == "refuted"  # no saving
-    pinned = claim_checkpointing(sweep_of(runs(0.010, 100.0, "pinned")))
+    pinned = claim_checkpointing(sweep_of(runs(0.010, 100.0, "pinned", samples=False)))
     assert pinned.verdict == "inconclusive" and "pinned" in pinned.rows[0].note
     assert claim_checkpointing(sweep_of(runs(0.010, 100.0, "calibrated")[3:])).verdict == "not testable"
+    # the artifact: seeds that share one calibrated number per side (a sweep before block
+    # medians were recorded) are one measurement, never an interval of [1, 1] that supports the claim
+    shared = claim_checkpointing(sweep_of(runs(0.010, 100.0, "sweep", samples=False)))
+    assert shared.verdict == "not testable" and "single measurement" in shared.rows[0].note
+    assert "single measurement" in shared.summary
+    threat = step_time_evidence([shared])
+    assert threat is not None and "1/1 measurements" in threat.detail
+    tested = step_time_evidence([claim_checkpointing(sweep_of(runs(0.014, 100.0, "sweep")))])
+    assert tested is not None and tested.inherent and "5/5 block medians" in tested.detail
+
+
+def test_claim_d_on_the_dist_backend_tests_each_runs_measured_step_time():
+    from analysis.claims import claim_checkpointing
+
+    def runs(seeds: int, step_on: float):
+        out = []
+        for enabled, step, mem in (("True", step_on, 100.0), ("False", 0.010, 1000.0)):
+            for s in range(seeds):
+                out.append(rec("sync", 2, s, 0.1, variant={"checkpointing.enabled": enabled.lower()},
+                               params={"checkpointing.enabled": enabled, "backend": "dist"},
+                               metrics={"step_time_s": step * (1 + 0.01 * s), "activation_bytes": mem}))
+        return out
+
+    claim = claim_checkpointing(sweep_of(runs(5, 0.014)))
+    assert claim.verdict == "refuted" and "measured runs" in claim.rows[0].values["step-time measurements (on/off)"]
+    few = claim_checkpointing(sweep_of(runs(2, 0.0101)))  # 2 vs 2 real measurements: p >= 1/6 whatever the data
+    assert few.verdict == "underpowered" and few.verdict_text == "underpowered (needs >= 3 seeds)"
+    assert few.power
 
 
 def test_cell_summary_with_censored_seeds():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import json
 import math
 import os
 import shutil
@@ -178,19 +179,21 @@ def test_step_s_is_calibrated_once_and_pinned_for_every_trial_also_after_adding_
     spec = write_spec(tmp_path / "cal.yaml", "calibrated", grid=grid, seeds=[0],
                       set={"cluster.compute.step_s": None})
     assert sweep(spec, ws) == 0
-    step_s = study("calibrated", ws).user_attrs["syncbench.step_s"]
+    step_s = study("calibrated", ws).user_attrs["syncbench.step_calibration"]
     assert len(step_s) == 1  # one task
-    (value,) = step_s.values()
+    ((value, samples),) = ((c["step_s"], c["samples"]) for c in step_s.values())
+    assert len(samples) == 8 and value == min(samples)
     # a resume that adds a seed reuses the stored value instead of calibrating again
     spec = write_spec(tmp_path / "cal.yaml", "calibrated", grid=grid, seeds=[0, 1],
                       set={"cluster.compute.step_s": None})
     assert sweep(spec, ws) == 0
-    assert study("calibrated", ws).user_attrs["syncbench.step_s"] == step_s
+    assert study("calibrated", ws).user_attrs["syncbench.step_calibration"] == step_s
     parents, children = mlflow_runs("calibrated", ws)
     assert len(children) == 4 and yaml.safe_load(parents[0].data.tags["syncbench.seeds"]) == [0, 1]
     for run in children:
         assert float(run.data.params["cluster.compute.step_s"]) == value
         assert run.data.tags["syncbench.step_s_source"] == "sweep"
+        assert json.loads(run.data.tags["syncbench.step_time_samples"]) == pytest.approx(samples, rel=1e-5)
 
 
 # ------------------------------------------------------------------ kill -9 and resume
@@ -504,6 +507,8 @@ BAD_SPECS = {
         "choices": [2], "when": {"strategy.nam": "sync"}}}}}, "'strategy.nam' is not a config key"),
     "bad pruner name": ({"tune": {"n_trials": 2, "pruner": "medain", "params": {
         "task.module_args.lr": {"low": 0.001, "high": 0.1}}}}, "tune.pruner"),
+    "unknown analysis key": ({"analysis": {"memory_limit": 8000000}}, "analysis.memory_limit: unknown key"),
+    "memory limit not positive": ({"analysis": {"memory_limit_bytes": 0}}, "analysis.memory_limit_bytes"),
     "race margin below 1": ({"tune": {"n_trials": 2, "race_margin": 0.5, "params": {
         "task.module_args.lr": {"low": 0.001, "high": 0.1}}}}, "tune.race_margin"),
 }

@@ -727,16 +727,16 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
     warnings.filterwarnings("ignore", module="pytorch_lightning")
     warnings.filterwarnings("ignore", module="lightning_fabric")
 
-    task = prepare_task(config)
+    task = prepare_task(config)  # checkpointing applied, as in every other caller
     if validate_task:
         check_shards(task, config, world)
-    if config.checkpointing.enabled:
-        from strategies.checkpointing import apply_checkpointing
-
-        apply_checkpointing(task.module, config.checkpointing)
     if rank == 0 and activation_bytes is None and create is not None:
         activation_bytes = measure_activation_bytes(task, config)
     _warm_up(task, config, rank, world)
+    if config.checkpointing.enabled:  # DeepSpeed made a one-process group for the steps above; it
+        from strategies.checkpointing import release_deepspeed_process_group  # joins the real one next
+
+        release_deepspeed_process_group()
     seed_everything(config.seed)
 
     timeout = datetime.timedelta(seconds=config.cluster.collective_timeout_s)
