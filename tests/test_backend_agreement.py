@@ -132,4 +132,5 @@ def test_evaluation_pauses_every_rank(digits_config, tmp_path):
     _dist(config, tmp_path, emulate="none")
     rows = torch.load(tmp_path / "debug" / "rank1.pt", weights_only=False)["rows"]
     assert rows[1]["excluded"] > 0.5 * rows[0]["excluded"] > 0
-    assert abs(rows[0]["steps"] - rows[1]["steps"]) <= 1  # the last round may come one step early (stop notice)
+    # the last round comes when each rank sees the stop: at most H - 1 local steps apart
+    assert abs(rows[0]["steps"] - rows[1]["steps"]) < 4
