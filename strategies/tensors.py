@@ -41,12 +41,25 @@ def flat_grads(module: torch.nn.Module) -> torch.Tensor:
     ])
 
 
+@torch.no_grad()
 def load_flat_grads_(module: torch.nn.Module, flat: torch.Tensor) -> None:
-    offset = 0
-    for p in trainable(module):
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+    """Gradients := ``flat`` (``flat_grads``' layout), copied into existing gradient tensors."""
+    params = trainable(module)
+    for p in params:
+        if p.grad is None or p.grad.shape != p.shape:
+            p.grad = torch.empty_like(p)
+    views = [v.view_as(p) for v, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+    torch._foreach_copy_([p.grad for p in params], views)
+
+
+@torch.no_grad()
+def copy_state_(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """``target``'s parameters and floating-point buffers := ``source``'s (same architecture);
+    what ``load_flat_state_(target, flat_state(source))`` does, without the flat copy."""
+    dst = trainable(target) + float_buffers(target)
+    src = trainable(source) + float_buffers(source)
+    assert len(dst) == len(src), "modules differ"
+    torch._foreach_copy_([t.data for t in dst], [t.data for t in src])
 
 
 def float_buffers(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -62,7 +62,7 @@ from strategies.program import (
     load_gradient_payload_,
     state_payload,
 )
-from strategies.tensors import load_flat_state_
+from strategies.tensors import copy_state_, load_flat_state_
 
 
 class EventQueue:
@@ -398,7 +398,7 @@ class SimEngine:
             self._charge_transfer(w, now, pull_start, transfer_s, nbytes)
 
             def send_state(_: float) -> None:  # the pull carries theta as of its start
-                load_flat_state_(w.module, state_payload(server.module))
+                copy_state_(w.module, server.module)
                 w.pulled_version = server.version
 
             self.queue.push(pull_start, send_state)
