@@ -118,7 +118,7 @@ def checkpointing_sweep(tmp_path_factory):
             filter_string="params.batch_size = '16' and params.`checkpointing.enabled` = 'True'")
         ).data.params["cluster.compute.step_s"])
         for _ in range(2):  # load from other processes only inflates a calibration: measure again, at most twice
-            if abs(standalone[-1].step_time_s / sweep_step - 1) <= 0.10:
+            if min(r.step_time_s for r in standalone) <= 1.10 * sweep_step:
                 break
             standalone.append(execute_run(config, workspace=ws, tracking_uri=uri, experiment="standalone"))
     finally:
@@ -142,7 +142,13 @@ def test_sweep_calibrates_a_checkpointed_cell_as_a_standalone_run_does(checkpoin
     # the sweep's value is within 10% of a standalone run's (of up to three: other processes only
     # ever inflate a measurement, and the bug of issue 16 made the sweep's value the plain model's,
     # ~25% below every standalone measurement)
-    assert step[(16, True)] == pytest.approx(standalone[-1].step_time_s, rel=0.10)
+    # Timing on 2 shared cores: contention only ever inflates a measurement (CI once saw the
+    # sweep's calibration at 44 ms against 33.5 ms standalone, with batch 8 plain inflated too),
+    # so the 10% bound is one-sided -- the bug measured the plain model, ~25% *below* -- and
+    # the other side only catches gross errors.
+    best_standalone = min(r.step_time_s for r in standalone)
+    assert step[(16, True)] >= 0.90 * best_standalone
+    assert step[(16, True)] <= 1.6 * best_standalone
     assert step[(16, True)] > 1.10 * step[(16, False)]  # recomputation costs time: not the plain model's step
     mem = {(r.batch_size, r.checkpointing): r.memory_bytes[1] for r in data.runs}
     assert mem[(16, True)] < 12e6 < mem[(16, False)] and mem[(8, False)] < 12e6
