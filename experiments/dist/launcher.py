@@ -716,7 +716,7 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
     import torch.distributed as dist
     from torch.utils.data import DataLoader, Dataset
 
-    from experiments.run import RunResult, curve_csv, measure_activation_bytes, prepare_task, seed_everything
+    from experiments.run import RunResult, measure_activation_bytes, prepare_task, seed_everything
     from experiments.sharding import ShardedBatches
     from experiments.dist.worker import Comm, Emulation, ProgramStrategy, TTAMonitor, WorkerFailure, WorkerState
     from experiments.run import build_strategy
@@ -805,7 +805,7 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
         if rank != 0:
             return RunResult(run_id=None, outcome=outcome)
         assert monitor is not None and recorder is not None
-        result = _record(config, recorder, monitor, worker, strategy, rows, wall0, activation_bytes, curve_csv,
+        result = _record(config, recorder, monitor, worker, strategy, rows, wall0, activation_bytes,
                          RunResult)
         if control is not None:
             _write_json(control / "result.json", _result_to_json(result))
@@ -982,7 +982,7 @@ def _final_outcome(worker: Any, comm: Any) -> str:
 
 
 def _record(config: Any, recorder: Any, monitor: Any, worker: Any, strategy: Any, rows: list[dict[str, float]],
-            wall0: float, activation_bytes: int | None, curve_csv: Any, RunResult: Any) -> Any:  # noqa: N803
+            wall0: float, activation_bytes: int | None, RunResult: Any) -> Any:  # noqa: N803
     from experiments.run import record_finished_run
 
     res = monitor.result
