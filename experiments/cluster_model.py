@@ -66,6 +66,14 @@ def ring_allreduce_bytes(n_workers: int, nbytes: int) -> int:
     return 0 if n_workers <= 1 else int(2 * (n_workers - 1) * nbytes)
 
 
+def ring_allgather_s(n_workers: int, nbytes: int, net: NetworkConfig) -> float:
+    """Alpha-beta time of a ring all-gather of ``nbytes`` per worker: N-1 steps, each
+    forwarding one worker's block; zero for one worker."""
+    if n_workers <= 1:
+        return 0.0
+    return (n_workers - 1) * net.latency_s + (n_workers - 1) * nbytes / net.bytes_per_s
+
+
 def point_to_point_s(nbytes: int, net: NetworkConfig) -> float:
     return net.latency_s + nbytes / net.bytes_per_s
 

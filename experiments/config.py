@@ -74,7 +74,10 @@ def _strategy_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for strategy in STRATEGIES.values():
         for key, info in strategy.options_model.model_fields.items():
-            assert key not in fields or fields[key][1] == info, f"strategy option {key} defined twice, differently"
+            # a key shared by several strategies (e.g. strategy.compression, inherited from one
+            # options class) must be the same field: FieldInfo has no __eq__, its repr is complete
+            assert key not in fields or repr(fields[key][1]) == repr(info), \
+                f"strategy option {key} defined twice, differently"
             fields[key] = (info.annotation, info)
     return fields
 
@@ -141,6 +144,11 @@ class ComputeConfig(_Strict):
                                  "stragglers; null = calibrate on this machine, the model as it is trained "
                                  "(checkpointing applied); a sweep calibrates once per task, batch_size and "
                                  "checkpointing setting and pins it")
+    codec_s_per_mb: float | None = Field(default=None, ge=0, description="sim: encode + decode seconds per MB "
+                                         "(1e6 bytes) of one worker's payload at each compressed exchange "
+                                         "(strategy.compression); null = measured on this machine at the first "
+                                         "exchange (recorded as the summary metric codec_s_per_mb); pin it for "
+                                         "bit-reproducible compressed runs")
 
 
 class NetworkConfig(_Strict):

@@ -253,7 +253,7 @@ def build_simulation(config: RunConfig, task: PreparedTask, step_s: float) -> Si
     return SimEngine(strategy, task.module, task.train_set, task.collate, workers=cluster.workers,
                      batch_size=config.batch_size, seed=config.seed, step_s=step_s, stragglers=cluster.stragglers,
                      network=cluster.network, lr_factor=lr_factor(strategy, config.strategy.lr_scaling),
-                     trainer_options=config.trainer)
+                     trainer_options=config.trainer, codec_s_per_mb=cluster.compute.codec_s_per_mb)
 
 
 def curve_csv(evaluations: list[Evaluation]) -> str:

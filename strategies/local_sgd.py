@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from strategies.compression import CompressionOptions, make_codec, param_shapes
 from strategies.program import (
     Compute,
     Options,
@@ -36,7 +37,7 @@ class OuterConfig(Options):
     nesterov: bool = Field(default=False, description="Nesterov momentum for the outer step (DiLoCo uses it)")
 
 
-class LocalSGDOptions(Options):
+class LocalSGDOptions(CompressionOptions):
     local_steps: int = Field(default=8, ge=1, description="local_sgd: H local optimizer steps per worker "
                              "between averages")
     warmup_sync_updates: int = Field(default=0, ge=0, description="local_sgd: run this many synchronous "
@@ -76,6 +77,14 @@ class LocalSGDProgram(WorkerProgram):
         if options.outer is not None:
             self.global_state = flat_state(worker.module).clone()
             self.momentum = torch.zeros_like(flat_params(worker.module))
+        # compression: warm-up gradients and pseudo-gradients keep separate codec states
+        # (error feedback residuals); a compressed average exchanges state - reference, the
+        # last synchronised state (every worker holds the same one)
+        self.grad_codec = make_codec(options, param_shapes(worker.module))
+        self.state_codec = make_codec(options, param_shapes(worker.module))
+        self.reference: torch.Tensor | None = None
+        if self.state_codec is not None and self.global_state is None:
+            self.reference = flat_state(worker.module).clone()
 
     def _in_warmup(self) -> bool:
         return self.sync_updates < self.options.warmup_sync_updates
@@ -84,11 +93,13 @@ class LocalSGDProgram(WorkerProgram):
         w = self.worker
         if self._in_warmup():
             yield Compute()
-            yield ReduceGradients()
+            yield ReduceGradients(codec=self.grad_codec)
             w.optimizer.step()
             self.sync_updates += 1
             if self.global_state is not None:  # the outer model follows the synchronised one
                 self.global_state = flat_state(w.module).clone()
+            if self.reference is not None:
+                self.reference = flat_state(w.module).clone()
             return
         yield Compute()
         w.optimizer.step()
@@ -96,7 +107,10 @@ class LocalSGDProgram(WorkerProgram):
         self.since_sync += 1
         if self.since_sync < self.options.local_steps and not w.stop_requested():
             return
-        yield ReduceState()
+        if self.state_codec is None:
+            yield ReduceState()
+        else:
+            yield ReduceState(codec=self.state_codec, reference=self._reference())
         self.since_sync = 0
         self.rounds += 1
         if self.global_state is not None:
@@ -106,9 +120,16 @@ class LocalSGDProgram(WorkerProgram):
             apply_outer_step(global_params, flat_params(w.module), self.momentum, outer)
             load_flat_params_(w.module, global_params)
             self.global_state = flat_state(w.module).clone()  # outer parameters, mean buffers
+        elif self.reference is not None:
+            self.reference = flat_state(w.module).clone()
+
+    def _reference(self) -> torch.Tensor:
+        ref = self.global_state if self.global_state is not None else self.reference
+        assert ref is not None
+        return ref
 
     def reduces_gradients_next(self) -> bool:
-        return self._in_warmup()
+        return self._in_warmup() and self.grad_codec is None
 
     def at_sync_point(self) -> bool:
         return self.since_sync == 0

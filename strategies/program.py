@@ -9,8 +9,10 @@ training step and which communication it asks for, by yielding operations:
   ``None`` when the step was abandoned because a quorum collective completed without it.
 * ``ReduceGradients(quorum)``: the replica's gradients (and floating-point buffers, as DDP
   keeps BatchNorm statistics in step) become their mean over the workers -- over the first
-  ``quorum`` to arrive when a quorum is given (backup workers, Chen et al. 2016).
-* ``ReduceState()``: the replica's parameters and floating-point buffers become their mean.
+  ``quorum`` to arrive when a quorum is given (backup workers, Chen et al. 2016). With a
+  ``codec`` (``strategies.compression``), the mean of the workers' decoded compressed gradients.
+* ``ReduceState()``: the replica's parameters and floating-point buffers become their mean;
+  with a ``codec``, reference + the compressed mean of (state − ``reference``).
 * ``PushPull()``: the replica's gradient goes to the parameter server, which applies it on
   arrival (``ParameterServer.apply``), then the server's state comes back into the replica.
   Resumes with whether the gradient was applied.
@@ -61,11 +63,17 @@ class Compute(Op):
 @dataclass(frozen=True)
 class ReduceGradients(Op):
     quorum: int | None = None  # None: every worker
+    # a per-worker ``strategies.compression.Codec``: the mean of the decoded, compressed
+    # gradients (None: the exact mean)
+    codec: Any = None
 
 
 @dataclass(frozen=True)
 class ReduceState(Op):
-    pass
+    # with a codec, the workers exchange ``state - reference`` (every worker's reference is the
+    # same: the last synchronised state) compressed, and the state becomes reference + mean
+    codec: Any = None
+    reference: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

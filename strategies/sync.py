@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from strategies.compression import CompressionOptions, make_codec, param_shapes
 from strategies.program import (
     Compute,
-    Options,
     ParameterServer,
     Program,
     ReduceGradients,
@@ -25,7 +25,7 @@ from strategies.program import (
 from strategies.tensors import flat_state, load_flat_state_
 
 
-class SyncOptions(Options):
+class SyncOptions(CompressionOptions):
     backup_workers: int = Field(default=0, ge=0, description="sync: each update uses the first N-k gradients "
                                 "to arrive and drops the rest (Chen et al. 2016); must be < cluster.workers; "
                                 "sim backend only")
@@ -38,15 +38,16 @@ class SyncProgram(WorkerProgram):
         super().__init__(worker, options)
         self.quorum = worker.world - options.backup_workers
         self.updates = 0
+        self.codec = make_codec(options, param_shapes(worker.module))  # None: uncompressed
 
     def step(self) -> Program:
         yield Compute()
-        yield ReduceGradients(self.quorum if self.quorum < self.worker.world else None)
+        yield ReduceGradients(self.quorum if self.quorum < self.worker.world else None, codec=self.codec)
         self.worker.optimizer.step()
         self.updates += 1
 
     def reduces_gradients_next(self) -> bool:
-        return True
+        return self.codec is None  # a compressed exchange takes the whole gradient after backward
 
 
 class Sync(Strategy):
@@ -59,6 +60,9 @@ class Sync(Strategy):
         if options.backup_workers >= world:
             return (f"strategy.backup_workers ({options.backup_workers}) must be smaller than "
                     f"cluster.workers ({world})")
+        if options.backup_workers > 0 and options.compression != "none":
+            return ("strategy.compression: a compressed exchange needs every worker (its codec state "
+                    "advances at every exchange); set strategy.backup_workers=0 or strategy.compression=none")
         if backend == "dist" and options.backup_workers > 0:
             return ("strategy.backup_workers: backup workers are not supported by cluster.backend=dist "
                     "(dropping the slowest gradients needs a non-blocking reduction that a gloo/NCCL "

@@ -736,6 +736,8 @@ class ProgramStrategy(Strategy):
                     raise RuntimeError(f"{type(self.module).__name__}.training_step returned no loss; every worker "
                                        "must produce a gradient at every step")
                 value = float(loss.detach()) if isinstance(loss, torch.Tensor) else loss
+            elif isinstance(op, (ReduceGradients, ReduceState)) and op.codec is not None:
+                value = self._reduce_compressed(op)
             elif isinstance(op, ReduceGradients):
                 if op.quorum is not None and op.quorum < self.worker.comm.world:
                     raise RuntimeError("a quorum reduction cannot run on the dist backend (config validation "
@@ -810,6 +812,30 @@ class ProgramStrategy(Strategy):
         self.rounds += 1
         model_s = ring_allreduce_s(comm.world, self.state_bytes, self.worker.config.cluster.network)
         self._finish_round(blocked, model_s, ring_allreduce_bytes(comm.world, self.state_bytes))
+
+    @torch.no_grad()
+    def _reduce_compressed(self, op: ReduceGradients | ReduceState) -> None:
+        """A ReduceGradients / ReduceState with a codec: the whole payload after backward (no
+        bucket overlap), the codec's collectives on the main group, the exchange vector on
+        the control group alongside."""
+        from experiments.dist.compressed import exchange_model_s, run_exchange
+        from strategies import compression
+
+        comm, worker = self.worker.comm, self.worker
+        payload = compression.op_payload(op, self.module)
+        self._flags = self.exchange.build(worker)
+        flags_work = self.exchange.launch(self._flags)
+        mean, blocked, collectives = run_exchange(compression.payload_exchange(op.codec, payload, comm.world),
+                                                  comm.main, comm.world)
+        if flags_work is not None:
+            t0 = time.perf_counter()
+            flags_work.wait()
+            blocked += time.perf_counter() - t0
+        compression.load_op_result_(op, self.module, mean)
+        if isinstance(op, ReduceState):
+            self.rounds += 1
+        model_s = exchange_model_s(collectives, comm.world, worker.config.cluster.network)
+        self._finish_round(blocked if comm.world > 1 else 0.0, model_s, compression.wire_bytes(collectives, comm.world))
 
     def _all_reduce_with_flags(self, flat: torch.Tensor) -> float:
         """All-reduce ``flat`` (summed, in place) with the exchange vector riding along; returns

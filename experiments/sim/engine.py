@@ -11,6 +11,10 @@ operation on the clock:
 * ``ReduceGradients`` / ``ReduceState``: a ring all-reduce of the payload,
   2(N-1)*alpha + 2(N-1)/N * S/beta, starting when the last (or the quorum-th) worker arrives;
   the earlier arrivals wait. With a quorum, workers still computing abandon their step.
+* With a codec (``strategies.compression``), the N workers' exchanges run in lockstep: each
+  collective it asks for is charged in turn (ring all-reduce as above; ring all-gather of S
+  bytes per worker: (N-1)*alpha + (N-1) * S/beta), plus the encode/decode compute,
+  ``codec_s_per_mb`` x the payload's MB (pinned, or measured once at the first exchange).
 * ``PushPull``: the push and then the pull, alpha + S/beta each, on the server's one link,
   where transfers queue first come, first served. The server applies a push when it arrives;
   a pull carries the parameters of the moment it starts.
@@ -37,6 +41,7 @@ from experiments.cluster_model import (
     ServerLink,
     StragglerModel,
     point_to_point_s,
+    ring_allgather_s,
     ring_allreduce_bytes,
     ring_allreduce_s,
 )
@@ -63,6 +68,7 @@ from strategies.program import (
     state_payload,
 )
 from strategies.tensors import copy_state_, load_flat_state_
+from strategies import compression
 
 
 class EventQueue:
@@ -155,6 +161,8 @@ class _Collective:
     result: torch.Tensor | None = None
     completed_at: float = 0.0  # when the last (quorum-th) payload arrived
     done_at: float | None = None  # when the reduction has reached every worker
+    ops: dict[int, Op] = field(default_factory=dict)  # rank -> its op, when it carries a codec
+    results: dict[int, torch.Tensor] = field(default_factory=dict)  # rank -> its result (codec)
 
 
 class SimEngine:
@@ -163,8 +171,11 @@ class SimEngine:
 
     def __init__(self, strategy: Strategy, module: pl.LightningModule, train_set: Dataset, collate: Callable,
                  *, workers: int, batch_size: int, seed: int, step_s: float, stragglers: Any,
-                 network: NetworkConfig, lr_factor: float = 1.0, trainer_options: Any = None):
+                 network: NetworkConfig, lr_factor: float = 1.0, trainer_options: Any = None,
+                 codec_s_per_mb: float | None = None):
         self.strategy, self.n, self.step_s, self.net = strategy, workers, step_s, network
+        self.codec_s_per_mb = codec_s_per_mb  # None: measured at the first compressed exchange
+        self.codec_used = False
         self.stragglers = StragglerModel(stragglers, workers, seed)
         self.latest_metrics: dict[str, float] = {}  # of the last evaluation (ReduceLROnPlateau reads them)
         metrics = lambda: self.latest_metrics  # noqa: E731
@@ -239,7 +250,9 @@ class SimEngine:
         return self.strategy.curve_metrics(self.programs, self.server)
 
     def summary_metrics(self) -> dict[str, float]:
-        return self.strategy.summary_metrics(self.programs, self.server)
+        extra = {"codec_s_per_mb": float(self.codec_s_per_mb)} if self.codec_used and self.codec_s_per_mb is not None \
+            else {}
+        return {**self.strategy.summary_metrics(self.programs, self.server), **extra}
 
     def artifacts(self) -> dict[str, str]:
         return self.strategy.artifacts(self.programs, self.server)
@@ -346,6 +359,11 @@ class SimEngine:
         coll.arrivals[w.rank] = t
         if coll.done_at is not None:  # a dropped worker joins a finished round for its result
             self._deliver(w, coll)
+        elif op.codec is not None:
+            coll.ops[w.rank] = op
+            coll.payloads[w.rank] = compression.op_payload(op, w.module)
+            if len(coll.payloads) == coll.quorum:
+                self._complete(coll, t)
         else:
             coll.payloads[w.rank] = gradient_payload(w.module) if isinstance(op, ReduceGradients) \
                 else state_payload(w.module)
@@ -357,10 +375,13 @@ class SimEngine:
     def _complete(self, coll: _Collective, t: float) -> None:
         payloads = [coll.payloads[r] for r in sorted(coll.payloads)]
         nbytes = payloads[0].numel() * payloads[0].element_size()
-        comm_s = ring_allreduce_s(self.n, nbytes, self.net)
-        coll.result = torch.stack(payloads).mean(dim=0) if len(payloads) > 1 else payloads[0]
+        if coll.ops:
+            comm_s = self._compressed(coll, payloads, nbytes)
+        else:
+            comm_s = ring_allreduce_s(self.n, nbytes, self.net)
+            coll.result = torch.stack(payloads).mean(dim=0) if len(payloads) > 1 else payloads[0]
+            self.ledger.comm_bytes += ring_allreduce_bytes(self.n, nbytes)
         coll.completed_at, coll.done_at = t, t + comm_s
-        self.ledger.comm_bytes += ring_allreduce_bytes(self.n, nbytes)
         for rank in sorted(coll.payloads):
             self.ledger.wait[rank] += t - coll.arrivals[rank]
             self._deliver(self.workers[rank], coll)
@@ -368,9 +389,38 @@ class SimEngine:
             if w.rank not in coll.arrivals:
                 self._abandon(w, t)
 
+    def _compressed(self, coll: _Collective, payloads: list[torch.Tensor], nbytes: int) -> float:
+        """Every worker's codec exchange in lockstep; returns the seconds it takes: its
+        collectives on the alpha-beta network plus the encode/decode compute."""
+        ranks = sorted(coll.ops)
+        self.codec_used = True
+        if self.codec_s_per_mb is None:
+            op = coll.ops[ranks[0]]
+            self.codec_s_per_mb = measure_codec_s_per_mb(op.codec, payloads[0], self.n)  # type: ignore[attr-defined]
+        exchanges = [compression.payload_exchange(coll.ops[r].codec, p, self.n)  # type: ignore[attr-defined]
+                     for r, p in zip(ranks, payloads)]
+        results, collectives = compression.run_lockstep(exchanges)
+        coll.results = dict(zip(ranks, results))
+        self.ledger.comm_bytes += compression.wire_bytes(collectives, self.n)
+        comm_s = sum(ring_allreduce_s(self.n, compression.nbytes(c.tensor), self.net)
+                     if isinstance(c, compression.AllReduce) else ring_allgather_s(self.n, compression.nbytes(c.tensor),
+                                                                                   self.net)
+                     for c in collectives)
+        return comm_s + self.codec_s_per_mb * nbytes / 1e6
+
     def _deliver(self, w: SimWorker, coll: _Collective) -> None:
-        assert coll.result is not None and coll.done_at is not None
+        assert coll.done_at is not None
         self.ledger.comm[w.rank] += coll.done_at - coll.completed_at
+        if coll.ops:
+            op, mean = coll.ops[w.rank], coll.results[w.rank]
+
+            def resume_compressed(now: float) -> None:
+                compression.load_op_result_(op, w.module, mean)  # type: ignore[arg-type]
+                self._drive(w, now, None)
+
+            self.queue.push(coll.done_at, resume_compressed)
+            return
+        assert coll.result is not None
         result, gradients = coll.result, coll.kind is ReduceGradients
 
         def resume(now: float) -> None:
@@ -410,6 +460,21 @@ class SimEngine:
         self.ledger.wait[w.rank] += start - requested  # queued behind other transfers on the link
         self.ledger.comm[w.rank] += transfer_s
         self.ledger.comm_bytes += nbytes
+
+
+def measure_codec_s_per_mb(codec: Any, payload: torch.Tensor, world: int, repeats: int = 5) -> float:
+    """Encode + decode seconds per MB of payload on this machine: the median of ``repeats``
+    one-worker exchanges on copies of a codec (its state untouched), the first a warm-up."""
+    import time
+
+    times = []
+    for _ in range(repeats + 1):
+        trial = copy.deepcopy(codec)
+        t0 = time.perf_counter()
+        compression.run_lockstep([compression.payload_exchange(trial, payload.clone(), world)])
+        times.append(time.perf_counter() - t0)
+    nbytes = max(1, payload.numel() * payload.element_size())
+    return float(np.median(times[1:])) / (nbytes / 1e6)
 
 
 def lr_factor(strategy: Strategy, scaling: str) -> float:
