@@ -85,6 +85,9 @@ MUTANTS: list[Mutant] = [
            "strategies/local_sgd.py", "return self.sync_updates < self.options.warmup_sync_updates",
            "return self.sync_updates <= self.options.warmup_sync_updates",
            (SCI + "test_post_local_sgd_warmup_is_exactly_w_synchronous_updates",)),
+    Mutant("buffers_not_averaged", "BatchNorm buffers never loaded from a reduction (each replica keeps its own)",
+           "strategies/tensors.py", "b.copy_(flat[offset : offset + n].view_as(b))", "b.copy_(b)",
+           ("tests/test_module_conformance.py::test_batchnorm_buffers_are_averaged",)),
     # -- async -----------------------------------------------------------------------------------
     Mutant("staleness_off_by_one", "staleness counted one too low",
            "strategies/async_ps.py", "staleness = self.version - pulled_version",
@@ -129,6 +132,10 @@ MUTANTS: list[Mutant] = [
            "analysis/stats.py", "res = stats.levene(la, lb, center=\"median\")",
            "res = stats.levene(la, lb, center=\"mean\")",
            (STATS + "test_brown_forsythe_is_an_anova_on_absolute_deviations_from_the_medians",)),
+    Mutant("claim_c_mirror_supported", "claim (c) reports the mirror case (sync less consistent) as supported",
+           "analysis/claims.py", "row.verdict = REFUTED if ca == 0 else INCONCLUSIVE",
+           "row.verdict = SUPPORTED if ca == 0 else INCONCLUSIVE",
+           (VERDICTS + "test_claim_c_refuted_when_sync_is_the_less_consistent",)),
     Mutant("censored_at_budget", "a censored run counted at its budget instead of as slower than every reached run",
            "analysis/reader.py", "float(self.metrics[\"tta_s\"]) if self.reached else math.inf",
            "float(self.metrics[\"tta_s\"]) if self.reached else float(self.budget)",
@@ -138,6 +145,15 @@ MUTANTS: list[Mutant] = [
            "s.n_censored = s.n_seeds - s.n_reached",
            (VERDICTS + "test_summary_counts_reached_censored_diverged_and_failed_runs_apart",)),
 ]
+
+
+def markdown_table(mutants: list[Mutant]) -> str:
+    """The mutant list as docs/testing.md shows it (tests/test_docs.py keeps the two in step)."""
+    lines = ["| mutant | the bug | file | owning tests |", "|---|---|---|---|"]
+    for m in mutants:
+        owners = "<br>".join(f"`{o.replace('tests/', '', 1)}`" for o in m.owners)
+        lines.append(f"| `{m.id}` | {m.what} | `{m.file}` | {owners} |")
+    return "\n".join(lines) + "\n"
 
 
 def repo_files(root: Path) -> list[str]:
@@ -180,6 +196,7 @@ def run_pytest(copy: Path, nodes: list[str], timeout_s: float) -> tuple[int, flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--markdown", action="store_true", help="print the mutants as docs/testing.md's table")
     parser.add_argument("--only", default="", help="comma-separated mutant ids")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the owners")
@@ -193,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--only: unknown mutant ids {sorted(unknown)}", file=sys.stderr)
             return 2
         chosen = [m for m in MUTANTS if m.id in wanted]
+    if args.markdown:
+        print(markdown_table(chosen), end="")
+        return 0
     if args.list:
         for m in chosen:
             print(f"{m.id:26s} {m.file:32s} {m.what}")
