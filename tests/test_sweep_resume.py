@@ -124,7 +124,7 @@ def _pool_workers(launcher_pid: int) -> list[int]:
 
 @pytest.mark.heavy
 def test_a_pool_worker_dying_fails_its_trials_and_a_rerun_completes_them(ws, tmp_path):
-    spec = write_spec(tmp_path / "pool.yaml", "pooldeath", grid={"cluster.workers": [1, 2]}, seeds=[0, 1],
+    spec = write_spec(tmp_path / "pool.yaml", "pooldeath", grid={"cluster.workers": [1, 2]}, seeds=[0],
                       set={**SLOW, "budget.train_time_s": 1.0})
     proc = launcher(spec, ws, "--jobs", "2", env=FAST_HEARTBEAT)
     deadline = time.monotonic() + 180
@@ -147,5 +147,5 @@ def test_a_pool_worker_dying_fails_its_trials_and_a_rerun_completes_them(ws, tmp
 
     assert sweep(spec, ws) == 0  # the rerun retries what failed, and only that
     complete = [t for t in study("pooldeath", ws).trials if t.state.name == "COMPLETE"]
-    assert sorted(items(complete).values()) == [1, 1, 1, 1]
+    assert sorted(items(complete).values()) == [1, 1]
     assert states(study("pooldeath", ws).trials)["FAIL"] == len(failed)
