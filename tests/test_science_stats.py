@@ -146,3 +146,15 @@ def test_cv_and_log_sd_definitions():
     x = [1.0, 2.0, 4.0]
     assert stats.cv(x + [math.inf]) == pytest.approx(np.std(x, ddof=1) / np.mean(x))
     assert stats.log_sd(x) == pytest.approx(math.log(2))  # logs 0, ln2, 2 ln2: SD = ln 2
+
+
+def test_min_p_spearman_is_reached_by_a_perfect_trend():
+    """Runs at worker counts with these multiplicities: only the orderings that keep every larger N
+    above every smaller one reach rho's maximum -- prod(c!) / n! of them, by hand: [1, 2] -> 2/6,
+    [2, 2] -> 4/24; and a perfect trend's exact permutation p is exactly that."""
+    from analysis.claims import min_p_spearman
+
+    assert min_p_spearman([1, 2]) == pytest.approx(1 / 3)
+    assert min_p_spearman([2, 2]) == pytest.approx(1 / 6)
+    assert stats.spearman_trend([1, 2, 2], [0.0, 1.0, 2.0]).pvalue == pytest.approx(1 / 3)
+    assert stats.spearman_trend([1, 1, 2, 2], [0.0, 0.1, 1.0, 2.0]).pvalue == pytest.approx(1 / 6)
