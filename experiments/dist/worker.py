@@ -511,7 +511,6 @@ class ProgramStrategy(Strategy):
         self._flags: torch.Tensor | None = None
         self._flags_work: Any = None
         self._armed = False
-        self.last_comm_s = 0.0  # the previous round's communication time (network padding)
         self.rounds = 0
 
     # Lightning's seven abstract members: a single process ----------------------------------------
@@ -837,8 +836,7 @@ class ProgramStrategy(Strategy):
         # the emulated network is charged after the last arrival: every rank leaves the
         # collective together and pads by the same amount, the model time less the real
         # communication of the last settled round (the last arrival's blocked time)
-        pad = worker.emulation.network_pad_s(model_s, self.last_comm_s) if worker.comm.world > 1 else 0.0
-        self.last_comm_s = worker.last_round_comm_s
+        pad = worker.emulation.network_pad_s(model_s, worker.last_round_comm_s) if worker.comm.world > 1 else 0.0
         if pad > 0:
             time.sleep(pad)
             worker.ledger.comm += pad
@@ -896,6 +894,7 @@ class ProgramStrategy(Strategy):
             applied = server.apply(0, self.pulled, payload)
             state = flat_state(server.server.module).to(self.worker.comm.device, copy=True)
             version = server.server.version
+            worker.comm_bytes += server.state_bytes  # rank 0's pull, as ``ServerThread._reply`` counts the others'
             server.cond.notify_all()
         sleep_until(pulled)
         load_flat_state_(self.module, state)
