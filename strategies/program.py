@@ -190,6 +190,11 @@ class Strategy(abc.ABC):
         """Why this backend cannot run these options (the config is refused), or None."""
         return None
 
+    @classmethod
+    def unsupported_module(cls, options: Any, module: torch.nn.Module) -> str | None:
+        """Why these options cannot train this module (the config is refused), or None."""
+        return None
+
     def lr_batch_factor(self) -> float:
         """Effective batch of one update / one worker's batch (``strategy.lr_scaling``)."""
         return 1.0

@@ -178,6 +178,14 @@ class StreamingDiLoCo(Strategy):
                     f"({h // p}): one fragment's reduction arrives before the next one starts")
         return None
 
+    @classmethod
+    def unsupported_module(cls, options: Any, module: torch.nn.Module) -> str | None:
+        tensors = len(trainable(module))
+        if options.fragments > tensors:
+            return (f"strategy.fragments ({options.fragments}) is more than the module's {tensors} parameter "
+                    "tensors: a fragment is a group of whole tensors")
+        return None
+
     def load_global(self, target: torch.nn.Module, programs: list[WorkerProgram],
                     server: ParameterServer | None) -> None:
         lead = programs[0]
