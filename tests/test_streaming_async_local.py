@@ -194,3 +194,19 @@ def test_bad_async_local_options_are_refused_naming_the_key(digits_config):
         digits_config("strategy.name=async_local_sgd", "strategy.delayed_nesterov=2")
     with pytest.raises(ConfigError, match="strategy.delayed_nesterov"):
         digits_config("strategy.name=async_local_sgd", "strategy.delayed_nesterov=0", NESTEROV)
+
+
+def test_literature_spec_loads_and_names_each_method():
+    """sweeps/specs/literature.yaml validates as written: every cell is one method as its paper
+    runs it, crossed with two straggler models."""
+    from sweeps.spec import load_sweep
+
+    sweep = load_sweep(Path(__file__).resolve().parents[1] / "sweeps" / "specs" / "literature.yaml")
+    methods = {(c.config.strategy.name, c.config.strategy.local_steps, c.config.strategy.outer is not None,
+                c.config.strategy.delayed_nesterov, c.config.strategy.dynamic_local_updates) for c in sweep.cells}
+    assert {("local_sgd", h, True, None, False) for h in (1, 8, 32, 128)} <= methods
+    assert {("local_sgd", h, False, None, False) for h in (32, 128)} <= methods
+    assert {("async_local_sgd", 32, True, dn, dylu) for dn, dylu in ((None, False), (4, False), (4, True))} <= methods
+    assert ("streaming_diloco", 32, True, None, False) in methods
+    assert {c.config.cluster.stragglers.kind for c in sweep.cells} == {"lognormal", "persistent"}
+    assert all(c.config.cluster.backend == "sim" for c in sweep.cells) and sweep.total_trials() == 60
