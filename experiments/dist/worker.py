@@ -534,7 +534,6 @@ class ProgramStrategy(Strategy):
         self._flags: torch.Tensor | None = None
         self._flags_work: Any = None
         self._armed = False
-        self.last_comm_s = 0.0  # the previous round's communication time (network padding)
         self.rounds = 0
         self._reductions: dict[int, _Overlapped] = {}  # StartReduce handles in flight
         self._handles = 0
@@ -593,7 +592,10 @@ class ProgramStrategy(Strategy):
         scale_lr_(optimizer, self.lr_factor)
         self.program = self.definition.program(DistWorker(self, optimizer))
         self.exchange = Exchange(comm)
-        self.buckets = GradBuckets(self.module, comm.main, comm.world, extra=self.exchange.size) \
+        # the exchange vector and the float buffers (BatchNorm statistics, final once forward
+        # has run) ride in the last gradient bucket: no extra round trip per step
+        self.n_buffer = sum(b.numel() for b in float_buffers(self.module))
+        self.buckets = GradBuckets(self.module, comm.main, comm.world, extra=self.exchange.size + self.n_buffer) \
             if comm.world > 1 else None
         if self.buckets is not None:
             self.buckets.active = False
@@ -783,8 +785,13 @@ class ProgramStrategy(Strategy):
     def _launch_flags(self) -> None:
         self._flags = self.exchange.build(self.worker)
         assert self.buckets is not None
-        if self.buckets.extra_view is not None:  # rides in the last gradient bucket
-            self.buckets.extra_view.copy_(self._flags)
+        extra = self.buckets.extra_view
+        if extra is not None:  # rides in the last gradient bucket, the float buffers after it
+            extra[: self.exchange.size].copy_(self._flags)
+            offset = self.exchange.size
+            for b in float_buffers(self.module):
+                extra[offset : offset + b.numel()].copy_(b.detach().reshape(-1))
+                offset += b.numel()
             self._flags_work = None
         else:
             self._flags_work = self.exchange.launch(self._flags)
@@ -803,17 +810,20 @@ class ProgramStrategy(Strategy):
             t0 = time.perf_counter()
             if self._flags_work is not None:
                 self._flags_work.wait()
+            # BatchNorm statistics averaged in the same round, as in the sim backend
+            extra = self.buckets.extra_view
             buffers = float_buffers(self.module)
-            if buffers:  # BatchNorm statistics averaged in the same round, as in the sim backend
+            if extra is None and buffers:
                 flat = torch.cat([b.detach().reshape(-1) for b in buffers])
                 dist.all_reduce(flat, group=comm.main)
-                offset = 0
-                for b in buffers:
-                    b.copy_(flat[offset : offset + b.numel()].view_as(b) / comm.world)
-                    offset += b.numel()
+            elif extra is not None:
+                self._flags.copy_(extra[: self.exchange.size])
+                flat = extra[self.exchange.size :]
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b) / comm.world)
+                offset += b.numel()
             blocked += time.perf_counter() - t0
-            if self.buckets.extra_view is not None:
-                self._flags.copy_(self.buckets.extra_view)
             for p in self.buckets.params:
                 if p.grad is not None:
                     p.grad.div_(comm.world)
@@ -866,10 +876,9 @@ class ProgramStrategy(Strategy):
         # the emulated network is charged after the last arrival: every rank leaves the
         # collective together and pads by the same amount, the model time less the real
         # communication of the last settled round (the last arrival's blocked time)
-        pad = worker.emulation.network_pad_s(model_s, self.last_comm_s) if worker.comm.world > 1 else 0.0
+        pad = worker.emulation.network_pad_s(model_s, worker.last_round_comm_s) if worker.comm.world > 1 else 0.0
         if pad_s is not None:  # an overlapped reduction computed its own (``_wait_reduce``)
             pad = pad_s
-        self.last_comm_s = worker.last_round_comm_s
         if pad > 0:
             time.sleep(pad)
             worker.ledger.comm += pad
@@ -975,6 +984,7 @@ class ProgramStrategy(Strategy):
             applied = server.apply(0, self.pulled, payload)
             state = flat_state(server.server.module).to(self.worker.comm.device, copy=True)
             version = server.server.version
+            worker.comm_bytes += server.state_bytes  # rank 0's pull, as ``ServerThread._reply`` counts the others'
             server.cond.notify_all()
         sleep_until(pulled)
         load_flat_state_(self.module, state)
