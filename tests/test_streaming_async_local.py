@@ -58,7 +58,7 @@ def test_one_fragment_no_overlap_full_mixing_is_diloco_bit_for_bit(digits_config
     assert torch.equal(flat_params(engines[0].global_model()), flat_params(engines[1].global_model()))
     runs = []
     for s in (DILOCO, streaming):  # the run loop of execute_run, its recording left out
-        config = digits_config(*base, *s)
+        config = digits_config(*base, *s, "target.value=0.9", "eval.every_s=0.005")
         task = prepare_task(config)
         engine = build_simulation(config, task, step_s=5e-4)
         runs.append(train_to_target(config, engine, lambda e: evaluate(e.global_model(), task.val_batches)))
