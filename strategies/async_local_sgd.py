@@ -99,6 +99,7 @@ class AsyncLocalSGDServer(ParameterServer):
         self.momentum = torch.zeros_like(params)
         self.pending = torch.zeros_like(params) if options.delayed_nesterov else None
         self.staleness: Counter = Counter()
+        self.pushes_by_rank: Counter = Counter()
 
     @torch.no_grad()
     def apply(self, rank: int, payload: torch.Tensor, pulled_version: int) -> bool:
@@ -113,6 +114,7 @@ class AsyncLocalSGDServer(ParameterServer):
         state[self.n_params :] = payload[self.n_params :]  # buffers: the pushing worker's, as async SGD
         load_flat_state_(self.module, state)
         self.staleness[self.version - pulled_version] += 1
+        self.pushes_by_rank[rank] += 1
         self.version += 1
         return True
 
@@ -122,9 +124,11 @@ class AsyncLocalSGDProgram(WorkerProgram):
 
     def __init__(self, worker: Any, options: AsyncLocalSGDOptions):
         super().__init__(worker, options)
-        self.h = options.local_steps
+        # every worker's H (the same list on every worker: the server's samples are counted with it)
+        self.steps_per_push = [options.local_steps] * worker.world
         if options.dynamic_local_updates:
-            self.h = dynamic_local_steps(options.local_steps, worker.expected_step_factors())[worker.rank]
+            self.steps_per_push = dynamic_local_steps(options.local_steps, worker.expected_step_factors())
+        self.h = self.steps_per_push[worker.rank]
         self.pulled = flat_params(worker.module).clone()
         self.since_push = 0
         self.local_steps = 0
@@ -172,11 +176,11 @@ class AsyncLocalSGD(Strategy):
             load_flat_state_(target, flat_state(server.module).to("cpu"))
 
     def counters(self, programs: list[WorkerProgram], server: ParameterServer | None) -> tuple[int, int]:
-        """(pushes applied: the server's updates, samples of every worker's local steps). The
-        dist backend sees rank 0's program only: its local steps stand for every worker's."""
-        assert server is not None
-        local = sum(p.local_steps for p in programs)  # type: ignore[attr-defined]
-        return server.version, local * self.batch_size
+        """(pushes applied: the server's updates, the samples they carry: H_i per push of worker i,
+        the same count on both backends; a push forced early by the run's stop counts H_i too)."""
+        assert isinstance(server, AsyncLocalSGDServer)
+        steps = programs[0].steps_per_push  # type: ignore[attr-defined]
+        return server.version, self.batch_size * sum(n * steps[r] for r, n in server.pushes_by_rank.items())
 
     def curve_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
         assert isinstance(server, AsyncLocalSGDServer)
@@ -187,7 +191,7 @@ class AsyncLocalSGD(Strategy):
 
     def summary_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
         assert isinstance(server, AsyncLocalSGDServer)
-        steps = [p.h for p in programs]  # type: ignore[attr-defined]
+        steps = programs[0].steps_per_push  # type: ignore[attr-defined]
         return {**staleness_summary(server.staleness), "local_steps_min": float(min(steps)),
                 "local_steps_max": float(max(steps))}
 

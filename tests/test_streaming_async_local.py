@@ -187,6 +187,10 @@ def test_dylu_gives_slow_workers_fewer_local_steps_and_fresher_pushes(digits_con
     # in 0.1 s a fast worker takes ~100 steps (~12 pushes of 8), a slow one ~25 (~3 of 8, ~12 of 2)
     assert all(11 <= pushes_off[r] <= 12 for r in fast) and all(2 <= pushes_off[r] <= 3 for r in slow)
     assert all(abs(pushes_on[r] - pushes_on[fast[0]]) <= 1 for r in range(4)) and pushes_on[fast[0]] >= 11
+    # the samples that reached the model: H_i batches per push applied
+    _, samples = engine.counters()
+    assert samples == 32 * sum(engine.server.pushes_by_rank[r] * h_on[r] for r in range(4))
+    assert sum(engine.server.pushes_by_rank.values()) == engine.server.version > 0
 
 
 def test_bad_async_local_options_are_refused_naming_the_key(digits_config):
