@@ -478,13 +478,12 @@ class _Overlapped:
     payload: torch.Tensor
     flags: torch.Tensor
     nbytes: int
-    buf: torch.Tensor = None  # type: ignore[assignment]
+    buf: torch.Tensor = field(init=False)  # what is all-reduced: the payload, or payload + flags
     works: list[Any] = field(default_factory=list)
     started: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.buf is None:
-            self.buf = self.payload
+        self.buf = self.payload
 
 
 class DistWorker:
