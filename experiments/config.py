@@ -74,7 +74,9 @@ def _strategy_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for strategy in STRATEGIES.values():
         for key, info in strategy.options_model.model_fields.items():
-            assert key not in fields or fields[key][1] == info, f"strategy option {key} defined twice, differently"
+            # a strategy may share another's option by reusing its field (pydantic copies it): same repr
+            assert key not in fields or repr(fields[key][1]) == repr(info), \
+                f"strategy option {key} defined twice, differently"
             fields[key] = (info.annotation, info)
     return fields
 

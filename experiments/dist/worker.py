@@ -55,6 +55,8 @@ from strategies.program import (
     PushPull,
     ReduceGradients,
     ReduceState,
+    StartReduce,
+    WaitReduce,
     WorkerProgram,
     gradient_payload,
     load_gradient_payload_,
@@ -468,6 +470,22 @@ class WorkerState:
 # ------------------------------------------------------------------------------------------
 # the Lightning face: one strategy that runs any registered strategy's worker program
 # ------------------------------------------------------------------------------------------
+@dataclass
+class _Overlapped:
+    """A ``StartReduce`` in flight: its buffer (the payload, the exchange vector packed after it
+    when the dtypes allow), the work handles, and the MAX of the ranks' start times (emulation)."""
+
+    payload: torch.Tensor
+    flags: torch.Tensor
+    nbytes: int
+    buf: torch.Tensor = field(init=False)  # what is all-reduced: the payload, or payload + flags
+    works: list[Any] = field(default_factory=list)
+    started: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.buf = self.payload
+
+
 class DistWorker:
     """The ``strategies.program.Worker`` a program sees in a real process."""
 
@@ -480,6 +498,10 @@ class DistWorker:
 
     def stop_requested(self) -> bool:
         return self._face.stop_requested()
+
+    def expected_step_factors(self) -> list[float]:
+        emulation = self._face.worker.emulation  # the factors this backend pads steps to, if it does
+        return [emulation.model.expected_factor(r) if emulation.stragglers_on else 1.0 for r in range(self.world)]
 
 
 class ProgramStrategy(Strategy):
@@ -512,6 +534,8 @@ class ProgramStrategy(Strategy):
         self._flags_work: Any = None
         self._armed = False
         self.rounds = 0
+        self._reductions: dict[int, _Overlapped] = {}  # StartReduce handles in flight
+        self._handles = 0
 
     # Lightning's seven abstract members: a single process ----------------------------------------
     @property
@@ -746,7 +770,11 @@ class ProgramStrategy(Strategy):
             elif isinstance(op, ReduceState):
                 value = self._reduce_state()
             elif isinstance(op, PushPull):
-                value = self._push_pull()
+                value = self._push_pull(op)
+            elif isinstance(op, StartReduce):
+                value = self._start_reduce(op)
+            elif isinstance(op, WaitReduce):
+                value = self._wait_reduce(op)
             else:
                 raise TypeError(f"the dist backend cannot carry out {op!r}")
         self._armed = False
@@ -840,7 +868,7 @@ class ProgramStrategy(Strategy):
             flat.copy_(buf[: -self.exchange.size])
         return blocked
 
-    def _finish_round(self, blocked: float, model_s: float, nbytes: int) -> None:
+    def _finish_round(self, blocked: float, model_s: float, nbytes: int, pad_s: float | None = None) -> None:
         worker = self.worker
         assert self._flags is not None
         self._stop_flag = self.exchange.absorb(worker, self._flags)
@@ -848,6 +876,8 @@ class ProgramStrategy(Strategy):
         # collective together and pads by the same amount, the model time less the real
         # communication of the last settled round (the last arrival's blocked time)
         pad = worker.emulation.network_pad_s(model_s, worker.last_round_comm_s) if worker.comm.world > 1 else 0.0
+        if pad_s is not None:  # an overlapped reduction computed its own (``_wait_reduce``)
+            pad = pad_s
         if pad > 0:
             time.sleep(pad)
             worker.ledger.comm += pad
@@ -858,19 +888,68 @@ class ProgramStrategy(Strategy):
         self._round_done = True
         self._flags = None
 
+    # StartReduce / WaitReduce: an all-reduce in flight while the worker computes -----------------------------
+    @torch.no_grad()
+    def _start_reduce(self, op: StartReduce) -> int:
+        """Launch the reduction of ``op.payload`` (the exchange vector packed with it) and return at
+        once. With network emulation on, a MAX all-reduce of the ranks' start times finds the last
+        start, from which the emulated transfer is timed, as the sim backend times it."""
+        comm, worker = self.worker.comm, self.worker
+        handle, self._handles = self._handles, self._handles + 1
+        flags = self.exchange.build(worker)
+        payload = op.payload.to(comm.device)
+        pending = _Overlapped(payload, flags, payload.numel() * payload.element_size())
+        self._reductions[handle] = pending
+        if comm.world == 1:
+            return handle
+        packed = payload.dtype in (torch.float32, torch.float64)
+        if packed:
+            pending.buf = torch.cat([payload, flags.to(payload.dtype)])
+        pending.works.append(dist.all_reduce(pending.buf, group=comm.main, async_op=True))
+        if not packed:
+            pending.works.append(self.exchange.launch(flags))
+        if worker.emulation.network_on:
+            pending.started = torch.tensor([time.time()], dtype=torch.float64)
+            pending.works.append(dist.all_reduce(pending.started, op=dist.ReduceOp.MAX, group=comm.ctrl,
+                                                 async_op=True))
+        return handle
+
+    @torch.no_grad()
+    def _wait_reduce(self, op: WaitReduce) -> torch.Tensor:
+        """Block until the reduction has arrived; the emulated network pads up to the last start
+        plus the alpha-beta time of the payload, never below the real transfer. Returns the mean."""
+        comm, worker = self.worker.comm, self.worker
+        pending = self._reductions.pop(op.handle)
+        t0 = time.perf_counter()
+        for work in pending.works:
+            work.wait()
+        blocked = time.perf_counter() - t0
+        n = pending.payload.numel()
+        if pending.buf is not pending.payload:
+            pending.flags.copy_(pending.buf[n:])
+        self._flags = pending.flags
+        result = pending.buf[:n].div_(comm.world)
+        model_s = ring_allreduce_s(comm.world, pending.nbytes, worker.config.cluster.network)
+        pad = 0.0
+        if pending.started is not None:
+            pad = max(0.0, float(pending.started[0]) + model_s - time.time())
+        self.rounds += 1
+        self._finish_round(blocked, model_s, ring_allreduce_bytes(comm.world, pending.nbytes), pad_s=pad)
+        return result
+
     # PushPull ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _push_pull(self) -> bool:
+    def _push_pull(self, op: PushPull) -> bool:
+        payload = op.payload if op.payload is not None else gradient_payload(self.module)
         if self.server is not None:
-            return self._push_pull_local()
-        return self._push_pull_remote()
+            return self._push_pull_local(payload)
+        return self._push_pull_remote(payload)
 
-    def _push_pull_remote(self) -> bool:
+    def _push_pull_remote(self, payload: torch.Tensor) -> bool:
         from experiments.dist.server import R_APPLIED, R_QUEUE, R_STOP, R_VERSION, push_pull_remote
 
         worker = self.worker
-        reply, state, blocked = push_pull_remote(worker, gradient_payload(self.module), self.pulled, self.n_state,
-                                                 self.dtype)
+        reply, state, blocked = push_pull_remote(worker, payload, self.pulled, self.n_state, self.dtype)
         load_flat_state_(self.module, state.to(worker.comm.device))
         self.pulled = int(reply[R_VERSION])
         queued = min(float(reply[R_QUEUE]), blocked)
@@ -885,11 +964,10 @@ class ProgramStrategy(Strategy):
             self._stop_now()
         return bool(reply[R_APPLIED] > 0)
 
-    def _push_pull_local(self) -> bool:
+    def _push_pull_local(self, payload: torch.Tensor) -> bool:
         from experiments.dist.server import sleep_until
 
         server, worker = self.server, self.worker
-        payload = gradient_payload(self.module)
         loss_sum, loss_n = worker.take_losses()
         diverged = worker.take_diverged()
         t0 = time.perf_counter()
