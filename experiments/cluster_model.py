@@ -43,6 +43,16 @@ class StragglerModel:
             return float(math.exp(cfg.sigma * -2.3263478740408408 - cfg.sigma**2 / 2))
         return 1.0
 
+    def expected_factor(self, worker: int) -> float:
+        """The mean of ``worker``'s factors: lognormal factors have mean 1; persistent ones are
+        fixed; a bimodal step is ``slowdown`` times slower with probability p."""
+        cfg = self.config
+        if isinstance(cfg, PersistentStragglers):
+            return cfg.slowdown if worker in self.slow else 1.0
+        if isinstance(cfg, BimodalStragglers):
+            return 1.0 + cfg.p * (cfg.slowdown - 1.0)
+        return 1.0
+
     def factor(self, worker: int) -> float:
         cfg = self.config
         if isinstance(cfg, LognormalStragglers):

@@ -74,8 +74,7 @@ def _strategy_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for strategy in STRATEGIES.values():
         for key, info in strategy.options_model.model_fields.items():
-            # a key shared by several strategies (e.g. strategy.compression, inherited from one
-            # options class) must be the same field: FieldInfo has no __eq__, its repr is complete
+            # a strategy may share another's option by reusing its field (pydantic copies it): same repr
             assert key not in fields or repr(fields[key][1]) == repr(info), \
                 f"strategy option {key} defined twice, differently"
             fields[key] = (info.annotation, info)

@@ -101,6 +101,9 @@ def prepare_task(config: RunConfig) -> PreparedTask:
     activation-memory probe and ``syncbench calibrate`` all prepare their task here, so that
     what is timed or measured is the model that is trained."""
     task = build_task(config)
+    reason = STRATEGIES[config.strategy.name].unsupported_module(config.strategy.options(), task.module)
+    if reason:
+        raise ConfigError(reason)
     if config.checkpointing.enabled:
         from strategies.checkpointing import apply_checkpointing
 

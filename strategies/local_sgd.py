@@ -38,13 +38,15 @@ class OuterConfig(Options):
 
 
 class LocalSGDOptions(CompressionOptions):
-    local_steps: int = Field(default=8, ge=1, description="local_sgd: H local optimizer steps per worker "
-                             "between averages")
+    local_steps: int = Field(default=8, ge=1, description="local_sgd, streaming_diloco, async_local_sgd: H local "
+                             "optimizer steps per worker between averages (between pushes, async_local_sgd)")
     warmup_sync_updates: int = Field(default=0, ge=0, description="local_sgd: run this many synchronous "
                                      "updates first, then local SGD (post-local SGD, Lin et al. 2020); with outer, "
                                      "the outer model follows the synchronised one through the warm-up")
-    outer: OuterConfig | None = Field(default=None, description="local_sgd: an outer SGD on the pseudo-gradient "
-                                      "θ_global − mean(θ_i) (DiLoCo); null = plain averaging")
+    outer: OuterConfig | None = Field(default=None, description="local_sgd, streaming_diloco: an outer SGD on the "
+                                      "pseudo-gradient θ_global − mean(θ_i) (DiLoCo); async_local_sgd: the server's "
+                                      "outer SGD on each pushed pseudo-gradient; null = plain averaging (async_local_sgd: "
+                                      "lr 1, no momentum)")
 
 
 @torch.no_grad()
@@ -57,7 +59,14 @@ def mean_state_(target: torch.nn.Module, sources: list[torch.nn.Module]) -> None
 def apply_outer_step(global_params: torch.Tensor, mean_params: torch.Tensor, momentum_buf: torch.Tensor,
                      outer: OuterConfig) -> None:
     """DiLoCo's outer step, in place: SGD (torch semantics, no dampening) on the pseudo-gradient."""
-    delta = global_params - mean_params
+    apply_pseudo_gradient_(global_params, global_params - mean_params, momentum_buf, outer)
+
+
+@torch.no_grad()
+def apply_pseudo_gradient_(global_params: torch.Tensor, delta: torch.Tensor, momentum_buf: torch.Tensor,
+                           outer: OuterConfig) -> None:
+    """The outer SGD step on a pseudo-gradient ``delta`` already formed (asynchronous local SGD
+    pushes it), in place."""
     momentum_buf.mul_(outer.momentum).add_(delta)
     update = delta.add(momentum_buf, alpha=outer.momentum) if outer.nesterov else momentum_buf
     global_params.sub_(update, alpha=outer.lr)

@@ -13,9 +13,15 @@ training step and which communication it asks for, by yielding operations:
   ``codec`` (``strategies.compression``), the mean of the workers' decoded compressed gradients.
 * ``ReduceState()``: the replica's parameters and floating-point buffers become their mean;
   with a ``codec``, reference + the compressed mean of (state − ``reference``).
-* ``PushPull()``: the replica's gradient goes to the parameter server, which applies it on
-  arrival (``ParameterServer.apply``), then the server's state comes back into the replica.
-  Resumes with whether the gradient was applied.
+* ``PushPull(payload=None)``: the replica's gradient goes to the parameter server, which applies
+  it on arrival (``ParameterServer.apply``), then the server's state comes back into the replica.
+  Resumes with whether the gradient was applied. A ``payload`` (``state_payload``'s layout)
+  is pushed instead of the gradient: e.g. asynchronous local SGD's pseudo-gradient.
+* ``StartReduce(payload)``: begin averaging ``payload`` over the workers without blocking (a
+  fragment of Streaming DiLoCo); resumes at once with a handle, and the worker keeps
+  computing while the reduction crosses the network.
+* ``WaitReduce(handle)``: block until that reduction has arrived; resumes with the mean. Every
+  worker starts and waits on its reductions in the same order, one at a time.
 
 Both backends run these programs unchanged, the way SimGrid's SMPI runs unmodified MPI code on
 a simulated platform: the sim backend resumes N programs in virtual-time order and charges
@@ -60,7 +66,7 @@ class Compute(Op):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReduceGradients(Op):
     quorum: int | None = None  # None: every worker
     # a per-worker ``strategies.compression.Codec``: the mean of the decoded, compressed
@@ -68,7 +74,7 @@ class ReduceGradients(Op):
     codec: Any = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReduceState(Op):
     # with a codec, the workers exchange ``state - reference`` (every worker's reference is the
     # same: the last synchronised state) compressed, and the state becomes reference + mean
@@ -76,9 +82,19 @@ class ReduceState(Op):
     reference: torch.Tensor | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PushPull(Op):
-    pass
+    payload: torch.Tensor | None = None  # None: the gradient payload; else this vector (state layout)
+
+
+@dataclass(frozen=True, eq=False)
+class StartReduce(Op):
+    payload: torch.Tensor  # the vector to average over the workers (the program's own copy)
+
+
+@dataclass(frozen=True)
+class WaitReduce(Op):
+    handle: int  # what StartReduce resumed with
 
 
 Program = Generator[Op, Any, None]
@@ -95,6 +111,12 @@ class Worker(Protocol):
 
     def stop_requested(self) -> bool:
         """The run is about to stop: a program holding unsynchronised work should synchronise now."""
+        ...
+
+    def expected_step_factors(self) -> list[float]:
+        """Every worker's expected compute-time factor by rank (1.0 = nominal), from the run's
+        straggler model as the backend applies it (all 1.0 where it applies none): the same
+        numbers on both backends, known before the first step."""
         ...
 
 
@@ -174,6 +196,11 @@ class Strategy(abc.ABC):
     @classmethod
     def unsupported(cls, options: Any, backend: str, world: int) -> str | None:
         """Why this backend cannot run these options (the config is refused), or None."""
+        return None
+
+    @classmethod
+    def unsupported_module(cls, options: Any, module: torch.nn.Module) -> str | None:
+        """Why these options cannot train this module (the config is refused), or None."""
         return None
 
     def lr_batch_factor(self) -> float:

@@ -62,10 +62,22 @@ def copy_state_(target: torch.nn.Module, source: torch.nn.Module) -> None:
     torch._foreach_copy_([t.data for t in dst], [t.data for t in src])
 
 
+# Where the floating-point buffers live, per module: (owning submodule, buffer name). A module
+# may replace a buffer tensor (an EMA, ``self.running_mean = ...``), so the tensors themselves
+# are looked up on every call; only the walk of the module tree, which costs more than
+# averaging a small model, is kept.
+_BUFFER_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def float_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
-    # not cached: a module may replace a buffer tensor (e.g. an EMA), never a parameter an
-    # optimizer holds
-    return [b for b in module.buffers() if b.is_floating_point()]
+    slots = _BUFFER_SLOTS.get(module)
+    if slots is None:
+        slots = _BUFFER_SLOTS[module] = [
+            (owner, name) for _, owner in module.named_modules()
+            for name, b in owner._buffers.items() if b is not None and b.is_floating_point()
+        ]
+    found = [owner._buffers[name] for owner, name in slots]
+    return [b for b in found if b is not None and b.is_floating_point()]
 
 
 def flat_state(module: torch.nn.Module) -> torch.Tensor:

@@ -57,8 +57,11 @@ def run_sim_steps(config, steps: int):
 @pytest.mark.parametrize("name", NAMES)
 def test_one_worker_is_plain_sgd_on_sim(digits_config, name):
     config = digits_config(SGD, f"strategy.name={name}", "cluster.workers=1")
-    engine, initial, task = run_sim_steps(config, 15)
-    expected = plain_sgd_params(initial, task.train_set, config.batch_size, config.seed, 15, lr=0.1)
+    # 2H steps (H = local_steps, 8): a strategy whose global model is its last push's
+    # (asynchronous local SGD's server) holds every step here
+    steps = 2 * config.strategy.local_steps
+    engine, initial, task = run_sim_steps(config, steps)
+    expected = plain_sgd_params(initial, task.train_set, config.batch_size, config.seed, steps, lr=0.1)
     torch.testing.assert_close(flat_params(engine.global_model()), expected, atol=1e-6, rtol=0)
     assert not torch.equal(expected, flat_params(initial))
 

@@ -156,3 +156,11 @@ def test_an_installed_wheel_works_outside_a_clone(tmp_path):
 
     base = yaml.safe_load((target / "sweeps" / "specs" / "demo.yaml").read_text())["base"]
     assert (target / base).is_file(), base
+
+
+def test_mutant_list_in_docs_is_current():
+    from benchmarks.mutation_check import MUTANTS, markdown_table
+
+    assert markdown_table(MUTANTS) in (DOCS / "testing.md").read_text(), (
+        "docs/testing.md's mutant table is out of date: regenerate it with "
+        "`python -m benchmarks.mutation_check --markdown`")

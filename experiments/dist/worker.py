@@ -55,6 +55,8 @@ from strategies.program import (
     PushPull,
     ReduceGradients,
     ReduceState,
+    StartReduce,
+    WaitReduce,
     WorkerProgram,
     gradient_payload,
     load_gradient_payload_,
@@ -468,6 +470,22 @@ class WorkerState:
 # ------------------------------------------------------------------------------------------
 # the Lightning face: one strategy that runs any registered strategy's worker program
 # ------------------------------------------------------------------------------------------
+@dataclass
+class _Overlapped:
+    """A ``StartReduce`` in flight: its buffer (the payload, the exchange vector packed after it
+    when the dtypes allow), the work handles, and the MAX of the ranks' start times (emulation)."""
+
+    payload: torch.Tensor
+    flags: torch.Tensor
+    nbytes: int
+    buf: torch.Tensor = field(init=False)  # what is all-reduced: the payload, or payload + flags
+    works: list[Any] = field(default_factory=list)
+    started: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.buf = self.payload
+
+
 class DistWorker:
     """The ``strategies.program.Worker`` a program sees in a real process."""
 
@@ -480,6 +498,10 @@ class DistWorker:
 
     def stop_requested(self) -> bool:
         return self._face.stop_requested()
+
+    def expected_step_factors(self) -> list[float]:
+        emulation = self._face.worker.emulation  # the factors this backend pads steps to, if it does
+        return [emulation.model.expected_factor(r) if emulation.stragglers_on else 1.0 for r in range(self.world)]
 
 
 class ProgramStrategy(Strategy):
@@ -511,8 +533,9 @@ class ProgramStrategy(Strategy):
         self._flags: torch.Tensor | None = None
         self._flags_work: Any = None
         self._armed = False
-        self.last_comm_s = 0.0  # the previous round's communication time (network padding)
         self.rounds = 0
+        self._reductions: dict[int, _Overlapped] = {}  # StartReduce handles in flight
+        self._handles = 0
 
     # Lightning's seven abstract members: a single process ----------------------------------------
     @property
@@ -568,7 +591,10 @@ class ProgramStrategy(Strategy):
         scale_lr_(optimizer, self.lr_factor)
         self.program = self.definition.program(DistWorker(self, optimizer))
         self.exchange = Exchange(comm)
-        self.buckets = GradBuckets(self.module, comm.main, comm.world, extra=self.exchange.size) \
+        # the exchange vector and the float buffers (BatchNorm statistics, final once forward
+        # has run) ride in the last gradient bucket: no extra round trip per step
+        self.n_buffer = sum(b.numel() for b in float_buffers(self.module))
+        self.buckets = GradBuckets(self.module, comm.main, comm.world, extra=self.exchange.size + self.n_buffer) \
             if comm.world > 1 else None
         if self.buckets is not None:
             self.buckets.active = False
@@ -746,7 +772,11 @@ class ProgramStrategy(Strategy):
             elif isinstance(op, ReduceState):
                 value = self._reduce_state()
             elif isinstance(op, PushPull):
-                value = self._push_pull()
+                value = self._push_pull(op)
+            elif isinstance(op, StartReduce):
+                value = self._start_reduce(op)
+            elif isinstance(op, WaitReduce):
+                value = self._wait_reduce(op)
             else:
                 raise TypeError(f"the dist backend cannot carry out {op!r}")
         self._armed = False
@@ -756,8 +786,13 @@ class ProgramStrategy(Strategy):
     def _launch_flags(self) -> None:
         self._flags = self.exchange.build(self.worker)
         assert self.buckets is not None
-        if self.buckets.extra_view is not None:  # rides in the last gradient bucket
-            self.buckets.extra_view.copy_(self._flags)
+        extra = self.buckets.extra_view
+        if extra is not None:  # rides in the last gradient bucket, the float buffers after it
+            extra[: self.exchange.size].copy_(self._flags)
+            offset = self.exchange.size
+            for b in float_buffers(self.module):
+                extra[offset : offset + b.numel()].copy_(b.detach().reshape(-1))
+                offset += b.numel()
             self._flags_work = None
         else:
             self._flags_work = self.exchange.launch(self._flags)
@@ -776,17 +811,20 @@ class ProgramStrategy(Strategy):
             t0 = time.perf_counter()
             if self._flags_work is not None:
                 self._flags_work.wait()
+            # BatchNorm statistics averaged in the same round, as in the sim backend
+            extra = self.buckets.extra_view
             buffers = float_buffers(self.module)
-            if buffers:  # BatchNorm statistics averaged in the same round, as in the sim backend
+            if extra is None and buffers:
                 flat = torch.cat([b.detach().reshape(-1) for b in buffers])
                 dist.all_reduce(flat, group=comm.main)
-                offset = 0
-                for b in buffers:
-                    b.copy_(flat[offset : offset + b.numel()].view_as(b) / comm.world)
-                    offset += b.numel()
+            elif extra is not None:
+                self._flags.copy_(extra[: self.exchange.size])
+                flat = extra[self.exchange.size :]
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b) / comm.world)
+                offset += b.numel()
             blocked += time.perf_counter() - t0
-            if self.buckets.extra_view is not None:
-                self._flags.copy_(self.buckets.extra_view)
             for p in self.buckets.params:
                 if p.grad is not None:
                     p.grad.div_(comm.world)
@@ -856,15 +894,16 @@ class ProgramStrategy(Strategy):
             flat.copy_(buf[: -self.exchange.size])
         return blocked
 
-    def _finish_round(self, blocked: float, model_s: float, nbytes: int) -> None:
+    def _finish_round(self, blocked: float, model_s: float, nbytes: int, pad_s: float | None = None) -> None:
         worker = self.worker
         assert self._flags is not None
         self._stop_flag = self.exchange.absorb(worker, self._flags)
         # the emulated network is charged after the last arrival: every rank leaves the
         # collective together and pads by the same amount, the model time less the real
         # communication of the last settled round (the last arrival's blocked time)
-        pad = worker.emulation.network_pad_s(model_s, self.last_comm_s) if worker.comm.world > 1 else 0.0
-        self.last_comm_s = worker.last_round_comm_s
+        pad = worker.emulation.network_pad_s(model_s, worker.last_round_comm_s) if worker.comm.world > 1 else 0.0
+        if pad_s is not None:  # an overlapped reduction computed its own (``_wait_reduce``)
+            pad = pad_s
         if pad > 0:
             time.sleep(pad)
             worker.ledger.comm += pad
@@ -875,19 +914,68 @@ class ProgramStrategy(Strategy):
         self._round_done = True
         self._flags = None
 
+    # StartReduce / WaitReduce: an all-reduce in flight while the worker computes -----------------------------
+    @torch.no_grad()
+    def _start_reduce(self, op: StartReduce) -> int:
+        """Launch the reduction of ``op.payload`` (the exchange vector packed with it) and return at
+        once. With network emulation on, a MAX all-reduce of the ranks' start times finds the last
+        start, from which the emulated transfer is timed, as the sim backend times it."""
+        comm, worker = self.worker.comm, self.worker
+        handle, self._handles = self._handles, self._handles + 1
+        flags = self.exchange.build(worker)
+        payload = op.payload.to(comm.device)
+        pending = _Overlapped(payload, flags, payload.numel() * payload.element_size())
+        self._reductions[handle] = pending
+        if comm.world == 1:
+            return handle
+        packed = payload.dtype in (torch.float32, torch.float64)
+        if packed:
+            pending.buf = torch.cat([payload, flags.to(payload.dtype)])
+        pending.works.append(dist.all_reduce(pending.buf, group=comm.main, async_op=True))
+        if not packed:
+            pending.works.append(self.exchange.launch(flags))
+        if worker.emulation.network_on:
+            pending.started = torch.tensor([time.time()], dtype=torch.float64)
+            pending.works.append(dist.all_reduce(pending.started, op=dist.ReduceOp.MAX, group=comm.ctrl,
+                                                 async_op=True))
+        return handle
+
+    @torch.no_grad()
+    def _wait_reduce(self, op: WaitReduce) -> torch.Tensor:
+        """Block until the reduction has arrived; the emulated network pads up to the last start
+        plus the alpha-beta time of the payload, never below the real transfer. Returns the mean."""
+        comm, worker = self.worker.comm, self.worker
+        pending = self._reductions.pop(op.handle)
+        t0 = time.perf_counter()
+        for work in pending.works:
+            work.wait()
+        blocked = time.perf_counter() - t0
+        n = pending.payload.numel()
+        if pending.buf is not pending.payload:
+            pending.flags.copy_(pending.buf[n:])
+        self._flags = pending.flags
+        result = pending.buf[:n].div_(comm.world)
+        model_s = ring_allreduce_s(comm.world, pending.nbytes, worker.config.cluster.network)
+        pad = 0.0
+        if pending.started is not None:
+            pad = max(0.0, float(pending.started[0]) + model_s - time.time())
+        self.rounds += 1
+        self._finish_round(blocked, model_s, ring_allreduce_bytes(comm.world, pending.nbytes), pad_s=pad)
+        return result
+
     # PushPull ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _push_pull(self) -> bool:
+    def _push_pull(self, op: PushPull) -> bool:
+        payload = op.payload if op.payload is not None else gradient_payload(self.module)
         if self.server is not None:
-            return self._push_pull_local()
-        return self._push_pull_remote()
+            return self._push_pull_local(payload)
+        return self._push_pull_remote(payload)
 
-    def _push_pull_remote(self) -> bool:
+    def _push_pull_remote(self, payload: torch.Tensor) -> bool:
         from experiments.dist.server import R_APPLIED, R_QUEUE, R_STOP, R_VERSION, push_pull_remote
 
         worker = self.worker
-        reply, state, blocked = push_pull_remote(worker, gradient_payload(self.module), self.pulled, self.n_state,
-                                                 self.dtype)
+        reply, state, blocked = push_pull_remote(worker, payload, self.pulled, self.n_state, self.dtype)
         load_flat_state_(self.module, state.to(worker.comm.device))
         self.pulled = int(reply[R_VERSION])
         queued = min(float(reply[R_QUEUE]), blocked)
@@ -902,11 +990,10 @@ class ProgramStrategy(Strategy):
             self._stop_now()
         return bool(reply[R_APPLIED] > 0)
 
-    def _push_pull_local(self) -> bool:
+    def _push_pull_local(self, payload: torch.Tensor) -> bool:
         from experiments.dist.server import sleep_until
 
         server, worker = self.server, self.worker
-        payload = gradient_payload(self.module)
         loss_sum, loss_n = worker.take_losses()
         diverged = worker.take_diverged()
         t0 = time.perf_counter()
@@ -922,6 +1009,7 @@ class ProgramStrategy(Strategy):
             applied = server.apply(0, self.pulled, payload)
             state = flat_state(server.server.module).to(self.worker.comm.device, copy=True)
             version = server.server.version
+            worker.comm_bytes += server.state_bytes  # rank 0's pull, as ``ServerThread._reply`` counts the others'
             server.cond.notify_all()
         sleep_until(pulled)
         load_flat_state_(self.module, state)

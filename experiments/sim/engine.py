@@ -18,6 +18,10 @@ operation on the clock:
 * ``PushPull``: the push and then the pull, alpha + S/beta each, on the server's one link,
   where transfers queue first come, first served. The server applies a push when it arrives;
   a pull carries the parameters of the moment it starts.
+* ``StartReduce`` / ``WaitReduce``: the same ring all-reduce, running on the clock in the
+  background from the last worker's start while the workers keep computing; a worker waits
+  only for what has not arrived when it asks for it (charged as waiting until the last start,
+  communication after).
 
 Events at the same instant resolve in insertion order: a run is reproducible bit for bit.
 """
@@ -61,7 +65,9 @@ from strategies.program import (
     PushPull,
     ReduceGradients,
     ReduceState,
+    StartReduce,
     Strategy,
+    WaitReduce,
     WorkerProgram,
     gradient_payload,
     load_gradient_payload_,
@@ -136,9 +142,13 @@ class SimWorker:
         self.token = 0
         self.collectives = 0
         self.pulled_version = 0
+        self.step_factors = [1.0] * world  # the straggler model's expected factors (set by the engine)
 
     def stop_requested(self) -> bool:
         return False  # the sim stops between events; nothing is ever left unsynchronised
+
+    def expected_step_factors(self) -> list[float]:
+        return list(self.step_factors)
 
     def batch_idx(self) -> int:
         """Index of the next batch within its epoch (the module's ``batch_idx``, as the Trainer's)."""
@@ -163,6 +173,8 @@ class _Collective:
     done_at: float | None = None  # when the reduction has reached every worker
     ops: dict[int, Op] = field(default_factory=dict)  # rank -> its op, when it carries a codec
     results: dict[int, torch.Tensor] = field(default_factory=dict)  # rank -> its result (codec)
+    waiters: dict[int, float] = field(default_factory=dict)  # StartReduce: rank -> when it asked to wait
+    released: int = 0  # StartReduce: workers that have had the result
 
 
 class SimEngine:
@@ -196,13 +208,16 @@ class SimEngine:
             self.server = server
         for opt in [w.optimizer for w in self.workers] + ([self.server.optimizer] if self.server else []):
             scale_lr_(opt, lr_factor)
+        factors = [self.stragglers.expected_factor(r) for r in range(workers)]
         for w in self.workers:
+            w.step_factors = factors
             w.program = strategy.program(w)
         self.programs = [w.program for w in self.workers]
         self.ledger = TimeLedger(workers)
         self.queue = EventQueue()
         self.link = ServerLink()
         self.collectives: dict[int, _Collective] = {}
+        self.reductions: dict[int, _Collective] = {}  # non-blocking ones, by handle
         self.clock = 0.0
         self.diverged = False
         self.recent_losses: list[float] = []
@@ -286,7 +301,11 @@ class SimEngine:
         elif isinstance(op, (ReduceGradients, ReduceState)):
             self._collective(w, t, op)
         elif isinstance(op, PushPull):
-            self._push_pull(w, t)
+            self._push_pull(w, t, op)
+        elif isinstance(op, StartReduce):
+            self._start_reduce(w, t, op)
+        elif isinstance(op, WaitReduce):
+            self._wait_reduce(w, t, op)
         else:
             raise TypeError(f"the sim backend cannot carry out {op!r}")
 
@@ -432,10 +451,47 @@ class SimEngine:
 
         self.queue.push(coll.done_at, resume)
 
-    def _push_pull(self, w: SimWorker, t: float) -> None:
+    def _start_reduce(self, w: SimWorker, t: float, op: StartReduce) -> None:
+        """A non-blocking reduction: numbered like the blocking ones; the worker resumes at once."""
+        k = w.collectives
+        w.collectives += 1
+        coll = self.reductions.setdefault(k, _Collective(StartReduce, self.n))
+        coll.arrivals[w.rank] = t
+        coll.payloads[w.rank] = op.payload
+        if len(coll.payloads) == self.n:  # the last start: the transfer begins now
+            payloads = [coll.payloads.pop(r) for r in sorted(coll.payloads)]
+            nbytes = payloads[0].numel() * payloads[0].element_size()
+            coll.result = torch.stack(payloads).mean(dim=0) if len(payloads) > 1 else payloads[0]
+            coll.completed_at, coll.done_at = t, t + ring_allreduce_s(self.n, nbytes, self.net)
+            self.ledger.comm_bytes += ring_allreduce_bytes(self.n, nbytes)
+            for rank, asked in list(coll.waiters.items()):
+                self._release(k, rank, asked)
+        self._drive(w, t, k)
+
+    def _wait_reduce(self, w: SimWorker, t: float, op: WaitReduce) -> None:
+        coll = self.reductions[op.handle]
+        coll.waiters[w.rank] = t
+        if coll.done_at is not None:
+            self._release(op.handle, w.rank, t)
+
+    def _release(self, handle: int, rank: int, asked: float) -> None:
+        """Resume ``rank`` with the mean once it has arrived: waiting until the last start, then
+        the rest of the transfer as communication (none when it arrived while computing)."""
+        coll = self.reductions[handle]
+        assert coll.done_at is not None and coll.result is not None
+        w, result = self.workers[rank], coll.result
+        resume_at = max(asked, coll.done_at)
+        self.ledger.wait[rank] += max(0.0, coll.completed_at - asked)
+        self.ledger.comm[rank] += resume_at - max(asked, coll.completed_at)
+        coll.released += 1
+        if coll.released == self.n:
+            del self.reductions[handle]
+        self.queue.push(resume_at, lambda now: self._drive(w, now, result))
+
+    def _push_pull(self, w: SimWorker, t: float, op: PushPull) -> None:
         server = self.server
         assert server is not None, "PushPull needs a strategy with a parameter server"
-        payload = gradient_payload(w.module)
+        payload = op.payload if op.payload is not None else gradient_payload(w.module)
         nbytes = payload.numel() * payload.element_size()
         transfer_s = point_to_point_s(nbytes, self.net)
         start, end = self.link.reserve(t, transfer_s)

@@ -1,0 +1,216 @@
+"""Streaming DiLoCo and asynchronous local SGD: their invariants against DiLoCo, their math
+against torch.optim.SGD, the overlap on the virtual clock, DyLU under persistent stragglers, and
+bad input. The contract suite (tests/test_contract.py) runs both on both backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.config import ConfigError
+from experiments.dist.launcher import execute_dist_run
+from experiments.run import build_simulation, prepare_task
+from experiments.run_loop import train_to_target
+from strategies.lightning_bridge import evaluate
+from strategies.async_local_sgd import delayed_nesterov_step_, dynamic_local_steps
+from strategies.local_sgd import OuterConfig
+from strategies.streaming_diloco import fragment_bounds
+from strategies.tensors import flat_params, flat_state
+
+SGD = "task.module_args={lr: 0.1, optimizer: sgd, hidden: 32}"
+NESTEROV = "strategy.outer={lr: 0.7, momentum: 0.9, nesterov: true}"
+DILOCO = ("strategy.name=local_sgd", NESTEROV)
+
+
+def sim_steps(config, steps: int):
+    """Every simulated worker has completed ``steps`` program steps (events in time order)."""
+    engine = build_simulation(config, prepare_task(config), step_s=1e-3)
+    while min(w.completed for w in engine.workers) < steps:
+        engine.advance()
+    return engine
+
+
+# -- Streaming DiLoCo --------------------------------------------------------------------------------
+def test_fragments_are_contiguous_balanced_whole_tensors():
+    sizes = [2048, 32, 320, 10, 100, 100]
+    for parts in range(1, len(sizes) + 1):
+        bounds = fragment_bounds(sizes, parts)
+        assert len(bounds) == parts and bounds[0][0] == 0 and bounds[-1][1] == sum(sizes)
+        assert all(a < b for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+        edges = {0, *[sum(sizes[:i + 1]) for i in range(len(sizes))]}
+        assert all(a in edges and b in edges for a, b in bounds)  # whole tensors
+    # four equal tensors in two fragments: two each
+    assert fragment_bounds([10, 10, 10, 10], 2) == [(0, 20), (20, 40)]
+    with pytest.raises(ConfigError, match="strategy.fragments"):
+        fragment_bounds([10, 10], 3)
+
+
+def test_one_fragment_no_overlap_full_mixing_is_diloco_bit_for_bit(digits_config):
+    """P = 1, tau = 0, alpha = 1: the same parameters and the same curve and TTA as DiLoCo."""
+    base = ("cluster.workers=2", "strategy.local_steps=4", "cluster.stragglers={kind: lognormal, sigma: 0.3}")
+    streaming = ("strategy.name=streaming_diloco", NESTEROV, "strategy.fragments=1", "strategy.overlap_steps=0",
+                 "strategy.mixing_alpha=1.0")
+    engines = [sim_steps(digits_config(SGD, *base, *s), 18) for s in (DILOCO, streaming)]
+    for a, b in zip(*[e.workers for e in engines]):
+        assert torch.equal(flat_state(a.module), flat_state(b.module))
+    assert torch.equal(flat_params(engines[0].global_model()), flat_params(engines[1].global_model()))
+    runs = []
+    for s in (DILOCO, streaming):  # the run loop of execute_run, its recording left out
+        config = digits_config(*base, *s, "target.value=0.9", "eval.every_s=0.005")
+        task = prepare_task(config)
+        engine = build_simulation(config, task, step_s=5e-4)
+        runs.append(train_to_target(config, engine, lambda e: evaluate(e.global_model(), task.val_batches)))
+    curves = [[(ev.clock_s, ev.updates, ev.samples, ev.metrics) for ev in r.evaluations] for r in runs]
+    assert curves[0] == curves[1] and len(curves[0]) > 3
+    assert runs[0].tta_s == runs[1].tta_s and runs[0].outcome == "reached"
+
+
+def test_overlap_hides_the_reduction_behind_compute_on_the_clock(digits_config):
+    """With tau >= 1 and a reduction shorter than a step, no communication time is exposed:
+    after the same steps the workers have spent exactly the compute time; with tau = 0 each
+    fragment's ring all-reduce is charged in full. Same bytes on the wire either way."""
+    n, h, p, step_s, latency = 2, 4, 2, 1e-3, 2e-4
+    base = (SGD, "strategy.name=streaming_diloco", f"cluster.workers={n}", f"strategy.local_steps={h}",
+            f"strategy.fragments={p}", f"cluster.network={{latency_s: {latency}, bandwidth_gbps: 10}}")
+    steps = 9  # fragment syncs start after steps 2, 4, 6, 8; with tau = 1 the last arrives at step 9
+    exposed, hidden = (sim_steps(digits_config(*base, f"strategy.overlap_steps={tau}"), steps) for tau in (0, 1))
+    module = prepare_task(digits_config(*base)).module
+    sizes = [q.numel() for q in module.parameters()]
+    state_bytes = 4 * sum(sizes)
+    first = 4 * sizes[0]  # the digits MLP's first weight matrix is the larger half: fragment 0
+    ring = [2 * (n - 1) * latency + 2 * (n - 1) / n * b / (10e9 / 8) for b in (first, state_bytes - first)]
+    expected_comm = 2 * ring[0] + 2 * ring[1]  # each fragment synchronised twice
+    for r in range(n):
+        assert exposed.ledger.comm[r] == pytest.approx(expected_comm, rel=1e-9)
+        assert hidden.ledger.comm[r] == 0.0 and hidden.ledger.wait[r] == 0.0
+        assert hidden.ledger.compute[r] == pytest.approx(steps * step_s, rel=1e-12)
+    assert exposed.ledger.comm_bytes == hidden.ledger.comm_bytes == 2 * 2 * (n - 1) * state_bytes
+
+
+def test_bad_streaming_options_are_refused_naming_the_key(digits_config):
+    with pytest.raises(ConfigError, match="strategy.fragments"):
+        digits_config("strategy.name=streaming_diloco", "strategy.fragments=3")
+    with pytest.raises(ConfigError, match="strategy.overlap_steps"):
+        digits_config("strategy.name=streaming_diloco", "strategy.fragments=2", "strategy.overlap_steps=4")
+    with pytest.raises(ConfigError, match="strategy.mixing_alpha"):
+        digits_config("strategy.name=streaming_diloco", "strategy.mixing_alpha=0")
+    config = digits_config("strategy.name=streaming_diloco", "strategy.local_steps=8", "strategy.fragments=8")
+    with pytest.raises(ConfigError, match="strategy.fragments"):  # the digits MLP has 4 parameter tensors
+        prepare_task(config)
+
+
+@pytest.mark.heavy
+def test_overlapped_fragments_hold_the_same_parameters_on_both_backends(digits_config, tmp_path):
+    """tau = 1, alpha = 0.5, outer Nesterov: the reductions in flight over gloo give the sim's numbers."""
+    base = (SGD, "strategy.name=streaming_diloco", "cluster.workers=2", "strategy.local_steps=4",
+            "strategy.overlap_steps=1", "strategy.mixing_alpha=0.5", NESTEROV, "target.value=1.01",
+            "budget.train_time_s=60")
+    engine = sim_steps(digits_config(*base), 14)
+    execute_dist_run(digits_config(*base, "cluster.backend=dist"), workspace=tmp_path / "ws",
+                     debug_dir=tmp_path / "debug", max_steps=14, emulate="none")
+    for rank in range(2):
+        dist_final = torch.load(tmp_path / "debug" / f"rank{rank}.pt", weights_only=False)["final"]
+        sim = flat_params(engine.workers[rank].module)
+        torch.testing.assert_close(dist_final[: sim.numel()], sim, atol=1e-5, rtol=0)
+
+
+# -- asynchronous local SGD -------------------------------------------------------------------------
+def test_one_worker_async_local_sgd_is_diloco_bit_for_bit(digits_config):
+    base = (SGD, "cluster.workers=1", "strategy.local_steps=4")
+    diloco, async_local = (sim_steps(digits_config(*base, *s), 22) for s in (
+        DILOCO, ("strategy.name=async_local_sgd", NESTEROV)))
+    assert torch.equal(flat_params(diloco.global_model()), flat_params(async_local.global_model()))
+    assert torch.equal(flat_state(diloco.workers[0].module), flat_state(async_local.workers[0].module))
+    assert async_local.server.version == 5  # pushes after steps 4, 8, ..., 20
+
+
+def _torch_sgd_steps(start: torch.Tensor, grads: list[torch.Tensor], outer: OuterConfig) -> torch.Tensor:
+    p = torch.nn.Parameter(start.clone())
+    opt = torch.optim.SGD([p], lr=outer.lr, momentum=outer.momentum, nesterov=outer.nesterov)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach()
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_delayed_nesterov_against_torch_sgd(nesterov):
+    """N = 1 is torch's SGD on every pseudo-gradient; with N = 3 the pushes in between are plain
+    lr/N steps and every N pushes together are torch's step on their average."""
+    gen = torch.Generator().manual_seed(0)
+    outer = OuterConfig(lr=0.7, momentum=0.9, nesterov=nesterov)
+    start = torch.randn(50, generator=gen)
+    grads = [torch.randn(50, generator=gen) for _ in range(6)]
+
+    def run(period: int) -> list[torch.Tensor]:
+        params, momentum, pending, seen = start.clone(), torch.zeros(50), torch.zeros(50), []
+        for i, g in enumerate(grads, 1):
+            delayed_nesterov_step_(params, g, momentum, pending, i, period, outer)
+            seen.append(params.clone())
+        return seen
+
+    torch.testing.assert_close(run(1)[-1], _torch_sgd_steps(start, grads, outer), atol=1e-6, rtol=1e-6)
+    seen = run(3)
+    torch.testing.assert_close(seen[0], start - outer.lr / 3 * grads[0], atol=1e-6, rtol=1e-6)
+    averages = [sum(grads[:3]) / 3, sum(grads[3:]) / 3]
+    torch.testing.assert_close(seen[2], _torch_sgd_steps(start, averages[:1], outer), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(seen[5], _torch_sgd_steps(start, averages, outer), atol=1e-6, rtol=1e-6)
+
+
+def test_dynamic_local_steps_follow_speed():
+    assert dynamic_local_steps(8, [1.0, 4.0, 1.0, 2.0]) == [8, 2, 8, 4]
+    assert dynamic_local_steps(8, [3.0, 3.0]) == [8, 8]
+    assert dynamic_local_steps(2, [1.0, 10.0]) == [2, 1]
+
+
+def test_dylu_gives_slow_workers_fewer_local_steps_and_fresher_pushes(digits_config):
+    """Persistent stragglers 4x slower: with DyLU they take H/4 local steps and push about as
+    often as the fast workers in the same virtual time; without, four times less often."""
+    base = (SGD, "strategy.name=async_local_sgd", "cluster.workers=4", "strategy.local_steps=8",
+            "cluster.stragglers={kind: persistent, slow_fraction: 0.5, slowdown: 4}")
+    results = {}
+    for dylu in (False, True):
+        engine = build_simulation(config := digits_config(*base, f"strategy.dynamic_local_updates={dylu}"),
+                                  prepare_task(config), step_s=1e-3)
+        while engine.next_time() < 0.1:
+            engine.advance()
+        slow = sorted(engine.stragglers.slow)
+        fast = [r for r in range(4) if r not in slow]
+        results[dylu] = ({r: engine.programs[r].h for r in range(4)},
+                         {r: engine.programs[r].pushes for r in range(4)}, slow, fast)
+    (h_off, pushes_off, slow, fast), (h_on, pushes_on, _, _) = results[False], results[True]
+    assert len(slow) == 2
+    assert all(h_off[r] == 8 for r in range(4))
+    assert all(h_on[r] == 2 for r in slow) and all(h_on[r] == 8 for r in fast)
+    # in 0.1 s a fast worker takes ~100 steps (~12 pushes of 8), a slow one ~25 (~3 of 8, ~12 of 2)
+    assert all(11 <= pushes_off[r] <= 12 for r in fast) and all(2 <= pushes_off[r] <= 3 for r in slow)
+    assert all(abs(pushes_on[r] - pushes_on[fast[0]]) <= 1 for r in range(4)) and pushes_on[fast[0]] >= 11
+    # the samples that reached the model: H_i batches per push applied
+    _, samples = engine.counters()
+    assert samples == 32 * sum(engine.server.pushes_by_rank[r] * h_on[r] for r in range(4))
+    assert sum(engine.server.pushes_by_rank.values()) == engine.server.version > 0
+
+
+def test_bad_async_local_options_are_refused_naming_the_key(digits_config):
+    with pytest.raises(ConfigError, match="strategy.delayed_nesterov"):
+        digits_config("strategy.name=async_local_sgd", "strategy.delayed_nesterov=2")
+    with pytest.raises(ConfigError, match="strategy.delayed_nesterov"):
+        digits_config("strategy.name=async_local_sgd", "strategy.delayed_nesterov=0", NESTEROV)
+
+
+def test_literature_spec_loads_and_names_each_method():
+    """sweeps/specs/literature.yaml validates as written: every cell is one method as its paper
+    runs it, crossed with two straggler models."""
+    from sweeps.spec import load_sweep
+
+    sweep = load_sweep(Path(__file__).resolve().parents[1] / "sweeps" / "specs" / "literature.yaml")
+    methods = {(c.config.strategy.name, c.config.strategy.local_steps, c.config.strategy.outer is not None,
+                c.config.strategy.delayed_nesterov, c.config.strategy.dynamic_local_updates) for c in sweep.cells}
+    assert {("local_sgd", h, True, None, False) for h in (1, 8, 32, 128)} <= methods
+    assert {("local_sgd", h, False, None, False) for h in (32, 128)} <= methods
+    assert {("async_local_sgd", 32, True, dn, dylu) for dn, dylu in ((None, False), (4, False), (4, True))} <= methods
+    assert ("streaming_diloco", 32, True, None, False) in methods
+    assert {c.config.cluster.stragglers.kind for c in sweep.cells} == {"lognormal", "persistent"}
+    assert all(c.config.cluster.backend == "sim" for c in sweep.cells) and sweep.total_trials() == 60

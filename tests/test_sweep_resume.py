@@ -1,0 +1,151 @@
+"""Sweep resume paths (issue 15), each with a real kill or a real spec edit: a spec edit that
+drops a cell while its trials are queued, a tuned sweep resumed after its launcher was killed
+mid-tuning, and a pool worker dying under ``--jobs 2``. Real stores (SQLite), real launcher
+processes, SIGKILL; the helpers and fixtures are test_sweeps.py's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.test_sweeps import (  # noqa: F401 - fixtures
+    FAST_HEARTBEAT,
+    SLOW,
+    empty_stores,
+    items,
+    launcher,
+    mlflow_runs,
+    sql,
+    states,
+    study,
+    sweep,
+    write_spec,
+    ws,
+)
+
+
+def _kill_when_one_trial_done_and_another_running(proc, ws: Path) -> None:
+    deadline = time.monotonic() + 180
+    while not (sql(ws / "optuna.db", "SELECT count(*) FROM trials WHERE state = 'COMPLETE'") >= 1
+               and sql(ws / "mlflow.db", "SELECT count(*) FROM runs WHERE status = 'RUNNING'") >= 2):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "the launcher never got to its second trial"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.heavy
+def test_a_spec_edit_that_drops_a_cell_fails_its_leftover_trials_and_finishes_the_rest(ws, tmp_path, monkeypatch):
+    for key, value in FAST_HEARTBEAT.items():
+        monkeypatch.setenv(key, value)
+    path = tmp_path / "edited.yaml"
+    settings = {**SLOW, "budget.train_time_s": 1.0}
+    spec = write_spec(path, "edited", grid={"cluster.workers": [1, 2]}, seeds=[0, 1], set=settings)
+    proc = launcher(spec, ws, env=FAST_HEARTBEAT)
+    _kill_when_one_trial_done_and_another_running(proc, ws)
+    before = study("edited", ws).trials
+    (killed,) = [t for t in before if t.state.name == "RUNNING"]
+
+    # the edit: the N = 2 cell is dropped (largest clusters run first: the killed trial is one of its)
+    write_spec(path, "edited", grid={"cluster.workers": [1]}, seeds=[0, 1], set=settings)
+    assert killed.user_attrs["cell"] == "cluster.workers=2"
+    assert sweep(spec, ws) == 0
+
+    after = study("edited", ws).trials
+    assert not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
+    complete = [t for t in after if t.state.name == "COMPLETE"]
+    kept = Counter(k for k in items(complete) if k[0] == "cluster.workers=1")
+    assert kept == {("cluster.workers=1", 0): 1, ("cluster.workers=1", 1): 1}
+    # the dead trial's retry belongs to a cell the spec no longer has: failed, never run
+    retries = [t for t in after if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].state.name == "FAIL"
+    assert retries[0].user_attrs["error"] == "cell × seed not in the current spec"
+    _, children = mlflow_runs("edited", ws)
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    dropped = Counter(r.info.status for r in children if r.data.tags["syncbench.cell"] == "cluster.workers=2")
+    assert dropped["KILLED"] == 1 and sum(dropped.values()) == len([t for t in before if t.state.name == "COMPLETE"]) + 1
+
+
+@pytest.mark.heavy
+def test_a_tuned_sweep_resumed_after_a_kill_spends_exactly_n_trials_and_evaluates_the_best(ws, tmp_path,
+                                                                                          monkeypatch):
+    for key, value in FAST_HEARTBEAT.items():
+        monkeypatch.setenv(key, value)
+    tune = {"n_trials": 3, "params": {"task.module_args.lr": {"low": 0.003, "high": 0.1, "log": True}}}
+    spec = write_spec(tmp_path / "tuned.yaml", "tunedkill", grid={"cluster.workers": [2]}, seeds=[0],
+                      tune=tune, set={**SLOW, "budget.train_time_s": 1.0})
+    proc = launcher(spec, ws, env=FAST_HEARTBEAT)
+    _kill_when_one_trial_done_and_another_running(proc, ws)
+    cell = "cluster.workers=2"
+    killed = [t for t in study(f"tunedkill/tune/{cell}", ws).trials if t.state.name == "RUNNING"]
+    assert len(killed) == 1
+
+    assert sweep(spec, ws) == 0
+    tuning = study(f"tunedkill/tune/{cell}", ws).trials
+    dead = tuning[killed[0].number]
+    assert dead.state.name == "FAIL"
+    retry = [t for t in tuning if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retry) == 1 and retry[0].params == dead.params  # the retry gets its recorded values back
+    # n_trials = 3 tuning trials spent: the dead one replaced by its retry, not counted twice
+    counted = [t for t in tuning if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(counted) == 3
+    best = min((t for t in counted if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    (evaluation,) = [t for t in study("tunedkill", ws).trials if t.state.name == "COMPLETE"]
+    assert evaluation.user_attrs["overrides"] == best.params
+    _, children = mlflow_runs("tunedkill", ws)
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    assert Counter(r.info.status for r in children if r.data.tags["syncbench.phase"] == "tune") == \
+        {"FINISHED": 3, "KILLED": 1}
+
+
+def _pool_workers(launcher_pid: int) -> list[int]:
+    """The launcher's spawned pool workers (its resource tracker is no worker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher_pid and "multiprocessing.spawn" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.heavy
+def test_a_pool_worker_dying_fails_its_trials_and_a_rerun_completes_them(ws, tmp_path):
+    spec = write_spec(tmp_path / "pool.yaml", "pooldeath", grid={"cluster.workers": [1, 2]}, seeds=[0],
+                      set={**SLOW, "budget.train_time_s": 1.0})
+    proc = launcher(spec, ws, "--jobs", "2", env=FAST_HEARTBEAT)
+    deadline = time.monotonic() + 180
+    while sql(ws / "mlflow.db", "SELECT count(*) FROM runs WHERE status = 'RUNNING'") < 2 or \
+            not _pool_workers(proc.pid):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no trial started in a pool worker"
+        time.sleep(0.05)
+    os.kill(_pool_workers(proc.pid)[0], signal.SIGKILL)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1, output  # a trial failed; the launcher itself carried on
+
+    trials = study("pooldeath", ws).trials
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert failed and all("worker process died" in t.user_attrs["error"] for t in failed)
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    _, children = mlflow_runs("pooldeath", ws)
+    assert not [r for r in children if r.info.status == "RUNNING"]  # the dead worker's run is FAILED
+    assert sum(r.info.status == "FAILED" for r in children) >= 1
+
+    assert sweep(spec, ws) == 0  # the rerun retries what failed, and only that
+    complete = [t for t in study("pooldeath", ws).trials if t.state.name == "COMPLETE"]
+    assert sorted(items(complete).values()) == [1, 1]
+    assert states(study("pooldeath", ws).trials)["FAIL"] == len(failed)
