@@ -48,9 +48,10 @@ OUTER = {"lr": 0.7, "momentum": 0.9, "nesterov": True}
 
 
 def torchft_available() -> bool:
+    import importlib
+
     try:
-        import torchft  # noqa: F401
-        from torchft.local_sgd import DiLoCo, LocalSGD  # noqa: F401
+        importlib.import_module("torchft.local_sgd")  # LocalSGD, DiLoCo
     except Exception:  # noqa: BLE001 - any import failure means: fall back
         return False
     return True
