@@ -146,7 +146,8 @@ class ComputeConfig(_Strict):
     codec_s_per_mb: float | None = Field(default=None, ge=0, description="sim: encode + decode seconds per MB "
                                          "(1e6 bytes) of one worker's payload at each compressed exchange "
                                          "(strategy.compression); null = measured on this machine at the first "
-                                         "exchange (recorded as the summary metric codec_s_per_mb); pin it for "
+                                         "exchange (recorded as the summary metric codec_s_per_mb); a sweep "
+                                         "measures it once per task and codec and pins it; pin it for "
                                          "bit-reproducible compressed runs")
 
 

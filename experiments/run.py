@@ -248,6 +248,20 @@ def build_strategy(config: RunConfig) -> Any:
     return cls(config.strategy.options(), config.cluster.workers, config.batch_size)
 
 
+def calibrate_codec_s_per_mb(task: PreparedTask, config: RunConfig) -> float:
+    """Encode + decode seconds per MB of the configured codec on this machine, on a payload the
+    size of the task's gradients (``cluster.compute.codec_s_per_mb``; what a sweep pins)."""
+    from experiments.sim.engine import measure_codec_s_per_mb
+    from strategies.compression import make_codec, param_shapes
+    from strategies.program import gradient_payload
+
+    codec = make_codec(config.strategy.options(), param_shapes(task.module))
+    if codec is None:
+        return 0.0
+    payload = torch.randn(gradient_payload(task.module).numel(), generator=torch.Generator().manual_seed(0))
+    return measure_codec_s_per_mb(codec, payload, config.cluster.workers)
+
+
 def build_simulation(config: RunConfig, task: PreparedTask, step_s: float) -> SimEngine:
     """The configured strategy's programs on a simulated cluster over the task's module and data."""
     seed_everything(config.seed)

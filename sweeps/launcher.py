@@ -60,6 +60,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_STALE_RETRIES = 3  # a trial that keeps killing its launcher is retried this often per launch
 # the step calibration per task_key: {"step_s", "samples"} (the attribute "syncbench.step_s" of
 # sweeps stored before it timed checkpointed models as a run trains them is not reused)
+CODEC_ATTR = "syncbench.codec_calibration"  # study attribute: {task and codec: codec_s_per_mb}
 MEMORY_LIMIT_TAG = "syncbench.memory_limit_bytes"  # parent run: the spec's analysis.memory_limit_bytes (JSON)
 FINGERPRINT_ATTR, STEP_S_ATTR, PARENT_ATTR = ("syncbench.fingerprint", "syncbench.step_calibration",
                                               "syncbench.mlflow_parent_run_id")
@@ -237,6 +238,7 @@ class Launcher:
             self.client = open_client(options.tracking_uri)
         self.display = SweepDisplay(sweep.name, bar=options.bar, lines=options.lines)
         self.step_s: dict[str, float] = {}  # cell id -> step_s pinned by the sweep
+        self.codec_s: dict[str, float] = {}  # cell id -> codec_s_per_mb pinned by the sweep (compression)
         self.step_samples: dict[str, list[float]] = {}  # cell id -> the calibration's block medians
         self.eval_enqueued: set[str] = set()  # tuned cells whose eval trials this launch enqueued
         self.untunable: set[str] = set()  # tuned cells without a single COMPLETE tuning trial
@@ -258,6 +260,7 @@ class Launcher:
                                              direction="minimize", load_if_exists=True)
             self._check_fingerprint()
             self._calibrate(prepared)
+            self._calibrate_codecs(prepared)
             self.experiment_id = self._experiment()
             self.parent_run_id = self._parent_run()
             self.stale.client, self.stale.experiment_id = self.client, self.experiment_id
@@ -315,6 +318,31 @@ class Launcher:
             self.step_samples[cell.id] = stored[key]["samples"]
         if changed:
             self.study.set_user_attr(STEP_S_ATTR, stored)
+
+    def _calibrate_codecs(self, prepared: dict[str, Any]) -> None:
+        """As ``step_s``: the encode/decode cost of a compressed exchange
+        (``cluster.compute.codec_s_per_mb``) is measured once per task and codec, kept in the
+        study and pinned for every trial that uses it, so the cells are timed on one scale and
+        each trial is bit-reproducible."""
+        from experiments.run import calibrate_codec_s_per_mb, one_thread, prepare_task
+
+        stored: dict[str, float] = dict(self.study.user_attrs.get(CODEC_ATTR, {}))
+        changed = False
+        for cell in self.sweep.cells:
+            config = cell.config
+            if (config.cluster.backend != "sim" or config.strategy.compression == "none"
+                    or config.cluster.compute.codec_s_per_mb is not None):
+                continue
+            st = config.strategy
+            key = json.dumps([task_key(config), st.compression, st.topk_ratio, st.powersgd_rank])
+            if key not in stored:
+                with one_thread():
+                    task = prepared.get(task_key(config)) or prepare_task(config)
+                    stored[key] = calibrate_codec_s_per_mb(task, config)
+                changed = True
+            self.codec_s[cell.id] = stored[key]
+        if changed:
+            self.study.set_user_attr(CODEC_ATTR, stored)
 
     def _experiment(self) -> str:
         from experiments.recording import get_or_create_experiment
@@ -491,6 +519,8 @@ class Launcher:
             raw = apply_overrides(raw, {"cluster.compute.step_s": self.step_s[claim.cell.id]})
             tags["syncbench.step_s_source"] = "sweep"
             tags[STEP_SAMPLES_TAG] = step_samples_tag(self.step_samples[claim.cell.id])
+        if claim.cell.id in self.codec_s:
+            raw = apply_overrides(raw, {"cluster.compute.codec_s_per_mb": self.codec_s[claim.cell.id]})
         config = validate_config(raw, claim.ref)  # fail here, not in a worker, when a tuned value is invalid
         run_name = (f"{claim.cell.label} seed={claim.seed}" if claim.phase == "eval"
                     else f"tune {claim.cell.label} #{claim.trial.number}")

@@ -533,3 +533,21 @@ def test_unreachable_storage_exits_2(tmp_path, capsys, monkeypatch):
                  "--storage", f"postgresql://nobody@127.0.0.1:{_free_port()}/none"])
     assert code == 2
     assert "--storage postgresql" in capsys.readouterr().err
+
+
+def test_codec_cost_is_measured_once_and_pinned_for_every_compressed_trial(ws, tmp_path):
+    """cluster.compute.codec_s_per_mb, like step_s: one measurement per task and codec, kept in
+    the study and pinned in every trial of the cells that compress (none: nothing pinned)."""
+    grid = {"strategy.compression": ["none", "fp16"]}
+    spec = write_spec(tmp_path / "codec.yaml", "codec-pinned", grid=grid, seeds=[0, 1],
+                      set={"cluster.workers": 2, "budget.train_time_s": 0.3})
+    assert sweep(spec, ws) == 0
+    stored = study("codec-pinned", ws).user_attrs["syncbench.codec_calibration"]
+    ((key, value),) = stored.items()
+    assert "fp16" in key and value > 0
+    _, children = mlflow_runs("codec-pinned", ws)
+    pinned = [r for r in children if r.data.params["strategy.compression"] == "fp16"]
+    plain = [r for r in children if r.data.params["strategy.compression"] == "none"]
+    assert len(pinned) == len(plain) == 2
+    assert all(float(r.data.params["cluster.compute.codec_s_per_mb"]) == value for r in pinned)
+    assert all(r.data.params["cluster.compute.codec_s_per_mb"] == "None" for r in plain)
