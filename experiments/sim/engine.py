@@ -398,7 +398,7 @@ class SimEngine:
             comm_s = self._compressed(coll, payloads, nbytes)
         else:
             comm_s = ring_allreduce_s(self.n, nbytes, self.net)
-            coll.result = torch.stack(payloads).mean(dim=0) if len(payloads) > 1 else payloads[0]
+            coll.result = mean_payload(payloads)
             self.ledger.comm_bytes += ring_allreduce_bytes(self.n, nbytes)
         coll.completed_at, coll.done_at = t, t + comm_s
         for rank in sorted(coll.payloads):
@@ -461,7 +461,7 @@ class SimEngine:
         if len(coll.payloads) == self.n:  # the last start: the transfer begins now
             payloads = [coll.payloads.pop(r) for r in sorted(coll.payloads)]
             nbytes = payloads[0].numel() * payloads[0].element_size()
-            coll.result = torch.stack(payloads).mean(dim=0) if len(payloads) > 1 else payloads[0]
+            coll.result = mean_payload(payloads)
             coll.completed_at, coll.done_at = t, t + ring_allreduce_s(self.n, nbytes, self.net)
             self.ledger.comm_bytes += ring_allreduce_bytes(self.n, nbytes)
             for rank, asked in list(coll.waiters.items()):
@@ -531,6 +531,12 @@ def measure_codec_s_per_mb(codec: Any, payload: torch.Tensor, world: int, repeat
         times.append(time.perf_counter() - t0)
     nbytes = max(1, payload.numel() * payload.element_size())
     return float(np.median(times[1:])) / (nbytes / 1e6)
+
+
+def mean_payload(payloads: list[torch.Tensor]) -> torch.Tensor:
+    """What an all-reduce of these workers' payloads delivers: their mean (the kept ones' with a
+    quorum: the divisor is the number reduced, not N)."""
+    return torch.stack(payloads).mean(dim=0) if len(payloads) > 1 else payloads[0]
 
 
 def lr_factor(strategy: Strategy, scaling: str) -> float:
