@@ -41,7 +41,14 @@ from typing import Any, ClassVar, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from strategies.tensors import flat_state, float_buffers, load_flat_grads_, load_params_then_buffers_, trainable
+from strategies.tensors import (
+    copy_gradients_,
+    flat_state,
+    float_buffers,
+    load_flat_grads_,
+    load_params_then_buffers_,
+    trainable,
+)
 
 
 class ConfigError(ValueError):
@@ -152,8 +159,13 @@ def gradient_payload(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def load_gradient_payload_(module: torch.nn.Module, payload: torch.Tensor) -> None:
-    """Gradients and floating-point buffers from ``gradient_payload``'s layout."""
+def load_gradient_payload_(module: torch.nn.Module, payload: torch.Tensor | torch.nn.Module) -> None:
+    """Gradients and floating-point buffers from ``gradient_payload``'s layout, or -- within one
+    process (the sim backend), where a pushing replica waits unchanged until its pull returns --
+    straight from that replica, without the flat copy."""
+    if isinstance(payload, torch.nn.Module):
+        copy_gradients_(module, payload)
+        return
     load_params_then_buffers_(module, payload, load_flat_grads_)
 
 
@@ -172,8 +184,9 @@ class ParameterServer(abc.ABC):
         self.version = 0
 
     @abc.abstractmethod
-    def apply(self, rank: int, payload: torch.Tensor, pulled_version: int) -> bool:
-        """A push arrived: apply it (returns True) or refuse it (False)."""
+    def apply(self, rank: int, payload: torch.Tensor | torch.nn.Module, pulled_version: int) -> bool:
+        """A push arrived: apply it (returns True) or refuse it (False). A gradient push is
+        read with ``load_gradient_payload_`` (the sim hands over the pushing replica itself)."""
 
 
 # ------------------------------------------------------------------------------------------

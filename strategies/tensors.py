@@ -69,6 +69,22 @@ def copy_state_(target: torch.nn.Module, source: torch.nn.Module) -> None:
 _BUFFER_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+@torch.no_grad()
+def copy_gradients_(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """``target``'s gradients and floating-point buffers := ``source``'s (same architecture);
+    what ``load_gradient_payload_(target, gradient_payload(source))`` does, without the flat copy."""
+    dst, src = trainable(target), trainable(source)
+    assert len(dst) == len(src), "modules differ"
+    for p in dst:
+        if p.grad is None or p.grad.shape != p.shape:
+            p.grad = torch.empty_like(p)
+    torch._foreach_copy_([p.grad for p in dst],
+                         [q.grad if q.grad is not None else torch.zeros_like(q) for q in src])
+    bufs_dst, bufs_src = float_buffers(target), float_buffers(source)
+    if bufs_dst:
+        torch._foreach_copy_(bufs_dst, bufs_src)
+
+
 def float_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
     slots = _BUFFER_SLOTS.get(module)
     if slots is None:

@@ -29,6 +29,7 @@ Events at the same instant resolve in insertion order: a run is reproducible bit
 from __future__ import annotations
 
 import copy
+import functools
 import heapq
 import math
 from collections.abc import Callable
@@ -143,6 +144,12 @@ class SimWorker:
         self.collectives = 0
         self.pulled_version = 0
         self.step_factors = [1.0] * world  # the straggler model's expected factors (set by the engine)
+
+    @functools.cached_property
+    def gradient_bytes(self) -> int:
+        """Bytes of this replica's ``gradient_payload`` (a push of its gradient)."""
+        payload = gradient_payload(self.module)
+        return payload.numel() * payload.element_size()
 
     def stop_requested(self) -> bool:
         return False  # the sim stops between events; nothing is ever left unsynchronised
@@ -491,8 +498,11 @@ class SimEngine:
     def _push_pull(self, w: SimWorker, t: float, op: PushPull) -> None:
         server = self.server
         assert server is not None, "PushPull needs a strategy with a parameter server"
-        payload = op.payload if op.payload is not None else gradient_payload(w.module)
-        nbytes = payload.numel() * payload.element_size()
+        if op.payload is not None:
+            payload: torch.Tensor | torch.nn.Module = op.payload
+            nbytes = payload.numel() * payload.element_size()
+        else:  # the gradient: the replica itself, which waits unchanged until its pull returns
+            payload, nbytes = w.module, w.gradient_bytes
         transfer_s = point_to_point_s(nbytes, self.net)
         start, end = self.link.reserve(t, transfer_s)
         self._charge_transfer(w, t, start, transfer_s, nbytes)
