@@ -66,6 +66,10 @@ def open_client(tracking_uri: str):
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
+        from experiments.workspace import corrupt_store_message, is_corrupt_store
+
+        if is_corrupt_store(exc):
+            raise ConfigError(corrupt_store_message("--tracking-uri", tracking_uri, exc)) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(f"--tracking-uri {tracking_uri}: the MLflow store cannot be reached "
                           f"({type(exc).__name__}: {first_line})") from None
