@@ -608,14 +608,14 @@ class Launcher:
             time.sleep(self.opt.poll_s)
 
     def _pool_submit(self, fn, *args) -> Future:
-        """Submit to the executor with SIGTERM/SIGINT blocked while it may start a worker
-        process: a worker starts with them blocked and unblocks them once its handler is in
-        place (``sweeps.trials._init_worker``), so a signal never kills one mid-import."""
+        """Submit to the executor with SIGTERM/SIGINT shielded while it may start a worker
+        process (``signals.shielded``): a worker starts with them ignored and installs its
+        handler in ``sweeps.trials._init_worker``, so a signal never kills one mid-import."""
         from concurrent.futures import ProcessPoolExecutor
 
         if not isinstance(self.executor, ProcessPoolExecutor):
             return self.executor.submit(fn, *args)  # inline: the trial runs here, signals must reach it
-        with signals.blocked():
+        with signals.shielded():
             return self.executor.submit(fn, *args)
 
     def _stop(self, inflight: dict[Future, Claim], signum: int | None) -> None:
@@ -626,10 +626,13 @@ class Launcher:
 
         reason = f"stopped by {signals.signal_name(signum)}" if signum else f"the disk filled: {self.disk_full}"
         if isinstance(self.executor, ProcessPoolExecutor) and inflight:
-            for process in list((getattr(self.executor, "_processes", None) or {}).values()):
-                with contextlib.suppress(OSError, AttributeError, TypeError):
-                    os.kill(process.pid, signum or signal.SIGTERM)
-            wait(list(inflight), timeout=STOP_WAIT_S)
+            deadline = time.monotonic() + STOP_WAIT_S
+            while not all(f.done() for f in inflight) and time.monotonic() < deadline:
+                # again each second: a worker still starting ignores it (signals.shielded)
+                for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+                    with contextlib.suppress(OSError, AttributeError, TypeError):
+                        os.kill(process.pid, signum or signal.SIGTERM)
+                wait(list(inflight), timeout=1.0)
         for future in [f for f in inflight if f.done()]:
             claim = inflight.pop(future)
             try:

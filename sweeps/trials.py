@@ -267,7 +267,7 @@ def _init_worker(launcher_pid: int, preload: list[str]) -> None:
 
     # SIGTERM/SIGINT (from the launcher, or Ctrl-C to the whole terminal group) stop the trial
     # in flight, which records its run KILLED; between trials they only mark the worker
-    # stopped. The launcher started us with them blocked: unblock once the handler is in place.
+    # stopped. The launcher started us with them ignored (signals.shielded) until now.
     signals.install(armed=False, second_exits=False)
     signals.unblock()
     import importlib
