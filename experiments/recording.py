@@ -59,7 +59,13 @@ def probe_store(tracking_uri: str, timeout_s: float = 5.0) -> None:
 
 def open_client(tracking_uri: str):
     """An MlflowClient on a store that answers; an unreachable store is bad input (exit 2)."""
+    import logging
+
     from mlflow.tracking import MlflowClient
+
+    # MLflow logs each failed SQL statement with its traceback before raising it; syncbench
+    # reports the raised error itself, in one paragraph (a full disk, a corrupt store)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
     try:
         probe_store(tracking_uri)

@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, Future, wait
@@ -160,6 +161,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     result = run_sweep(sweep, options)
     if result.interrupted and result.signum:
         raise signals.Interrupted(result.signum)  # the command's last word and exit code (sweeps.cli.main)
+    if result.disk_full:  # one plain paragraph, after the table
+        print(f"syncbench: the disk is full: {result.disk_full}", file=sys.stderr)
     return result.exit_code
 
 
@@ -576,8 +579,6 @@ class Launcher:
                 raise
             self._disk_filled(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             self._stop(inflight, None)
-        if self.disk_full:
-            self.display.err.print(f"[red]the disk is full[/]: {self.disk_full}", highlight=False)
         self.executor.shutdown(wait=True)
         return None
 

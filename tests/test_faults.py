@@ -112,7 +112,7 @@ def assert_killed_whole(ws: Path, run, sig: int) -> None:
     # nothing buffered was lost: one value per evaluation, the same values
     assert [p.value for p in history] == pytest.approx([float(r["val_acc"]) for r in rows])
     clocks = [p.value for p in client(ws).get_metric_history(run.info.run_id, "clock_s")]
-    assert clocks == pytest.approx([float(r["clock_s"]) for r in rows])
+    assert clocks == pytest.approx([float(r["clock_s"]) for r in rows], abs=1e-5)  # curve.csv: 6 decimals
     m = run.data.metrics
     assert m["reached"] == 0.0 and "tta_s" not in m
     assert m["best_val"] == pytest.approx(max(float(r["val_acc"]) for r in rows))
@@ -160,7 +160,8 @@ def test_sigterm_stops_a_dist_run_rank_0_records_it_killed_and_no_worker_is_left
 
 
 # ------------------------------------------------------------------ syncbench sweep
-def _stop_sweep_then_resume(ws: Path, tmp_path: Path, name: str, jobs: int, sig: int, group: bool) -> None:
+def _stop_sweep_then_resume(ws: Path, tmp_path: Path, name: str, jobs: int, sig: int, group: bool,
+                            resume: bool = True) -> None:
     spec = write_spec(tmp_path / f"{name}.yaml", name, grid={"cluster.workers": [1, 2]}, seeds=[0], set=SLOW)
     proc = syncbench("sweep", spec, "--jobs", str(jobs), ws=ws, env=NO_GRACE, group=group)
     # stop while `jobs` trials have their MLflow runs open (the parent run is open throughout)
@@ -180,13 +181,12 @@ def _stop_sweep_then_resume(ws: Path, tmp_path: Path, name: str, jobs: int, sig:
     assert not [t for t in trials if t.state.name == "RUNNING"]
     failed = [t for t in trials if t.state.name == "FAIL"]
     assert len(failed) == jobs  # the stopped ones, each with a retry waiting
+    # nothing is left RUNNING in Optuna either: the rerun retries them at once, no grace wait
     assert sorted(t.system_attrs.get("failed_trial") for t in trials if "failed_trial" in t.system_attrs) == \
         sorted(t.number for t in failed)
-
-    # the rerun retries them at once: with a 600 s grace, waiting for a stale trial would time out
-    rerun = syncbench("sweep", spec, "--jobs", str(jobs), ws=ws, env=NO_GRACE)
-    out, _ = rerun.communicate(timeout=240)
-    assert rerun.returncode == 0, out
+    if not resume:
+        return
+    assert main(["sweep", spec, "--no-progress"]) == 0  # in this process: one start-up fewer
     parents, children = mlflow_runs(name, ws)
     assert parents[0].info.status == "FINISHED" and "syncbench.signal" not in parents[0].data.tags
     assert not [r for r in children if r.info.status == "RUNNING"]
@@ -206,10 +206,11 @@ def test_ctrl_c_to_the_terminal_group_stops_a_parallel_sweep_without_a_race(ws, 
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("attempt", range(3))
+@pytest.mark.parametrize("attempt", range(2))
 def test_repeated_stops_of_parallel_sweeps_never_race(ws, tmp_path, attempt):
-    sig = (signal.SIGINT, signal.SIGTERM, signal.SIGINT)[attempt]
-    _stop_sweep_then_resume(ws, tmp_path, f"race{attempt}", jobs=2, sig=sig, group=attempt != 1)
+    # the Ctrl-C race of issue 14 struck 1 time in 4; with the other tests: 3 stops of --jobs 2
+    sig = (signal.SIGTERM, signal.SIGINT)[attempt]
+    _stop_sweep_then_resume(ws, tmp_path, f"race{attempt}", jobs=2, sig=sig, group=attempt == 1, resume=False)
 
 
 # ------------------------------------------------------------------ unusable workspaces
