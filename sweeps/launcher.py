@@ -708,19 +708,29 @@ class Launcher:
         budget = claim.cell.config.budget.train_time_s
         value = objective_value(report, budget)
         attrs = report_attrs(report)
-        try:
-            for key, val in attrs.items():
-                claim.trial.set_user_attr(key, val)
-            if report.outcome == "pruned":
-                claim.study.tell(claim.trial, state=TrialState.PRUNED)
-            elif value is None:
-                claim.study.tell(claim.trial, state=TrialState.FAIL)
-            else:
-                claim.study.tell(claim.trial, value)
-        except UpdateFinishedTrialError:
-            # another launcher declared it stale (no heartbeat for the grace period) and
-            # enqueued a retry; this result stays in MLflow, the retry will be recorded too
-            self.display.note(f"[yellow]{claim.ref} was failed as stale while running; its retry will run again[/]")
+        for attempt in range(2):
+            try:
+                for key, val in attrs.items():
+                    claim.trial.set_user_attr(key, val)
+                if report.outcome == "pruned":
+                    claim.study.tell(claim.trial, state=TrialState.PRUNED)
+                elif value is None:
+                    claim.study.tell(claim.trial, state=TrialState.FAIL)
+                else:
+                    claim.study.tell(claim.trial, value)
+                break
+            except UpdateFinishedTrialError:
+                # another launcher declared it stale (no heartbeat for the grace period) and
+                # enqueued a retry; this result stays in MLflow, the retry will be recorded too
+                self.display.note(f"[yellow]{claim.ref} was failed as stale while running; its retry will run "
+                                  f"again[/]")
+                break
+            except Exception as exc:  # noqa: BLE001
+                # the disk filled between the run's end in MLflow and its result here: free the
+                # reserve and record the result, or a resume would run the finished cell again
+                if attempt or not is_disk_full(exc):
+                    raise
+                self._disk_filled(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         self.trials_run += 1
         self.trials_wall_s += report.wall_s
         counts = self.counts()
