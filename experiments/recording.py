@@ -168,6 +168,11 @@ class RunRecorder:
                 fh.write(text)
             self._timed(self.client.log_artifact, self.run_id, path)
 
+    @property
+    def finished(self) -> bool:
+        """Whether the run has been ended (FINISHED, FAILED or KILLED) by this recorder."""
+        return self._finished
+
     def finish(self, status: str = "FINISHED") -> None:
         if self._finished:
             return

@@ -397,13 +397,15 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
                                     lambda: time.perf_counter() - wall0)
             return result
         except signals.Interrupted as exc:
+            exc.run_id = recorder.run_id  # type: ignore[attr-defined] - for the command's last word
+            if recorder.finished:  # the signal came while the finished run was recorded: it stands
+                raise
             extra = {}
             if engine is not None:
                 with contextlib.suppress(Exception):
                     extra = engine.summary_metrics()
             record_stopped_run(recorder, config, seen.result, exc.signum, init_s=init_s, step_time_s=step_s,
                                activation_bytes=act_bytes, extra=extra, wall_s=time.perf_counter() - wall0)
-            exc.run_id = recorder.run_id  # type: ignore[attr-defined] - for the command's last word
             raise
         except BaseException as exc:
             recorder.fail(exc)

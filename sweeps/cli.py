@@ -150,8 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         print(f"syncbench: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         if is_disk_full(exc):
-            print(f"syncbench: the disk holding the workspace or the store is full; the run may be left RUNNING. "
-                  f"Free space and run again.", file=sys.stderr)
+            print("syncbench: the disk holding the workspace or the store is full; the run may be left RUNNING. "
+                  "Free space and run again.", file=sys.stderr)
         return EXIT_FAILED
     if result.run_id is not None or os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
         print(result.summary_line())

@@ -52,7 +52,6 @@ from experiments.workspace import (
     default_optuna_storage,
     default_tracking_uri,
     is_disk_full,
-    workspace_dir,
 )
 from sweeps.progress import CellSummary, Counts, SweepDisplay
 from sweeps.spec import Cell, ParamSpec, Sweep, format_value, load_sweep, task_key
@@ -353,9 +352,14 @@ class Launcher:
                 continue
             key = task_key(config)
             if key not in stored:
-                with one_thread():
-                    task = prepared.get(key) or prepare_task(config)
-                    calibration = calibrate_step(task, config)
+                try:
+                    with one_thread():
+                        task = prepared.get(key) or prepare_task(config)
+                        calibration = calibrate_step(task, config)
+                except ConfigError:
+                    raise
+                except Exception:  # noqa: BLE001 - the module fails in training: not pinned here,
+                    continue  # so each trial calibrates in its own run and fails there, recorded FAILED
                 stored[key] = {"step_s": calibration.step_s, "samples": calibration.samples}
                 changed = True
             self.step_s[cell.id] = stored[key]["step_s"]

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from experiments.digits import MLP
 from sweeps.cli import main

@@ -866,18 +866,24 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
         if rank != 0:
             return RunResult(run_id=None, outcome=outcome)
         assert monitor is not None and recorder is not None
-        result = _record(config, recorder, monitor, worker, strategy, rows, wall0, activation_bytes,
-                         RunResult)
-        if control is not None:
-            _write_json(control / "result.json", _result_to_json(result))
+        with signals.deferred():  # the finished run is recorded whole; a signal here stops after it
+            result = _record(config, recorder, monitor, worker, strategy, rows, wall0, activation_bytes,
+                             RunResult)
+            if control is not None:
+                _write_json(control / "result.json", _result_to_json(result))
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         return result
     except BaseException as exc:
         signum = signals.received()
-        if recorder is not None and signum is not None and attach is not None:
+        if recorder is not None and recorder.finished:
+            raise  # recorded whole before the signal was raised (signals.deferred above)
+        if recorder is not None and signum is not None and (attach is not None
+                                                            or isinstance(exc, signals.Interrupted)):
             # stopped by the launcher (which passed a SIGTERM/SIGINT on): record what was
-            # measured, the run KILLED; the launcher leaves a run that is no longer RUNNING alone
+            # measured, the run KILLED; the launcher leaves a run that is no longer RUNNING alone.
+            # (Under torchrun SIGTERM keeps its meaning, _Terminated: torchrun stops the job
+            # when a peer failed.)
             with contextlib.suppress(Exception):
                 record_stopped_run(recorder, config, monitor.result if monitor is not None else None, signum,
                                    activation_bytes=activation_bytes, extra=strategy_summary(),
