@@ -362,3 +362,16 @@ def test_a_target_metric_nan_before_training_is_a_failed_run_not_a_divergence(ws
     assert run.info.status == "FAILED" and run.data.tags["outcome"] == "failed"
     assert "val_acc" in run.data.tags["syncbench.error"] and "not a divergence" in run.data.tags["syncbench.error"]
     assert not math.isnan(run.info.start_time)
+
+
+def test_a_module_failing_from_its_first_step_fails_each_trial_with_a_recorded_run(ws, tmp_path):
+    # it fails in the sweep's step calibration too: that must not end the launcher unrecorded
+    spec = write_spec(tmp_path / "s.yaml", "boom", grid={"cluster.workers": [1, 2]}, seeds=[0],
+                      set={"task.module": "tests.modules:FailingMLP", "task.module_args.fail_after": 0,
+                           "cluster.compute.step_s": None})
+    assert main(["sweep", spec, "--no-progress"]) == 1
+    trials = study("boom", ws).trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    _, children = mlflow_runs("boom", ws)
+    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED"]
+    assert all("boom in the user's training_step" in r.data.tags["syncbench.error"] for r in children)
