@@ -159,7 +159,11 @@ class RunRecorder:
     def flush(self) -> None:
         pending, self._metrics = self._metrics, []
         for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
-            self._timed(self.client.log_batch, self.run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
+            try:
+                self._timed(self.client.log_batch, self.run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
+            except BaseException:
+                self._metrics = pending[i:] + self._metrics  # kept for the next flush (e.g. after space is freed)
+                raise
 
     def log_text(self, text: str, filename: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -181,10 +185,21 @@ class RunRecorder:
         self._finished = True
 
     def fail(self, error: BaseException | str) -> None:
-        """Flush what was measured, then mark the run FAILED with the error as a tag."""
+        """Flush what was measured, then mark the run FAILED with the error as a tag. When
+        the disk is full, the workspace's reserve (``experiments.workspace.SpaceReserve``,
+        held by ``run`` and ``sweep``) is given up to record it, rather than leave the run
+        RUNNING."""
+        from experiments.workspace import is_disk_full, release_reserve
+
         message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        try:
-            self.flush()
-        finally:
-            self.set_tags({"outcome": "failed", "syncbench.error": message[:4900]})
-            self.finish("FAILED")
+        for attempt in range(2):
+            try:
+                try:
+                    self.flush()
+                finally:
+                    self.set_tags({"outcome": "failed", "syncbench.error": message[:4900]})
+                    self.finish("FAILED")
+                return
+            except Exception as exc:  # noqa: BLE001
+                if attempt or not is_disk_full(exc) or not release_reserve():
+                    raise

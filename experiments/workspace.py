@@ -169,3 +169,8 @@ def corrupt_store_message(option: str, path: str, exc: BaseException) -> str:
     return (f"{option} {path}: the database is corrupt ({type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); move it away (a new one is created) "
             f"or restore it from a backup")
+
+
+def release_reserve(override: str | os.PathLike | None = None) -> bool:
+    """Give up the workspace's reserve (see ``SpaceReserve``); True if there was one."""
+    return SpaceReserve(workspace_dir(override)).release()

@@ -138,21 +138,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ:  # under torchrun: rank 0 checks
         check_workspace(args.workspace)
     tags = {"syncbench.profile": os.path.abspath(args.profile)} if args.profile else None
+    from experiments.workspace import SpaceReserve, is_disk_full, workspace_dir
+
+    reserve = SpaceReserve(workspace_dir(args.workspace))
+    reserve.hold()  # room to record the run FAILED should the disk fill while it trains
     try:
         result = execute_run(config, workspace=args.workspace, tracking_uri=args.tracking_uri,
                              experiment=args.experiment, tags=tags,
                              progress=not args.no_progress and sys.stderr.isatty())
     except Exception as exc:  # noqa: BLE001 - the run is recorded FAILED; say why and exit 1
         from experiments.config import ConfigError
-        from experiments.workspace import is_disk_full
 
         if isinstance(exc, ConfigError):
             raise
-        print(f"syncbench: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if is_disk_full(exc):
-            print("syncbench: the disk holding the workspace or the store is full; the run may be left RUNNING. "
-                  "Free space and run again.", file=sys.stderr)
+            print(f"syncbench: run failed: the disk is full ({type(exc).__name__}: {first}); the run is recorded "
+                  f"FAILED. Free space on the disk holding {workspace_dir(args.workspace)} (or the store) and run "
+                  f"again.", file=sys.stderr)
+        else:
+            print(f"syncbench: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        reserve.release()
     if result.run_id is not None or os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
         print(result.summary_line())
     return EXIT_OK

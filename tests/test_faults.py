@@ -49,6 +49,21 @@ class NaNTargetMLP(MLP):
         self.log("val_acc", torch.tensor(float("nan")))
 
 
+class DiskFillingMLP(MLP):
+    """Fills the disk holding ``fill_dir`` at its ``fill_after``-th training step (another
+    program writing, a log growing): the run's next writes to MLflow fail."""
+
+    def __init__(self, fill_dir: str = "", fill_after: int = 50, **kwargs):
+        super().__init__(**kwargs)
+        self.fill_dir, self.fill_after, self.calls = fill_dir, fill_after, 0
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        if self.calls == self.fill_after and self.fill_dir and not (Path(self.fill_dir) / "filler").exists():
+            fill(Path(self.fill_dir))
+        return super().training_step(batch, batch_idx)
+
+
 # ------------------------------------------------------------------ helpers
 def syncbench(*args: str, ws: Path, env: dict[str, str] | None = None, group: bool = False) -> subprocess.Popen:
     """`syncbench ...` as its own process (``group``: leading its own process group, as a
@@ -375,3 +390,25 @@ def test_a_module_failing_from_its_first_step_fails_each_trial_with_a_recorded_r
     _, children = mlflow_runs("boom", ws)
     assert sorted(r.info.status for r in children) == ["FAILED", "FAILED"]
     assert all("boom in the user's training_step" in r.data.tags["syncbench.error"] for r in children)
+
+
+def test_a_disk_that_fills_during_a_run_leaves_it_failed_not_running(tmpfs, empty_stores, capsys, monkeypatch):
+    import shutil
+
+    mnt, mount, _ = tmpfs
+    mount("size=24m")
+    ws = mnt / "ws"
+    ws.mkdir()
+    for name in ("mlflow.db", "optuna.db"):
+        shutil.copy(empty_stores / name, ws / name)
+    monkeypatch.setenv("SYNCBENCH_WORKSPACE", str(ws))
+    code = main(["run", DIGITS, "--set", "task.module=tests.test_faults:DiskFillingMLP", "--set",
+                 f"task.module_args.fill_dir={mnt}", "--set", "task.module_args.fill_after=200",
+                 "--set", "target.value=1.01", "--set", "budget.train_time_s=0.5", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the disk is full" in err and str(ws) in err, err
+    (mnt / "filler").unlink()
+    [run] = all_runs(ws)
+    assert run.info.status == "FAILED" and run.data.tags["outcome"] == "failed"
+    assert "disk is full" in run.data.tags["syncbench.error"]
+    assert not (ws / ".syncbench-reserve").exists()
