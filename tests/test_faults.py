@@ -412,3 +412,20 @@ def test_a_disk_that_fills_during_a_run_leaves_it_failed_not_running(tmpfs, empt
     assert run.info.status == "FAILED" and run.data.tags["outcome"] == "failed"
     assert "disk is full" in run.data.tags["syncbench.error"]
     assert not (ws / ".syncbench-reserve").exists()
+
+
+def test_a_second_signal_ends_at_once_but_a_group_echo_does_not():
+    """The second signal is the way out of a stop that hangs; GNU timeout's signal to the
+    process and then its group (microseconds apart) is one request, not two."""
+    code = ("from experiments import signals; import time; signals.install(armed=False); "
+            "print('ready', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # the echo: ignored
+    time.sleep(1.0)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)  # a real second request
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 128 + signal.SIGINT and "second SIGINT" in err
