@@ -59,13 +59,23 @@ def probe_store(tracking_uri: str, timeout_s: float = 5.0) -> None:
 
 def open_client(tracking_uri: str):
     """An MlflowClient on a store that answers; an unreachable store is bad input (exit 2)."""
+    import logging
+
     from mlflow.tracking import MlflowClient
+
+    # MLflow logs each failed SQL statement with its traceback before raising it; syncbench
+    # reports the raised error itself, in one paragraph (a full disk, a corrupt store)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
     try:
         probe_store(tracking_uri)
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
+        from experiments.workspace import corrupt_store_message, is_corrupt_store
+
+        if is_corrupt_store(exc):
+            raise ConfigError(corrupt_store_message("--tracking-uri", tracking_uri, exc)) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(f"--tracking-uri {tracking_uri}: the MLflow store cannot be reached "
                           f"({type(exc).__name__}: {first_line})") from None
@@ -149,7 +159,11 @@ class RunRecorder:
     def flush(self) -> None:
         pending, self._metrics = self._metrics, []
         for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
-            self._timed(self.client.log_batch, self.run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
+            try:
+                self._timed(self.client.log_batch, self.run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
+            except BaseException:
+                self._metrics = pending[i:] + self._metrics  # kept for the next flush (e.g. after space is freed)
+                raise
 
     def log_text(self, text: str, filename: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -157,6 +171,11 @@ class RunRecorder:
             with open(path, "w") as fh:
                 fh.write(text)
             self._timed(self.client.log_artifact, self.run_id, path)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has been ended (FINISHED, FAILED or KILLED) by this recorder."""
+        return self._finished
 
     def finish(self, status: str = "FINISHED") -> None:
         if self._finished:
@@ -166,10 +185,21 @@ class RunRecorder:
         self._finished = True
 
     def fail(self, error: BaseException | str) -> None:
-        """Flush what was measured, then mark the run FAILED with the error as a tag."""
+        """Flush what was measured, then mark the run FAILED with the error as a tag. When
+        the disk is full, the workspace's reserve (``experiments.workspace.SpaceReserve``,
+        held by ``run`` and ``sweep``) is given up to record it, rather than leave the run
+        RUNNING."""
+        from experiments.workspace import is_disk_full, release_reserve
+
         message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        try:
-            self.flush()
-        finally:
-            self.set_tags({"outcome": "failed", "syncbench.error": message[:4900]})
-            self.finish("FAILED")
+        for attempt in range(2):
+            try:
+                try:
+                    self.flush()
+                finally:
+                    self.set_tags({"outcome": "failed", "syncbench.error": message[:4900]})
+                    self.finish("FAILED")
+                return
+            except Exception as exc:  # noqa: BLE001
+                if attempt or not is_disk_full(exc) or not release_reserve():
+                    raise

@@ -21,12 +21,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from experiments import signals
 from experiments.config import ConfigError, RunConfig, import_object
 from strategies.lightning_bridge import (
     build_optimizer,
     capture_logs,
     check_trainable,
     evaluate,
+    is_finite,
     materialize,
     plateau_monitors,
     take_logged,
@@ -60,6 +62,8 @@ class PreparedTask:
     collate: Callable[[list], Any]
     val_batches: list[Any]
     logged: list[str]  # metric names validation_step logs
+    # what validation_step logged for the untrained module on the first validation batch
+    initial_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,7 +151,8 @@ def build_task(config: RunConfig) -> PreparedTask:
                           f"{config.task.module_args}: {type(exc).__name__}: {exc}") from None
     capture_logs(module)
     probe = copy.deepcopy(module)  # the dry run leaves no trace (metric states, trainer stand-in) on the module
-    logged = sorted(evaluate(probe, val_batches[:1]))
+    initial = evaluate(probe, val_batches[:1])
+    logged = sorted(initial)
     if config.target.metric not in logged:
         raise ConfigError(
             f"target.metric: {module_cls.__name__}.validation_step never logs {config.target.metric!r} "
@@ -160,7 +165,34 @@ def build_task(config: RunConfig) -> PreparedTask:
                 f"never logs (it logs: {', '.join(logged) or 'nothing'}); it reads the global model's evaluations"
             )
     collate = train_loader.collate_fn or default_collate
-    return PreparedTask(module, datamodule, train_loader.dataset, collate, val_batches, logged)
+    check_training_step(module, train_loader.dataset, collate, config)
+    return PreparedTask(module, datamodule, train_loader.dataset, collate, val_batches, logged, initial)
+
+
+def check_training_step(module: pl.LightningModule, train_set: Dataset, collate: Callable[[list], Any],
+                        config: RunConfig) -> None:
+    """The module's contract, checked before any store is touched: ``training_step`` of a
+    first batch returns a loss tensor (or a dict with ``loss``). One forward pass on a copy,
+    random state restored: a module breaking it is refused (exit 2) instead of failing in
+    the activation-memory probe or the first step, after the run exists."""
+    try:
+        batches = ShardedBatches(train_set, 0, 1, config.batch_size, config.seed + 2, collate)
+    except ValueError:  # batch_size larger than the data: refused where it always was
+        return
+    rng_state = torch.get_rng_state()
+    probe = copy.deepcopy(module)
+    probe.train()
+    try:
+        with torch.no_grad():
+            training_loss(probe, next(batches), 0)
+    except ValueError as exc:  # the contract itself (training_loss names the module and the type)
+        if "training_step must return" not in str(exc):
+            return  # any other error fails in the run, where it is recorded
+        raise ConfigError(f"task.module: {exc}") from None
+    except Exception:  # noqa: BLE001 - fails in the run, where it is recorded
+        return
+    finally:
+        torch.set_rng_state(rng_state)
 
 
 @contextlib.contextmanager
@@ -337,23 +369,29 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
         exp_id = get_or_create_experiment(client, experiment or config.name,
                                           artifacts_dir(ws).as_uri() if tracking_uri.startswith("sqlite") else None)
         step_s = config.cluster.compute.step_s
-        step_source, step_tags = "pinned", {}
-        if step_s is None:
-            calibration = calibrate_step(task, config)
-            step_s, step_source = calibration.step_s, "calibrated"
-            step_tags = {STEP_SAMPLES_TAG: step_samples_tag(calibration.samples)}
-        act_bytes = measure_activation_bytes(task, config)
-        recorder = RunRecorder(client, exp_id, run_name or config.name,
-                               tags={**environment_tags(), "syncbench.backend": "sim",
-                                     "syncbench.step_s_source": step_source, **step_tags, **(tags or {})},
-                               parent_run_id=parent_run_id)
+        with signals.deferred(raise_at_end=False):  # a run that exists is always ended, whatever stops it
+            recorder = RunRecorder(client, exp_id, run_name or config.name,
+                                   tags={**environment_tags(), "syncbench.backend": "sim",
+                                         "syncbench.step_s_source": "pinned" if step_s is not None else "calibrated",
+                                         **(tags or {})},
+                                   parent_run_id=parent_run_id)
+        seen = TTATracker(config)  # the loop's outcome of each evaluation, for the pruning hook
+        engine: SimEngine | None = None
+        init_s, act_bytes = 0.0, None
         try:
+            signals.poll()
             recorder.log_params({**config.flat(), "backend": "sim"})
+            check_initial_target(task, config)
+            # calibration and the memory probe run the user's module: inside the run, so that
+            # a module failing there leaves a FAILED run with its error, not an empty experiment
+            if step_s is None:
+                calibration = calibrate_step(task, config)
+                step_s = calibration.step_s
+                recorder.set_tags({STEP_SAMPLES_TAG: step_samples_tag(calibration.samples)})
+            act_bytes = measure_activation_bytes(task, config)
             engine = build_simulation(config, task, step_s)
             init_s = time.perf_counter() - wall0
             evaluate_global = lambda s: evaluate(s.global_model(), task.val_batches)  # noqa: E731
-
-            seen = TTATracker(config)  # the loop's outcome of each evaluation, for the pruning hook
 
             def on_eval(ev: Evaluation) -> None:
                 recorder.metrics(ev.metrics, step=ev.updates, clock_s=ev.clock_s)
@@ -368,15 +406,77 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
                 except _Pruned:
                     loop = seen.result
                     loop.outcome = "pruned"
-            engine.finish()
-            result = _result(recorder.run_id, loop, init_s, step_s, engine.summary_metrics())
-            updates, _ = engine.counters()
-            record_finished_run(recorder, config, result, updates, act_bytes, engine.artifacts(),
-                                lambda: time.perf_counter() - wall0)
+            with signals.deferred():  # record the finished run whole; a signal here stops after it
+                engine.finish()
+                result = _result(recorder.run_id, loop, init_s, step_s, engine.summary_metrics())
+                updates, _ = engine.counters()
+                record_finished_run(recorder, config, result, updates, act_bytes, engine.artifacts(),
+                                    lambda: time.perf_counter() - wall0)
             return result
+        except signals.Interrupted as exc:
+            exc.run_id = recorder.run_id  # type: ignore[attr-defined] - for the command's last word
+            if recorder.finished:  # the signal came while the finished run was recorded: it stands
+                raise
+            extra = {}
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    extra = engine.summary_metrics()
+            record_stopped_run(recorder, config, seen.result, exc.signum, init_s=init_s, step_time_s=step_s,
+                               activation_bytes=act_bytes, extra=extra, wall_s=time.perf_counter() - wall0)
+            raise
         except BaseException as exc:
             recorder.fail(exc)
             raise
+
+
+class ModuleError(RuntimeError):
+    """The user's module broke a rule of its own contract while the run was under way
+    (the run is recorded FAILED with this message; exit 1)."""
+
+
+def check_initial_target(task: PreparedTask, config: RunConfig) -> None:
+    """A target metric that is NaN/inf on the untrained model (the dry run of
+    ``build_task``) is a bug in the module's ``validation_step``, not a divergence of
+    training: say so, rather than record ``diverged``."""
+    value = task.initial_metrics.get(config.target.metric)
+    if value is not None and not is_finite(value):
+        raise ModuleError(f"target.metric {config.target.metric!r} is {value} before any training "
+                          f"({type(task.module).__name__}.validation_step on the untrained model): a bug in the "
+                          f"module, not a divergence")
+
+
+def record_stopped_run(recorder: RunRecorder, config: RunConfig, loop: LoopResult | None, signum: int, *,
+                       init_s: float | None = None, step_time_s: float | None = None,
+                       activation_bytes: int | None = None, extra: dict[str, float] | None = None,
+                       wall_s: float | None = None, artifacts: dict[str, str] | None = None) -> None:
+    """End a run that a signal stopped: flush every buffered value, record the summary
+    metrics known so far (no TTA: the run did not get to its outcome), ``config.yaml`` and
+    the curve so far, tags ``outcome=killed`` and ``syncbench.signal``, status KILLED.
+    Best effort beyond the flush: the process is on its way out."""
+    name = signals.signal_name(signum)
+    loop = loop or LoopResult(outcome="killed")
+    last = loop.evaluations[-1] if loop.evaluations else None
+    summary: dict[str, float] = {"reached": 0.0}
+    for key, value in (("best_val", loop.best_val), ("final_val", loop.final_val), ("init_s", init_s),
+                       ("step_time_s", step_time_s), ("wall_s", wall_s)):
+        if value is not None:
+            summary[key] = float(value)
+    if activation_bytes is not None:
+        summary["activation_bytes"] = float(activation_bytes)
+    summary.update(extra or {})
+    if last is not None and last.updates:
+        summary["clock_per_update_s"] = last.clock_s / last.updates
+    try:
+        recorder.metrics(summary, step=last.updates if last else 0, clock_s=loop.clock_s)
+        recorder.set_tags({"outcome": "killed", "syncbench.signal": name,
+                           "syncbench.error": f"stopped by {name} after {loop.clock_s:.3g} s of training clock "
+                                              f"({len(loop.evaluations)} evaluations)"})
+        recorder.log_text(config.to_yaml(), "config.yaml")
+        recorder.log_text(curve_csv(loop.evaluations), "curve.csv")
+        for filename, text in (artifacts or {}).items():
+            recorder.log_text(text, filename)
+    finally:
+        recorder.finish("KILLED")
 
 
 def record_finished_run(recorder: RunRecorder, config: RunConfig, result: RunResult, updates: int,

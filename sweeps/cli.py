@@ -7,6 +7,7 @@ Exit codes: 0 when the work completed whatever its outcome, 1 when a run failed,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Sequence
@@ -128,12 +129,19 @@ def add_import_paths(*dirs: str | os.PathLike) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from experiments.config import load_config
+    from experiments.workspace import check_workspace
 
     add_import_paths(os.path.dirname(os.path.abspath(args.config)))
     from experiments.run import execute_run
 
     config = load_config(args.config, _with_profile(args))
+    if os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ:  # under torchrun: rank 0 checks
+        check_workspace(args.workspace)
     tags = {"syncbench.profile": os.path.abspath(args.profile)} if args.profile else None
+    from experiments.workspace import SpaceReserve, is_disk_full, workspace_dir
+
+    reserve = SpaceReserve(workspace_dir(args.workspace))
+    reserve.hold()  # room to record the run FAILED should the disk fill while it trains
     try:
         result = execute_run(config, workspace=args.workspace, tracking_uri=args.tracking_uri,
                              experiment=args.experiment, tags=tags,
@@ -143,8 +151,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if isinstance(exc, ConfigError):
             raise
-        print(f"syncbench: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if is_disk_full(exc):
+            print(f"syncbench: run failed: the disk is full ({type(exc).__name__}: {first}); the run is recorded "
+                  f"FAILED. Free space on the disk holding {workspace_dir(args.workspace)} (or the store) and run "
+                  f"again.", file=sys.stderr)
+        else:
+            print(f"syncbench: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        reserve.release()
     if result.run_id is not None or os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
         print(result.summary_line())
     return EXIT_OK
@@ -154,7 +170,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeps.launcher import run_sweep_command
 
     add_import_paths(os.path.dirname(os.path.abspath(args.spec)))
-    args.set = _with_profile(args)
+    merged = _with_profile(args)
+    args.profile_set = merged[:len(merged) - len(args.set)]  # the profile's keys: the grid may override them
     return run_sweep_command(args)
 
 
@@ -245,16 +262,36 @@ COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "calibrate": cmd_calibrate, "rep
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0, 1, 2 (module docstring), and 128 + the signal when SIGTERM or SIGINT
+    stopped the work (130 for Ctrl-C, 143 for SIGTERM): runs are then recorded KILLED."""
+    from experiments import signals
+
     args = build_parser().parse_args(argv)
     if getattr(args, "workspace", None):
         os.environ["SYNCBENCH_WORKSPACE"] = os.path.abspath(args.workspace)
+    if args.command == "run":  # stop wherever the run is; the run records itself KILLED
+        handling = signals.handling(armed=True)
+    elif args.command == "sweep":  # the launcher polls; trials arm themselves
+        handling = signals.handling(armed=False)
+    else:
+        handling = contextlib.nullcontext()
     from experiments.config import ConfigError
 
     try:
-        return COMMANDS[args.command](args)
+        with handling:
+            return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"syncbench: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except signals.Interrupted as exc:
+        run_id = getattr(exc, "run_id", None)
+        where = (f"; run {run_id} is recorded KILLED (outcome=killed, syncbench.signal={exc.name}) with what it "
+                 f"measured" if run_id else "")
+        print(f"syncbench: stopped by {exc.name}{where}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C where no handler is installed: no traceback
+        print("syncbench: interrupted", file=sys.stderr)
+        return 128 + 2
 
 
 if __name__ == "__main__":

@@ -30,8 +30,11 @@ marks its MLflow run KILLED and enqueues a copy (``RetryHeartbeatStaleTrialCallb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import sys
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, Future, wait
@@ -40,8 +43,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from experiments import signals
 from experiments.config import ConfigError, apply_overrides, validate_config
-from experiments.workspace import artifacts_dir, default_optuna_storage, default_tracking_uri, workspace_dir
+from experiments.workspace import (
+    SpaceReserve,
+    artifacts_dir,
+    check_workspace,
+    default_optuna_storage,
+    default_tracking_uri,
+    is_disk_full,
+)
 from sweeps.progress import CellSummary, Counts, SweepDisplay
 from sweeps.spec import Cell, ParamSpec, Sweep, format_value, load_sweep, task_key
 from sweeps.storage import Heartbeat, StorageLock, normalize_url, open_storage, redact, use_wal
@@ -58,6 +69,7 @@ from sweeps.trials import (
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_STALE_RETRIES = 3  # a trial that keeps killing its launcher is retried this often per launch
+STOP_WAIT_S = 20.0  # after a signal: how long trials in worker processes get to record themselves KILLED
 # the step calibration per task_key: {"step_s", "samples"} (the attribute "syncbench.step_s" of
 # sweeps stored before it timed checkpointed models as a run trains them is not reused)
 CODEC_ATTR = "syncbench.codec_calibration"  # study attribute: {task and codec: codec_s_per_mb}
@@ -100,11 +112,15 @@ class SweepResult:
     trials_wall_s: float  # Σ of those trials' own wall time (execute_run's wall_s)
     parent_run_id: str
     interrupted: bool = False
+    signum: int | None = None  # the signal that stopped the sweep (None: Ctrl-C before handlers, or none)
+    disk_full: str | None = None  # why the sweep stopped early: the disk filled
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return EXIT_INTERRUPTED
+            return 128 + self.signum if self.signum else EXIT_INTERRUPTED
+        if self.disk_full:
+            return EXIT_FAILED
         return EXIT_FAILED if self.counts.failed or self.counts.done < self.counts.total else EXIT_OK
 
 
@@ -136,13 +152,17 @@ class Claim:
 def run_sweep_command(args: argparse.Namespace) -> int:
     """``syncbench sweep``: exit 0 when every trial completed (whatever its outcome), 1 when a
     trial failed, 2 on bad input (raised as ConfigError before anything is created)."""
-    sweep = load_sweep(args.spec, args.set)
+    sweep = load_sweep(args.spec, args.set, getattr(args, "profile_set", None))
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: must be at least 1")
     progress = not getattr(args, "no_progress", False)
-    options = LaunchOptions.from_env(workspace_dir(args.workspace), args.storage, args.tracking_uri,
+    options = LaunchOptions.from_env(check_workspace(args.workspace), args.storage, args.tracking_uri,
                                      jobs=args.jobs, bar=progress, lines=progress)
     result = run_sweep(sweep, options)
+    if result.interrupted and result.signum:
+        raise signals.Interrupted(result.signum)  # the command's last word and exit code (sweeps.cli.main)
+    if result.disk_full:  # one plain paragraph, after the table
+        print(f"syncbench: the disk is full: {result.disk_full}", file=sys.stderr)
     return result.exit_code
 
 
@@ -150,13 +170,14 @@ def run_sweep(sweep: Sweep, options: LaunchOptions) -> SweepResult:
     """Check the tasks, open the stores, set the sweep up, run trials until none is left."""
     t0 = time.perf_counter()
     _quiet_optuna()
-    prepared = preflight(sweep)
+    with signals.armed_section():  # nothing exists yet: a signal simply ends the command
+        prepared = preflight(sweep)
     launcher = Launcher(sweep, options)
     try:
         launcher.setup(prepared)
         del prepared
-        interrupted = launcher.run()
-        return launcher.finish(time.perf_counter() - t0, interrupted)
+        stopped_by = launcher.run()
+        return launcher.finish(time.perf_counter() - t0, stopped_by)
     finally:
         launcher.close()
 
@@ -205,18 +226,36 @@ class StaleTrialHandler:
         self.retry(study, trial)
 
 
-def mark_runs(client, experiment_id: str | None, trial_ref: str, status: str, reason: str) -> int:
-    """Terminate the still-RUNNING MLflow runs of one Optuna trial; returns how many."""
+def mark_runs(client, experiment_id: str | None, trial_ref: str, status: str, reason: str,
+              extra_tags: dict[str, str] | None = None) -> int:
+    """Terminate the still-RUNNING MLflow runs of one Optuna trial (``outcome`` killed for
+    KILLED, else failed); returns how many. Safe against the trial's process ending the
+    same run concurrently."""
     if experiment_id is None:
         return 0
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
     marked = 0
     for run in runs:
-        if run.data.tags.get("syncbench.optuna_trial") == trial_ref:
-            client.set_tag(run.info.run_id, "outcome", "failed")
-            client.set_tag(run.info.run_id, "syncbench.error", reason)
-            client.set_terminated(run.info.run_id, status)
-            marked += 1
+        if run.data.tags.get("syncbench.optuna_trial") != trial_ref:
+            continue
+        outcome = "killed" if status == "KILLED" else "failed"
+        tags = [RunTag("outcome", outcome), RunTag("syncbench.error", reason[:4900]), *(extra_tags or {}).items()]
+        tags = [t if isinstance(t, RunTag) else RunTag(t[0], str(t[1])) for t in tags]
+        for attempt in range(3):
+            try:
+                # the trial's own process may be ending the run at this very moment (a signal
+                # reached both): a run that is no longer RUNNING is left as its process recorded it
+                if client.get_run(run.info.run_id).info.status != "RUNNING":
+                    break
+                client.log_batch(run.info.run_id, tags=tags)
+                client.set_terminated(run.info.run_id, status)
+                marked += 1
+                break
+            except MlflowException:  # e.g. UNIQUE constraint on tags: both wrote the same tag at once
+                time.sleep(0.2 * (attempt + 1))
     return marked
 
 
@@ -230,6 +269,12 @@ class Launcher:
         self.cells = {cell.id: cell for cell in sweep.cells}
         self.lock = StorageLock(options.storage_url)
         self.stale = StaleTrialHandler(options.grace_s)
+        import optuna
+
+        # a trial stopped by a signal is failed and re-enqueued at once, however often
+        self.retry_stopped = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
+        self.reserve = SpaceReserve(options.workspace)
+        self.disk_full: str | None = None  # set when the disk filled: the sweep stops
         with self.lock():  # first use creates the tables: one launcher at a time
             use_wal(options.storage_url)
             use_wal(options.tracking_uri)
@@ -268,11 +313,12 @@ class Launcher:
             self._fail_stale()
             if not self.sweep.tune:
                 self._enqueue_eval(self.sweep.cells, {})
+        self.reserve.hold()  # room to record a stop when the disk fills (check_workspace ensured it fits)
         # the pool starts after calibration, which must time a step on an otherwise idle machine
         self.executor = make_executor(self.opt.jobs, self.preload)
         if self.opt.jobs > 1:
             for _ in range(self.opt.jobs):
-                self.executor.submit(warm_up, self.opt.tracking_uri)
+                self._pool_submit(warm_up, self.opt.tracking_uri)
 
     def _check_fingerprint(self) -> None:
         """A resumed sweep must run the same base config and tuning (new cells and seeds are fine)."""
@@ -309,9 +355,14 @@ class Launcher:
                 continue
             key = task_key(config)
             if key not in stored:
-                with one_thread():
-                    task = prepared.get(key) or prepare_task(config)
-                    calibration = calibrate_step(task, config)
+                try:
+                    with one_thread():
+                        task = prepared.get(key) or prepare_task(config)
+                        calibration = calibrate_step(task, config)
+                except ConfigError:
+                    raise
+                except Exception:  # noqa: BLE001 - the module fails in training: not pinned here,
+                    continue  # so each trial calibrates in its own run and fails there, recorded FAILED
                 stored[key] = {"step_s": calibration.step_s, "samples": calibration.samples}
                 changed = True
             self.step_s[cell.id] = stored[key]["step_s"]
@@ -371,6 +422,9 @@ class Launcher:
             run_id = found[0].info.run_id
             if found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
+            for key in ("syncbench.stopped", "syncbench.signal"):  # what stopped an earlier launch
+                if key in found[0].data.tags:
+                    self.client.delete_tag(run_id, key)
         else:
             tags = {"syncbench.sweep": spec.name, "syncbench.role": "parent"}
             run_id = self.client.create_run(self.experiment_id, run_name=spec.name, tags=tags).info.run_id
@@ -535,39 +589,51 @@ class Launcher:
                         parent_run_id=self.parent_run_id, tracking_uri=self.opt.tracking_uri,
                         workspace=str(self.opt.workspace), tune=tune)
 
-    def run(self) -> bool:
-        """Claim and run trials, ``jobs`` at a time, until the sweep is done. Returns True
-        when interrupted (Ctrl-C): trials in flight are failed, to be rerun by a resume."""
+    def run(self) -> int | None:
+        """Claim and run trials, ``jobs`` at a time, until the sweep is done or stopped.
+        Returns the signal that stopped it (SIGTERM, SIGINT; None when it ran to the end or
+        the disk filled): trials in flight record their runs KILLED, are failed in Optuna and
+        re-enqueued, so a rerun retries them at once."""
         inflight: dict[Future, Claim] = {}
         try:
             with self.display:
                 self.display.update(self.counts())
                 self._loop(inflight)
-        except KeyboardInterrupt:
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            for claim in inflight.values():
-                self._abandon(claim, "interrupted (Ctrl-C)")
-            self.display.err.print("[red]interrupted[/]: rerun the same command to resume", highlight=False)
-            return True
+        except (signals.Interrupted, KeyboardInterrupt) as exc:
+            signum = getattr(exc, "signum", int(signal.SIGINT))
+            name = signals.signal_name(signum)
+            self.display.err.print(f"[red]stopped by {name}[/]: stopping the trials in flight ...", highlight=False)
+            self._stop(inflight, signum)
+            self.display.err.print(f"[red]stopped by {name}[/]: trials in flight were failed and their runs "
+                                   f"recorded KILLED; rerun the same command to resume (they are retried at once)",
+                                   highlight=False)
+            return signum
+        except Exception as exc:  # noqa: BLE001 - the disk filled under the launcher's own writes
+            if not is_disk_full(exc):
+                raise
+            self._disk_filled(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            self._stop(inflight, None)
         self.executor.shutdown(wait=True)
-        return False
+        return None
 
     def _loop(self, inflight: dict[Future, Claim]) -> None:
         waiting_noted = False
         while True:
+            signals.check()
             idle: Idle | None = None
-            while len(inflight) < self.opt.jobs:
+            while len(inflight) < self.opt.jobs and not self.disk_full:
                 claim = self.claim()
                 if isinstance(claim, Idle):
                     idle = claim
                     break
                 self._submit(claim, inflight)
                 self._collect(inflight)  # inline execution: the trial is already done
+                signals.check()
             if inflight:
                 wait(list(inflight), timeout=self.opt.poll_s, return_when=FIRST_COMPLETED)
                 self._collect(inflight)
                 continue
-            if idle is Idle.DONE:
+            if idle is Idle.DONE or self.disk_full:
                 return
             if not waiting_noted:  # trials of another (or a killed) launcher are still RUNNING
                 self.display.note(f"waiting for trials running elsewhere (a dead launcher's trials are "
@@ -575,6 +641,58 @@ class Launcher:
                 waiting_noted = True
             self.display.update(self.counts())
             time.sleep(self.opt.poll_s)
+
+    def _pool_submit(self, fn, *args) -> Future:
+        """Submit to the executor with SIGTERM/SIGINT shielded while it may start a worker
+        process (``signals.shielded``): a worker starts with them ignored and installs its
+        handler in ``sweeps.trials._init_worker``, so a signal never kills one mid-import."""
+        from concurrent.futures import ProcessPoolExecutor
+
+        if not isinstance(self.executor, ProcessPoolExecutor):
+            return self.executor.submit(fn, *args)  # inline: the trial runs here, signals must reach it
+        with signals.shielded():
+            return self.executor.submit(fn, *args)
+
+    def _stop(self, inflight: dict[Future, Claim], signum: int | None) -> None:
+        """Stop the trials in flight: pass the signal on to the worker processes (each trial
+        records its run KILLED), give them ``STOP_WAIT_S`` to report, fail and re-enqueue the
+        trials; a trial whose worker did not answer is abandoned (its run marked here)."""
+        from concurrent.futures import ProcessPoolExecutor
+
+        reason = f"stopped by {signals.signal_name(signum)}" if signum else f"the disk filled: {self.disk_full}"
+        if isinstance(self.executor, ProcessPoolExecutor) and inflight:
+            deadline = time.monotonic() + STOP_WAIT_S
+            while not all(f.done() for f in inflight) and time.monotonic() < deadline:
+                # again each second: a worker still starting ignores it (signals.shielded)
+                for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+                    with contextlib.suppress(OSError, AttributeError, TypeError):
+                        os.kill(process.pid, signum or signal.SIGTERM)
+                wait(list(inflight), timeout=1.0)
+        for future in [f for f in inflight if f.done()]:
+            claim = inflight.pop(future)
+            try:
+                report = future.result()
+            except BaseException as exc:  # noqa: BLE001 - a worker died or raised on its way out
+                report = TrialReport(outcome="killed", error=f"{reason} ({type(exc).__name__})")
+            self._tell(claim, report)
+        for claim in inflight.values():
+            self._abandon(claim, reason)
+        inflight.clear()
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        # every trial has reported or been abandoned: nothing is left to record in the
+        # workers, whose interpreter teardown (torch, Lightning, MLflow) took seconds here
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.kill()
+
+    def _disk_filled(self, what: str) -> None:
+        """The disk under the stores filled: free the reserve so that the stop can be
+        recorded, and stop claiming trials."""
+        if self.disk_full is None:
+            self.reserve.release()
+            self.disk_full = (f"{what}. The sweep stopped; the trials in flight were failed. Free space on the disk "
+                              f"holding {self.opt.workspace} (or the stores), then rerun the same command to resume.")
 
     def _submit(self, claim: Claim, inflight: dict[Future, Claim]) -> None:
         claim.heartbeat = Heartbeat(self.storage, claim.trial._trial_id, self.opt.heartbeat_s).start()
@@ -587,12 +705,12 @@ class Launcher:
             future.set_result(TrialReport(outcome="failed", error=str(exc)))
         else:
             try:
-                future = self.executor.submit(run_trial_job, job)  # --jobs 1: runs the trial now
+                future = self._pool_submit(run_trial_job, job)  # --jobs 1: runs the trial now
             except BrokenExecutor:
                 self.executor = make_executor(self.opt.jobs, self.preload)
-                future = self.executor.submit(run_trial_job, job)
-            except KeyboardInterrupt:
-                self._abandon(claim, "interrupted (Ctrl-C)")  # not in `inflight` yet
+                future = self._pool_submit(run_trial_job, job)
+            except (KeyboardInterrupt, signals.Interrupted) as exc:
+                self._abandon(claim, f"stopped by {signals.signal_name(getattr(exc, 'signum', signal.SIGINT))}")
                 raise
         inflight[future] = claim
 
@@ -616,22 +734,37 @@ class Launcher:
         from optuna.trial import TrialState
 
         claim.heartbeat.stop()
+        if report.extra.get("disk_full"):
+            self._disk_filled(report.error or "the disk is full")
+        if report.outcome == "killed" or report.extra.get("disk_full"):
+            self._fail_and_retry(claim, report)
+            return
         budget = claim.cell.config.budget.train_time_s
         value = objective_value(report, budget)
         attrs = report_attrs(report)
-        try:
-            for key, val in attrs.items():
-                claim.trial.set_user_attr(key, val)
-            if report.outcome == "pruned":
-                claim.study.tell(claim.trial, state=TrialState.PRUNED)
-            elif value is None:
-                claim.study.tell(claim.trial, state=TrialState.FAIL)
-            else:
-                claim.study.tell(claim.trial, value)
-        except UpdateFinishedTrialError:
-            # another launcher declared it stale (no heartbeat for the grace period) and
-            # enqueued a retry; this result stays in MLflow, the retry will be recorded too
-            self.display.note(f"[yellow]{claim.ref} was failed as stale while running; its retry will run again[/]")
+        for attempt in range(2):
+            try:
+                for key, val in attrs.items():
+                    claim.trial.set_user_attr(key, val)
+                if report.outcome == "pruned":
+                    claim.study.tell(claim.trial, state=TrialState.PRUNED)
+                elif value is None:
+                    claim.study.tell(claim.trial, state=TrialState.FAIL)
+                else:
+                    claim.study.tell(claim.trial, value)
+                break
+            except UpdateFinishedTrialError:
+                # another launcher declared it stale (no heartbeat for the grace period) and
+                # enqueued a retry; this result stays in MLflow, the retry will be recorded too
+                self.display.note(f"[yellow]{claim.ref} was failed as stale while running; its retry will run "
+                                  f"again[/]")
+                break
+            except Exception as exc:  # noqa: BLE001
+                # the disk filled between the run's end in MLflow and its result here: free the
+                # reserve and record the result, or a resume would run the finished cell again
+                if attempt or not is_disk_full(exc):
+                    raise
+                self._disk_filled(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         self.trials_run += 1
         self.trials_wall_s += report.wall_s
         counts = self.counts()
@@ -640,18 +773,53 @@ class Launcher:
                                 report.outcome, report.tta_s, report.wall_s or time.perf_counter() - claim.started,
                                 report.error)
 
+    def _fail_and_retry(self, claim: Claim, report: TrialReport) -> None:
+        """A trial stopped from outside (a signal, a full disk), not by its own fault: FAIL
+        it with the reason, re-enqueue a copy at once (same parameters; the copy replaces it
+        in the counts and in ``n_trials``), and end its MLflow run if its process could not."""
+        from optuna.trial import TrialState
+
+        reason = report.error or "stopped"
+        status = "KILLED" if report.outcome == "killed" else "FAILED"
+        extra = {"syncbench.signal": signals.signal_name(report.extra["signal"])} if report.extra.get("signal") else {}
+        mark_runs(self.client, self.experiment_id, claim.ref, status, reason, extra)
+        with self.lock():
+            try:
+                claim.trial.set_user_attr("outcome", report.outcome)
+                claim.trial.set_user_attr("error", reason)
+                claim.study.tell(claim.trial, state=TrialState.FAIL)
+                self._retry(claim)
+            except Exception as exc:  # noqa: BLE001 - failed as stale meanwhile; its retry exists
+                if is_disk_full(exc):
+                    raise
+        self.trials_run += 1
+        self.trials_wall_s += report.wall_s
+        counts = self.counts()
+        self.display.update(counts)
+        self.display.trial_line(counts, claim.phase, claim.cell.label, claim.seed if claim.phase == "eval" else None,
+                                report.outcome, None, report.wall_s or time.perf_counter() - claim.started, reason)
+
     def _abandon(self, claim: Claim, reason: str) -> None:
         """Fail a trial we cannot finish; its MLflow run must not stay RUNNING."""
         from optuna.trial import TrialState
 
         if claim.heartbeat:
             claim.heartbeat.stop()
+        with contextlib.suppress(Exception):  # best effort on the way out; the heartbeat covers the rest
+            mark_runs(self.client, self.experiment_id, claim.ref, "KILLED", reason)
         try:
-            claim.trial.set_user_attr("error", reason)
-            claim.study.tell(claim.trial, state=TrialState.FAIL)
-        except Exception:  # noqa: BLE001 - best effort on the way out; the heartbeat covers the rest
+            with self.lock():
+                claim.trial.set_user_attr("error", reason)
+                claim.study.tell(claim.trial, state=TrialState.FAIL)
+                self._retry(claim)
+        except Exception:  # noqa: BLE001
             pass
-        mark_runs(self.client, self.experiment_id, claim.ref, "KILLED", reason)
+
+    def _retry(self, claim: Claim) -> None:
+        """Enqueue the copy of a stopped trial (its parameters and cell; not its result)."""
+        frozen = claim.study._storage.get_trial(claim.trial._trial_id)
+        frozen.user_attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ("outcome", "error")}
+        self.retry_stopped(claim.study, frozen)
 
     # ---------------------------------------------------------------- accounting
     def counts(self) -> Counts:
@@ -690,7 +858,11 @@ class Launcher:
 
         latest: dict[tuple[str, int], Any] = {}
         failed: set[tuple[str, int]] = set()
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        trials = self.study.get_trials(deepcopy=False)
+        replaced = _replaced(trials)  # stale or stopped trials whose retry is queued or done
+        for t in trials:
+            if t.number in replaced or t.state not in (TrialState.COMPLETE, TrialState.FAIL):
+                continue
             key = (t.user_attrs.get("cell"), t.user_attrs.get("seed"))
             if t.state == TrialState.COMPLETE:
                 latest[key] = t
@@ -715,13 +887,21 @@ class Launcher:
             rows.append(row)
         return rows
 
-    def finish(self, wall_s: float, interrupted: bool) -> SweepResult:
+    def finish(self, wall_s: float, stopped_by: int | None) -> SweepResult:
         """Close the parent run when the sweep is over, print the table, return the result."""
         counts = self.counts()
-        result = SweepResult(counts, wall_s, self.trials_run, self.trials_wall_s, self.parent_run_id, interrupted)
+        interrupted = stopped_by is not None
+        result = SweepResult(counts, wall_s, self.trials_run, self.trials_wall_s, self.parent_run_id, interrupted,
+                             stopped_by, self.disk_full)
         finished = counts.running == 0 and counts.finished == counts.total
-        if interrupted:
-            self.client.set_terminated(self.parent_run_id, "KILLED")
+        if interrupted or self.disk_full:
+            from mlflow.entities import RunTag
+
+            why = (f"stopped by {signals.signal_name(stopped_by)}" if interrupted else "the disk filled")
+            with contextlib.suppress(Exception):
+                self.client.log_batch(self.parent_run_id, tags=[RunTag("syncbench.stopped", why)] + (
+                    [RunTag("syncbench.signal", signals.signal_name(stopped_by))] if interrupted else []))
+            self.client.set_terminated(self.parent_run_id, "KILLED" if interrupted else "FAILED")
         elif finished:
             from mlflow.entities import Metric
 
@@ -736,6 +916,7 @@ class Launcher:
         return result
 
     def close(self) -> None:
+        self.reserve.release()
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)  # a no-op after run() shut it down
         self.lock.close()

@@ -242,8 +242,11 @@ def task_key(config: RunConfig) -> str:
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Sweep:
-    """Read and fully validate a spec; raises ConfigError naming the offending key."""
+def load_sweep(path: str | Path, cli_overrides: list[str] | None = None,
+               profile_overrides: list[str] | None = None) -> Sweep:
+    """Read and fully validate a spec; raises ConfigError naming the offending key.
+    ``cli_overrides`` (``--set``) may not touch a key the grid or the tuned parameters set
+    (the grid would silently win); ``profile_overrides`` (``--profile``) come first and may."""
     path = Path(path)
     raw = read_yaml(path)
     try:
@@ -253,8 +256,17 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
     _check_key_overlaps(spec, path)
     base_path = _resolve_base(spec.base, path)
     overrides = dict(spec.set)
+    for item in profile_overrides or []:
+        key, value = parse_override(item)
+        overrides[key] = value
+    owners = [("grid", k) for k in spec.grid] + [("tune.params", k) for k in (spec.tune.params if spec.tune else {})]
     for item in cli_overrides or []:
         key, value = parse_override(item)
+        for section, owned in owners:
+            if _under(key, owned) or _under(owned, key):
+                raise ConfigError(f"--set {item}: {key} is also set by the sweep spec's {section}.{owned} "
+                                  f"({path}), which would silently override it in every cell: change the spec "
+                                  f"(or drop the --set)")
         overrides[key] = value
     if "seed" in overrides:
         raise ConfigError(f"sweep spec {path}: set.seed: the seeds come from `seeds:`, not from an override")

@@ -84,18 +84,27 @@ class TrialReport:
 def run_trial_job(job: TrialJob) -> TrialReport:
     """Validate and run one trial; an exception becomes a ``failed`` report (the MLflow run,
     if one was created, is already marked FAILED by ``execute_run``)."""
+    from experiments import signals
     from experiments.config import validate_config
     from experiments.run import execute_run
+    from experiments.workspace import is_disk_full
 
     try:
-        config = validate_config(job.config, job.run_name)
-        hook = TuneHook(job.tune) if job.tune is not None and config.cluster.backend == "sim" else None
-        result = execute_run(config, workspace=job.workspace, tracking_uri=job.tracking_uri,
-                             experiment=job.experiment, tags=job.tags, parent_run_id=job.parent_run_id,
-                             run_name=job.run_name, progress=False, on_evaluation=hook)
+        with signals.armed_section():  # a signal stops the run where it is; it records itself KILLED
+            config = validate_config(job.config, job.run_name)
+            hook = TuneHook(job.tune) if job.tune is not None and config.cluster.backend == "sim" else None
+            result = execute_run(config, workspace=job.workspace, tracking_uri=job.tracking_uri,
+                                 experiment=job.experiment, tags=job.tags, parent_run_id=job.parent_run_id,
+                                 run_name=job.run_name, progress=False, on_evaluation=hook)
+    except signals.Interrupted as exc:  # the launcher fails the trial and re-enqueues it
+        return TrialReport(outcome="killed", run_id=getattr(exc, "run_id", None), error=f"stopped by {exc.name}",
+                           extra={"signal": exc.signum})
     except Exception as exc:  # noqa: BLE001 - reported to the launcher, which fails the trial
         tb = traceback.format_exc(limit=6)
-        return TrialReport(outcome="failed", error=f"{type(exc).__name__}: {exc}", extra={"traceback": tb})
+        extra: dict[str, Any] = {"traceback": tb}
+        if is_disk_full(exc):
+            extra["disk_full"] = True  # the launcher stops the sweep
+        return TrialReport(outcome="failed", error=f"{type(exc).__name__}: {exc}", extra=extra)
     return TrialReport(outcome=result.outcome, run_id=result.run_id, tta_s=result.tta_s, wall_s=result.wall_s,
                        mlflow_log_s=result.mlflow_log_s, init_s=result.init_s,
                        extra={"best_val": result.best_val, "samples_to_target": result.samples_to_target})
@@ -254,6 +263,13 @@ def _init_worker(launcher_pid: int, preload: list[str]) -> None:
         pass
     if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
         os._exit(1)
+    from experiments import signals
+
+    # SIGTERM/SIGINT (from the launcher, or Ctrl-C to the whole terminal group) stop the trial
+    # in flight, which records its run KILLED; between trials they only mark the worker
+    # stopped. The launcher started us with them ignored (signals.shielded) until now.
+    signals.install(armed=False, second_exits=False)
+    signals.unblock()
     import importlib
 
     for module in ["experiments.run", *preload]:

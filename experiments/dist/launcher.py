@@ -45,6 +45,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from experiments import signals
+
 ENV_WORKER = "SYNCBENCH_DIST_WORKER"
 ENV_EMULATE = "SYNCBENCH_DIST_EMULATE"
 ENV_DEBUG = "SYNCBENCH_DIST_DEBUG_DIR"
@@ -266,25 +268,37 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
             parent_run_id: str | None, run_name: str | None, progress: bool, emulate: str | None,
             debug_dir: Any, max_steps: int | None = None) -> Any:
     from experiments.recording import RunRecorder, get_or_create_experiment, open_client
-    from experiments.run import measure_activation_bytes, one_thread, prepare_task
+    from experiments.run import (
+        check_initial_target,
+        measure_activation_bytes,
+        one_thread,
+        prepare_task,
+        record_stopped_run,
+    )
     from experiments.workspace import artifacts_dir
 
     wall0 = time.time()
+    act_bytes: int | None = None
     emulation = parse_emulate(emulate)
     validate_dist_config(config)
     n = config.cluster.workers
     with one_thread():
         task = prepare_task(config)
         check_shards(task, config, n)
-        act_bytes = measure_activation_bytes(task, config)
     client = open_client(tracking_uri)
     exp_id = get_or_create_experiment(client, experiment or config.name,
                                       artifacts_dir(ws).as_uri() if tracking_uri.startswith("sqlite") else None)
-    recorder = RunRecorder(client, exp_id, run_name or config.name,
-                           tags=_run_tags(tags, "local", emulation, _comm_backend(), n), parent_run_id=parent_run_id)
+    with signals.deferred(raise_at_end=False):  # a run that exists is always ended, whatever stops it
+        recorder = RunRecorder(client, exp_id, run_name or config.name,
+                               tags=_run_tags(tags, "local", emulation, _comm_backend(), n),
+                               parent_run_id=parent_run_id)
     control: Path | None = None
     try:
+        signals.poll()
         recorder.log_params({**config.flat(), "backend": "dist"})
+        check_initial_target(task, config)
+        with one_thread():  # runs the user's module: inside the run, so that a failure is recorded
+            act_bytes = measure_activation_bytes(task, config)
         control = ws / "dist" / recorder.run_id
         control.mkdir(parents=True, exist_ok=True)
         spec = {
@@ -303,20 +317,32 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
         if outcome.get("ok"):
             from experiments.run import RunResult
 
-            result = _result_from_json(RunResult, json.loads((control / "result.json").read_text()))
-            import shutil
-
-            shutil.rmtree(control, ignore_errors=True)
-            return result
+            return _result_from_json(RunResult, json.loads((control / "result.json").read_text()))
         message = outcome["message"]
         _attach_logs(recorder, control)
         recorder.fail(message)
         raise DistRunFailed(message, recorder.run_id)
     except DistRunFailed:
         raise
+    except signals.Interrupted as exc:
+        # rank 0 recorded the run KILLED with its curve and summary, unless it could not (it
+        # had not started, or did not stop in time): then the run is ended here
+        with contextlib.suppress(Exception):
+            if client.get_run(recorder.run_id).info.status == "RUNNING":
+                if control is not None:
+                    _attach_logs(recorder, control)
+                record_stopped_run(recorder, config, None, exc.signum, activation_bytes=act_bytes,
+                                   wall_s=time.time() - wall0)
+        exc.run_id = recorder.run_id  # type: ignore[attr-defined]
+        raise
     except BaseException as exc:
         recorder.fail(exc)
         raise
+    finally:
+        if control is not None:  # the workers' files: logs are attached to a failed run
+            import shutil
+
+            shutil.rmtree(control, ignore_errors=True)
 
 
 def _result_to_json(result: Any) -> dict[str, Any]:
@@ -414,18 +440,47 @@ def _run_workers(control: Path, n: int, timeout_s: float, progress: bool, config
     procs: list[Any] = []
     try:
         for r in range(n):
-            if ctx is not None:
-                process = ctx.Process(target=_forked_worker, args=(str(control / "spec.json"), r, n, port, threads),
-                                      name=f"syncbench-worker-{r}", daemon=False)
-                with _main_module_hidden():
-                    process.start()
-                procs.append(_Worker(process))
-            else:
-                procs.append(_spawn_worker(control, r, n, port, threads))
+            # started with SIGTERM/SIGINT ignored, as is the forkserver they fork from: a signal to
+            # the launcher's process group (systemd, SLURM, GNU timeout) would otherwise kill the
+            # forkserver, and with it (PR_SET_PDEATHSIG) every worker before rank 0 records the
+            # run; each worker installs its own handler first thing (_worker_main)
+            with signals.shielded():
+                if ctx is not None:
+                    process = ctx.Process(target=_forked_worker,
+                                          args=(str(control / "spec.json"), r, n, port, threads),
+                                          name=f"syncbench-worker-{r}", daemon=False)
+                    with _main_module_hidden():
+                        process.start()
+                    procs.append(_Worker(process))
+                else:
+                    procs.append(_spawn_worker(control, r, n, port, threads))
         _write_json(control / "workers.json", [p.pid for p in procs])
         return _watch(procs, control, timeout_s, progress, config)
+    except signals.Interrupted as exc:
+        _stop_workers(procs, exc.signum)
+        raise
     finally:
         _kill_all(procs)
+
+
+STOP_WAIT_S = 15.0  # after a signal: how long the workers get to stop (rank 0 records the run KILLED)
+
+
+def _stop_workers(procs: list[Any], signum: int, wait_s: float = STOP_WAIT_S) -> None:
+    """Pass a stop signal on to every worker (each leads its own process group, out of the
+    terminal's reach) and give them ``wait_s`` to end: rank 0 flushes its buffered metrics
+    and records the run KILLED; the others just leave. A second signal to the launcher ends
+    it at once (``experiments.signals``), and the workers with it."""
+    deadline = time.monotonic() + wait_s
+    next_send = 0.0
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if time.monotonic() >= next_send:  # again each second: a worker still starting ignores it
+            for p in procs:
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(p.pid, signum)
+            next_send = time.monotonic() + 1.0
+        time.sleep(0.05)
 
 
 class _PopenWorker:
@@ -716,7 +771,7 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
     import torch.distributed as dist
     from torch.utils.data import DataLoader, Dataset
 
-    from experiments.run import RunResult, measure_activation_bytes, prepare_task, seed_everything
+    from experiments.run import RunResult, measure_activation_bytes, prepare_task, record_stopped_run, seed_everything
     from experiments.sharding import ShardedBatches
     from experiments.dist.worker import Comm, Emulation, ProgramStrategy, TTAMonitor, WorkerFailure, WorkerState
     from experiments.run import build_strategy
@@ -757,8 +812,14 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
 
     recorder = None
     torchrun_run_id: list[str | None] = [None]
+    monitor = strategy = None
+
+    def strategy_summary() -> dict[str, float]:
+        with contextlib.suppress(Exception):
+            return dict(strategy.summary_metrics()) if strategy is not None else {}
+        return {}
+
     try:
-        monitor = None
         if rank == 0:
             recorder = _open_recorder(attach, create)
             torchrun_run_id[0] = recorder.run_id
@@ -805,14 +866,29 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
         if rank != 0:
             return RunResult(run_id=None, outcome=outcome)
         assert monitor is not None and recorder is not None
-        result = _record(config, recorder, monitor, worker, strategy, rows, wall0, activation_bytes,
-                         RunResult)
-        if control is not None:
-            _write_json(control / "result.json", _result_to_json(result))
+        with signals.deferred():  # the finished run is recorded whole; a signal here stops after it
+            result = _record(config, recorder, monitor, worker, strategy, rows, wall0, activation_bytes,
+                             RunResult)
+            if control is not None:
+                _write_json(control / "result.json", _result_to_json(result))
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         return result
     except BaseException as exc:
+        signum = signals.received()
+        if recorder is not None and recorder.finished:
+            raise  # recorded whole before the signal was raised (signals.deferred above)
+        if recorder is not None and signum is not None and (attach is not None
+                                                            or isinstance(exc, signals.Interrupted)):
+            # stopped by the launcher (which passed a SIGTERM/SIGINT on): record what was
+            # measured, the run KILLED; the launcher leaves a run that is no longer RUNNING alone.
+            # (Under torchrun SIGTERM keeps its meaning, _Terminated: torchrun stops the job
+            # when a peer failed.)
+            with contextlib.suppress(Exception):
+                record_stopped_run(recorder, config, monitor.result if monitor is not None else None, signum,
+                                   activation_bytes=activation_bytes, extra=strategy_summary(),
+                                   wall_s=time.time() - wall0)
+            raise
         if recorder is not None:
             if create is not None:  # torchrun: nobody else will mark the run
                 message = _failure_message(exc, rank, store_hb, world)
@@ -1027,6 +1103,10 @@ def _worker_main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     _set_pdeathsig()
+    # the launcher passes SIGTERM/SIGINT on to stop the run in order (rank 0 records it
+    # KILLED); a repeat (the launcher's and the terminal's) does not cut that short
+    signals.install(armed=True, second_exits=False)
+    signals.unblock()  # in case a parent blocked them
     spec = json.loads(Path(args.worker).read_text())
     control = Path(spec["control"])
     heartbeat = FileHeartbeat(control / f"hb.{args.rank}", spec.get("launcher_pid"))
