@@ -213,4 +213,6 @@ def test_literature_spec_loads_and_names_each_method():
     assert {("async_local_sgd", 32, True, dn, dylu) for dn, dylu in ((None, False), (4, False), (4, True))} <= methods
     assert ("streaming_diloco", 32, True, None, False) in methods
     assert {c.config.cluster.stragglers.kind for c in sweep.cells} == {"lognormal", "persistent"}
-    assert all(c.config.cluster.backend == "sim" for c in sweep.cells) and sweep.total_trials() == 60
+    assert {c.config.strategy.compression for c in sweep.cells if c.config.strategy.name == "sync"} == {
+        "none", "fp16", "int8", "topk", "powersgd"}
+    assert all(c.config.cluster.backend == "sim" for c in sweep.cells) and sweep.total_trials() == 90
