@@ -62,7 +62,10 @@ def test_charlm_reaches_its_target_with_and_without_checkpointing(tmp_path):
     results = {}
     try:
         for enabled in (False, True):
+            # a nearer target than the shipped 1.85: the property (same updates, a fraction of the
+            # activation bytes) does not depend on it, and the suite's time does
             config = load_config(CHARLM, ["cluster.workers=1", "strategy.name=sync", "cluster.compute.step_s=0.031",
+                                          "target.value=2.3",
                                           f"checkpointing.enabled={str(enabled).lower()}",
                                           f"task.data_args.root={tmp_path / 'data'}"])
             results[enabled] = execute_run(config, workspace=tmp_path, tracking_uri=uri)
