@@ -17,7 +17,7 @@ $(STAMP): $(PY) pyproject.toml
 setup: $(STAMP)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -rs tests
+	$(VENV)/bin/python -m pytest -q -rs -n 2 tests
 
 demo: setup
 	$(VENV)/bin/syncbench sweep sweeps/specs/demo.yaml --jobs 2
