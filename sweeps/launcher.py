@@ -68,7 +68,10 @@ from sweeps.trials import (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-MAX_STALE_RETRIES = 3  # a trial that keeps killing its launcher is retried this often per launch
+# a cell x seed (or tuning trial) whose trials keep killing their launcher is retried this often
+# in all, across launches; then it is given up (counted in the study's user attribute below)
+MAX_STALE_RETRIES = 3
+STALE_COUNT_ATTR = "syncbench.stale_failures"  # {"<cell>|<seed or phase>": launchers it killed}
 STOP_WAIT_S = 20.0  # after a signal: how long trials in worker processes get to record themselves KILLED
 # the step calibration per task_key: {"step_s", "samples"} (the attribute "syncbench.step_s" of
 # sweeps stored before it timed checkpointed models as a run trains them is not reused)
@@ -214,16 +217,36 @@ class StaleTrialHandler:
     def __init__(self, grace_s: int):
         import optuna
 
-        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_STALE_RETRIES)
+        # the cap is ours (across launches, per cell x seed); Optuna's counts one retry chain
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
         self.grace_s = grace_s
         self.client = None
         self.experiment_id: str | None = None
 
     def __call__(self, study, trial) -> None:
+        key = stale_key(trial.user_attrs)
+        counts = dict(study.user_attrs.get(STALE_COUNT_ATTR, {}))
+        counts[key] = counts.get(key, 0) + 1
+        study.set_user_attr(STALE_COUNT_ATTR, counts)
+        given_up = counts[key] > MAX_STALE_RETRIES
         if self.client is not None:
+            then = (f"given up after {counts[key]} launchers stopped with it (a trial that kills its launcher, "
+                    f"e.g. out of memory?)" if given_up else "the trial is retried")
             mark_runs(self.client, self.experiment_id, f"{study.study_name}/{trial.number}", "KILLED",
-                      f"its launcher stopped (no heartbeat for over {self.grace_s} s); the trial is retried")
-        self.retry(study, trial)
+                      f"its launcher stopped (no heartbeat for over {self.grace_s} s); {then}")
+        if not given_up:
+            self.retry(study, trial)
+
+
+def stale_key(user_attrs: dict[str, Any]) -> str:
+    """What the retry cap counts: an evaluation trial's cell x seed, a tuning trial's cell."""
+    seed = user_attrs.get("seed")
+    return f"{user_attrs.get('cell')}|{seed if seed is not None else user_attrs.get('phase', 'tune')}"
+
+
+def given_up(study) -> set[str]:
+    """The ``stale_key``s whose trials killed their launcher more than MAX_STALE_RETRIES times."""
+    return {k for k, n in study.user_attrs.get(STALE_COUNT_ATTR, {}).items() if n > MAX_STALE_RETRIES}
 
 
 def mark_runs(client, experiment_id: str | None, trial_ref: str, status: str, reason: str,
@@ -485,8 +508,13 @@ class Launcher:
                                                states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))}
         order = sorted(((cell, seed) for seed in self.sweep.seeds for cell in cells),
                        key=lambda item: -item[0].config.cluster.workers)  # stable: seed-major, grid order
+        abandoned = given_up(self.study)
         for cell, seed in order:
             if (cell.id, seed) in live:
+                continue
+            if stale_key({"cell": cell.id, "seed": seed}) in abandoned:
+                self.display.warn(f"[red]{cell.id} seed {seed} is not run again: its trials stopped their launcher "
+                                  f"{MAX_STALE_RETRIES + 1} times (see the KILLED runs)")
                 continue
             attrs = {"cell": cell.id, "seed": seed, "phase": "eval", "overrides": overrides.get(cell.id, {})}
             if tuned_from and cell.id in tuned_from:

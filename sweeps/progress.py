@@ -83,7 +83,11 @@ class SweepDisplay:
     def note(self, message: str) -> None:
         """A line above the bar (or on stderr)."""
         if self.lines:
-            (self.progress.console if self.progress else self.err).print(message, highlight=False)
+            self.warn(message)
+
+    def warn(self, message: str) -> None:
+        """A line printed even with ``--no-progress``: something the user must know."""
+        (self.progress.console if self.progress else self.err).print(message, highlight=False)
 
     def trial_line(self, counts: Counts, phase: str, label: str, seed: int | None, outcome: str,
                    tta_s: float | None, wall_s: float, error: str | None = None) -> None:

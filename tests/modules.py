@@ -41,3 +41,24 @@ class DictLossMLP(MLP):
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.lr)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1000)}
+
+
+class SelfKillingMLP(MLP):
+    """SIGKILLs its own process in training_step after `kill_after` calls in that process (what
+    the OOM killer does to a trial that runs out of memory): the dry run and the first steps
+    pass, then the process running the trial -- an inline sweep's launcher -- dies."""
+
+    calls = 0  # per process: shared by the copies a run makes
+
+    def __init__(self, kill_after: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.kill_after = kill_after
+
+    def training_step(self, batch, batch_idx):
+        import os
+        import signal
+
+        SelfKillingMLP.calls += 1
+        if SelfKillingMLP.calls > self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().training_step(batch, batch_idx)

@@ -149,3 +149,40 @@ def test_a_pool_worker_dying_fails_its_trials_and_a_rerun_completes_them(ws, tmp
     complete = [t for t in study("pooldeath", ws).trials if t.state.name == "COMPLETE"]
     assert sorted(items(complete).values()) == [1, 1]
     assert states(study("pooldeath", ws).trials)["FAIL"] == len(failed)
+
+
+@pytest.mark.heavy
+def test_a_trial_that_keeps_killing_its_launcher_is_given_up_after_the_retry_cap(ws, tmp_path, monkeypatch):
+    """The retry cap holds across launches: a cell x seed whose trial kills its launcher every
+    time runs 1 + MAX_STALE_RETRIES times in all, then every rerun leaves it alone (its runs
+    KILLED, none RUNNING) while the sweep's other cells finish."""
+    from sweeps.launcher import MAX_STALE_RETRIES
+
+    for key, value in FAST_HEARTBEAT.items():
+        monkeypatch.setenv(key, value)
+    spec = write_spec(tmp_path / "poison.yaml", "poison", seeds=[0],
+                      grid={"task.module": ["tests.modules:SelfKillingMLP", "experiments.digits:MLP"]},
+                      set={"cluster.workers": 1, "cluster.compute.step_s": 0.001})
+    deaths = 0
+    for _ in range(MAX_STALE_RETRIES + 3):
+        proc = launcher(spec, ws, env=FAST_HEARTBEAT)
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode == -signal.SIGKILL:
+            deaths += 1
+            continue
+        assert proc.returncode == 1, out  # finished, with the given-up cell x seed reported as failed
+        assert "is not run again" in out, out
+        break
+    assert deaths == 1 + MAX_STALE_RETRIES
+    trials = study("poison", ws).trials
+    poison = [t for t in trials if t.user_attrs.get("cell", "").endswith("SelfKillingMLP")]
+    assert len(poison) == 1 + MAX_STALE_RETRIES and all(t.state.name == "FAIL" for t in poison)
+    assert [t.state.name for t in trials if t not in poison] == ["COMPLETE"]
+    # one more rerun: nothing to run, nothing retried
+    proc = launcher(spec, ws, env=FAST_HEARTBEAT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "is not run again" in out, out
+    assert len(study("poison", ws).trials) == len(trials)
+    _, children = mlflow_runs("poison", ws)
+    statuses = Counter(r.info.status for r in children if r.data.tags["syncbench.cell"].endswith("SelfKillingMLP"))
+    assert statuses == {"KILLED": 1 + MAX_STALE_RETRIES}
