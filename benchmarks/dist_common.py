@@ -122,7 +122,11 @@ def _batches(rank: int, n: int, steps: int):
 
 def _raw_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup: int, queue: Any,
                 stat: str = "median") -> None:
-    torch.set_num_threads(1)
+    from experiments.dist.launcher import threads_per_worker
+
+    # the intra-op threads our dist workers get on this machine: a baseline with fewer threads
+    # than the program it is compared with would measure the thread count, not the harness
+    torch.set_num_threads(threads_per_worker(world))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
     import torch.nn.functional as F
