@@ -120,6 +120,27 @@ def _batches(rank: int, n: int, steps: int):
     return [(x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH]) for i in range(n)]
 
 
+def timed_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, steps: int, warmup: int,
+              after_step=None) -> list[float]:
+    """Wall seconds of each step after ``warmup`` (zero_grad, forward, backward, step, then
+    ``after_step``), on the rank's fixed synthetic batches: every raw baseline's loop."""
+    import torch.nn.functional as F
+
+    data = _batches(rank, 16, steps)
+    times = []
+    for i in range(warmup + steps):
+        x, y = data[i % len(data)]
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def _raw_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup: int, queue: Any,
                 stat: str = "median") -> None:
     from experiments.dist.launcher import threads_per_worker
@@ -129,7 +150,6 @@ def _raw_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup:
     torch.set_num_threads(threads_per_worker(world))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     if kind != "compute":
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -138,16 +158,7 @@ def _raw_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup:
     if kind == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = _batches(rank, 16, steps)
-    times = []
-    for i in range(warmup + steps):
-        x, y = data[i % len(data)]
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    times = timed_loop(model, opt, rank, steps, warmup)
     queue.put((rank, statistics.mean(times) if stat == "mean" else statistics.median(times)))
     if kind != "compute":
         dist.destroy_process_group()

@@ -35,6 +35,7 @@ import torch
 from benchmarks.dist_common import (
     _batches,
     _free_port,
+    timed_loop,
     bench_config,
     build_mlp,
     load_note,
@@ -55,25 +56,6 @@ def torchft_available() -> bool:
     except Exception:  # noqa: BLE001 - any import failure means: fall back
         return False
     return True
-
-
-def _timed_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, steps: int, warmup: int,
-                after_step=None) -> list[float]:
-    import torch.nn.functional as F
-
-    data = _batches(rank, 16, steps)
-    times = []
-    for i in range(warmup + steps):
-        x, y = data[i % len(data)]
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        if after_step is not None:
-            after_step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def _peer_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup: int, queue: Any,
@@ -97,7 +79,7 @@ def _peer_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup
 
         inner = torch.optim.Adam(model.parameters(), lr=1e-3)
         opt = PostLocalSGDOptimizer(optim=inner, averager=PeriodicModelAverager(period=H, warmup_steps=0))
-        times = _timed_loop(model, opt, rank, steps, warmup)
+        times = timed_loop(model, opt, rank, steps, warmup)
         stat = statistics.mean(times)
     elif kind == "ddp_powersgd":
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
@@ -110,7 +92,7 @@ def _peer_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup
                                             start_powerSGD_iter=2)
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         opt = torch.optim.Adam(ddp.parameters(), lr=1e-3)
-        times = _timed_loop(ddp, opt, rank, steps, warmup)
+        times = timed_loop(ddp, opt, rank, steps, warmup)
         stat = statistics.median(times)
         _, before, after = state.compression_stats()
         compressed_iters = state.iter - state.start_powerSGD_iter
@@ -143,10 +125,10 @@ def _torchft_rank(kind: str, rank: int, model: torch.nn.Module, steps: int, warm
     try:
         if kind == "torchft_local_sgd":
             with LocalSGD(manager, model, inner, sync_every=H):
-                return _timed_loop(model, inner, rank, steps, warmup)
+                return timed_loop(model, inner, rank, steps, warmup)
         outer = torch.optim.SGD(model.parameters(), **OUTER)
         with DiLoCo(manager, [model], inner, outer, sync_every=H):
-            return _timed_loop(model, inner, rank, steps, warmup)
+            return timed_loop(model, inner, rank, steps, warmup)
     finally:
         manager.shutdown(wait=False)
 
