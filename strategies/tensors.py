@@ -45,11 +45,16 @@ def flat_grads(module: torch.nn.Module) -> torch.Tensor:
 def load_flat_grads_(module: torch.nn.Module, flat: torch.Tensor) -> None:
     """Gradients := ``flat`` (``flat_grads``' layout), copied into existing gradient tensors."""
     params = trainable(module)
+    views = [v.view_as(p) for v, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+    torch._foreach_copy_(_gradient_tensors(params), views)
+
+
+def _gradient_tensors(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Each parameter's ``.grad``, allocated where missing: the tensors a gradient is copied into."""
     for p in params:
         if p.grad is None or p.grad.shape != p.shape:
             p.grad = torch.empty_like(p)
-    views = [v.view_as(p) for v, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
-    torch._foreach_copy_([p.grad for p in params], views)
+    return [p.grad for p in params]
 
 
 @torch.no_grad()
@@ -62,27 +67,24 @@ def copy_state_(target: torch.nn.Module, source: torch.nn.Module) -> None:
     torch._foreach_copy_([t.data for t in dst], [t.data for t in src])
 
 
-# Where the floating-point buffers live, per module: (owning submodule, buffer name). A module
-# may replace a buffer tensor (an EMA, ``self.running_mean = ...``), so the tensors themselves
-# are looked up on every call; only the walk of the module tree, which costs more than
-# averaging a small model, is kept.
-_BUFFER_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 @torch.no_grad()
 def copy_gradients_(target: torch.nn.Module, source: torch.nn.Module) -> None:
     """``target``'s gradients and floating-point buffers := ``source``'s (same architecture);
     what ``load_gradient_payload_(target, gradient_payload(source))`` does, without the flat copy."""
     dst, src = trainable(target), trainable(source)
     assert len(dst) == len(src), "modules differ"
-    for p in dst:
-        if p.grad is None or p.grad.shape != p.shape:
-            p.grad = torch.empty_like(p)
-    torch._foreach_copy_([p.grad for p in dst],
+    torch._foreach_copy_(_gradient_tensors(dst),
                          [q.grad if q.grad is not None else torch.zeros_like(q) for q in src])
     bufs_dst, bufs_src = float_buffers(target), float_buffers(source)
     if bufs_dst:
         torch._foreach_copy_(bufs_dst, bufs_src)
+
+
+# Where the floating-point buffers live, per module: (owning submodule, buffer name). A module
+# may replace a buffer tensor (an EMA, ``self.running_mean = ...``), so the tensors themselves
+# are looked up on every call; only the walk of the module tree, which costs more than
+# averaging a small model, is kept.
+_BUFFER_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def float_buffers(module: torch.nn.Module) -> list[torch.Tensor]:

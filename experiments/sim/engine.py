@@ -404,9 +404,7 @@ class SimEngine:
         if coll.ops:
             comm_s = self._compressed(coll, payloads, nbytes)
         else:
-            comm_s = ring_allreduce_s(self.n, nbytes, self.net)
-            coll.result = mean_payload(payloads)
-            self.ledger.comm_bytes += ring_allreduce_bytes(self.n, nbytes)
+            comm_s = self._all_reduce(coll, payloads)
         coll.completed_at, coll.done_at = t, t + comm_s
         for rank in sorted(coll.payloads):
             self.ledger.wait[rank] += t - coll.arrivals[rank]
@@ -414,6 +412,14 @@ class SimEngine:
         for w in self.workers:
             if w.rank not in coll.arrivals:
                 self._abandon(w, t)
+
+    def _all_reduce(self, coll: _Collective, payloads: list[torch.Tensor]) -> float:
+        """The exact mean of ``payloads`` into ``coll.result``, its bytes on the ledger; returns
+        the ring all-reduce's seconds."""
+        nbytes = payloads[0].numel() * payloads[0].element_size()
+        coll.result = mean_payload(payloads)
+        self.ledger.comm_bytes += ring_allreduce_bytes(self.n, nbytes)
+        return ring_allreduce_s(self.n, nbytes, self.net)
 
     def _compressed(self, coll: _Collective, payloads: list[torch.Tensor], nbytes: int) -> float:
         """Every worker's codec exchange in lockstep; returns the seconds it takes: its
@@ -467,10 +473,8 @@ class SimEngine:
         coll.payloads[w.rank] = op.payload
         if len(coll.payloads) == self.n:  # the last start: the transfer begins now
             payloads = [coll.payloads.pop(r) for r in sorted(coll.payloads)]
-            nbytes = payloads[0].numel() * payloads[0].element_size()
-            coll.result = mean_payload(payloads)
-            coll.completed_at, coll.done_at = t, t + ring_allreduce_s(self.n, nbytes, self.net)
-            self.ledger.comm_bytes += ring_allreduce_bytes(self.n, nbytes)
+            coll.completed_at = t
+            coll.done_at = t + self._all_reduce(coll, payloads)
             for rank, asked in list(coll.waiters.items()):
                 self._release(k, rank, asked)
         self._drive(w, t, k)
