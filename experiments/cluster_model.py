@@ -22,6 +22,7 @@ from experiments.config import (
     NetworkConfig,
     PersistentStragglers,
 )
+from strategies import compression
 
 
 class StragglerModel:
@@ -99,3 +100,10 @@ class ServerLink:
         start = max(request_t, self.free_at)
         self.free_at = start + duration
         return start, self.free_at
+
+
+def exchange_model_s(collectives: list[Any], world: int, net: NetworkConfig) -> float:
+    """The alpha-beta time of a compressed exchange's collectives (``strategies.compression``
+    ``AllReduce`` / ``AllGather``): what the sim charges and the dist emulation pads up to."""
+    return sum(ring_allreduce_s(world, compression.nbytes(c.tensor), net) if isinstance(c, compression.AllReduce)
+               else ring_allgather_s(world, compression.nbytes(c.tensor), net) for c in collectives)

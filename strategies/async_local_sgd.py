@@ -184,10 +184,7 @@ class AsyncLocalSGD(Strategy):
 
     def curve_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
         assert isinstance(server, AsyncLocalSGDServer)
-        counts = server.staleness
-        total = sum(counts.values())
-        return {"staleness_mean": float(sum(s * c for s, c in counts.items()) / total) if total else 0.0,
-                "staleness_max": float(max(counts)) if counts else 0.0}
+        return staleness_curve(server.staleness)
 
     def summary_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
         assert isinstance(server, AsyncLocalSGDServer)
@@ -197,4 +194,4 @@ class AsyncLocalSGD(Strategy):
 
     def artifacts(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, str]:
         assert isinstance(server, AsyncLocalSGDServer)
-        return {"staleness.json": json.dumps({int(k): int(v) for k, v in sorted(server.staleness.items())})}
+        return staleness_artifact(server.staleness)

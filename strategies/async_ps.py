@@ -75,6 +75,18 @@ def staleness_summary(counts: Counter) -> dict[str, float]:
     }
 
 
+def staleness_curve(counts: Counter) -> dict[str, float]:
+    """The staleness so far, as a curve point: mean and max (0 before any push)."""
+    total = sum(counts.values())
+    return {"staleness_mean": float(sum(s * c for s, c in counts.items()) / total) if total else 0.0,
+            "staleness_max": float(max(counts)) if counts else 0.0}
+
+
+def staleness_artifact(counts: Counter) -> dict[str, str]:
+    """``staleness.json``: the histogram, staleness -> applied pushes."""
+    return {"staleness.json": json.dumps({int(k): int(v) for k, v in sorted(counts.items())})}
+
+
 class AsyncServer(ParameterServer):
     """theta, the module's own optimizer, the version and the staleness histogram."""
 
@@ -130,11 +142,7 @@ class Async(Strategy):
 
     def curve_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
         assert isinstance(server, AsyncServer)
-        counts = server.staleness
-        total = sum(counts.values())
-        return {"staleness_mean": float(sum(s * c for s, c in counts.items()) / total) if total else 0.0,
-                "staleness_max": float(max(counts)) if counts else 0.0,
-                "refused_pushes": float(server.refused)}
+        return {**staleness_curve(server.staleness), "refused_pushes": float(server.refused)}
 
     def summary_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
         assert isinstance(server, AsyncServer)
@@ -142,4 +150,4 @@ class Async(Strategy):
 
     def artifacts(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, str]:
         assert isinstance(server, AsyncServer)
-        return {"staleness.json": json.dumps({int(k): int(v) for k, v in sorted(server.staleness.items())})}
+        return staleness_artifact(server.staleness)

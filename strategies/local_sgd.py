@@ -84,7 +84,7 @@ class LocalSGDProgram(WorkerProgram):
         self.global_state: torch.Tensor | None = None  # outer parameters (+ mean buffers), DiLoCo only
         self.momentum: torch.Tensor | None = None
         if options.outer is not None:
-            self.global_state = flat_state(worker.module).clone()
+            self.global_state = flat_state(worker.module)
             self.momentum = torch.zeros_like(flat_params(worker.module))
         # compression: warm-up gradients and pseudo-gradients keep separate codec states
         # (error feedback residuals); a compressed average exchanges state - reference, the
@@ -93,7 +93,7 @@ class LocalSGDProgram(WorkerProgram):
         self.state_codec = make_codec(options, param_shapes(worker.module))
         self.reference: torch.Tensor | None = None
         if self.state_codec is not None and self.global_state is None:
-            self.reference = flat_state(worker.module).clone()
+            self.reference = flat_state(worker.module)
 
     def _in_warmup(self) -> bool:
         return self.sync_updates < self.options.warmup_sync_updates
@@ -106,9 +106,9 @@ class LocalSGDProgram(WorkerProgram):
             w.optimizer.step()
             self.sync_updates += 1
             if self.global_state is not None:  # the outer model follows the synchronised one
-                self.global_state = flat_state(w.module).clone()
+                self.global_state = flat_state(w.module)
             if self.reference is not None:
-                self.reference = flat_state(w.module).clone()
+                self.reference = flat_state(w.module)
             return
         yield Compute()
         w.optimizer.step()
@@ -128,9 +128,9 @@ class LocalSGDProgram(WorkerProgram):
             global_params = self.global_state[:n]
             apply_outer_step(global_params, flat_params(w.module), self.momentum, outer)
             load_flat_params_(w.module, global_params)
-            self.global_state = flat_state(w.module).clone()  # outer parameters, mean buffers
+            self.global_state = flat_state(w.module)  # outer parameters, mean buffers
         elif self.reference is not None:
-            self.reference = flat_state(w.module).clone()
+            self.reference = flat_state(w.module)
 
     def _reference(self) -> torch.Tensor:
         ref = self.global_state if self.global_state is not None else self.reference

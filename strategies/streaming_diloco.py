@@ -97,7 +97,7 @@ class StreamingDiLoCoProgram(WorkerProgram):
         self.bounds = fragment_bounds([p.numel() for p in params], options.fragments)
         self.n_params = self.bounds[-1][1]
         # the global model: outer parameters of each fragment's last synchronisation, mean buffers
-        self.global_state = flat_state(worker.module).clone()
+        self.global_state = flat_state(worker.module)
         self.momentum = torch.zeros_like(self.global_state[: self.n_params]) if options.outer is not None else None
         self.gap = options.local_steps // options.fragments
         self.local_steps = 0

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from experiments.cluster_model import ring_allgather_s, ring_allreduce_s
 from strategies import compression
 
 
@@ -44,8 +43,3 @@ def run_exchange(exchange: compression.Exchange, group: Any, world: int) -> tupl
                 value = [request.tensor.clone()]
         blocked += time.perf_counter() - t0
 
-
-def exchange_model_s(collectives: list[compression.Collective], world: int, net: Any) -> float:
-    """The alpha-beta time of these collectives (what the network emulation pads up to)."""
-    return sum(ring_allreduce_s(world, compression.nbytes(c.tensor), net) if isinstance(c, compression.AllReduce)
-               else ring_allgather_s(world, compression.nbytes(c.tensor), net) for c in collectives)

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.strategies import Strategy
 
-from experiments.cluster_model import StragglerModel, ring_allreduce_bytes, ring_allreduce_s
+from experiments.cluster_model import StragglerModel, exchange_model_s, ring_allreduce_bytes, ring_allreduce_s
 from experiments.config import RunConfig
 from experiments.dist.buckets import GradBuckets
 from experiments.run_loop import Evaluation, TTATracker
@@ -856,7 +856,7 @@ class ProgramStrategy(Strategy):
         """A ReduceGradients / ReduceState with a codec: the whole payload after backward (no
         bucket overlap), the codec's collectives on the main group, the exchange vector on
         the control group alongside."""
-        from experiments.dist.compressed import exchange_model_s, run_exchange
+        from experiments.dist.compressed import run_exchange
         from strategies import compression
 
         comm, worker = self.worker.comm, self.worker
@@ -901,9 +901,10 @@ class ProgramStrategy(Strategy):
         # the emulated network is charged after the last arrival: every rank leaves the
         # collective together and pads by the same amount, the model time less the real
         # communication of the last settled round (the last arrival's blocked time)
-        pad = worker.emulation.network_pad_s(model_s, worker.last_round_comm_s) if worker.comm.world > 1 else 0.0
         if pad_s is not None:  # an overlapped reduction computed its own (``_wait_reduce``)
             pad = pad_s
+        else:
+            pad = worker.emulation.network_pad_s(model_s, worker.last_round_comm_s) if worker.comm.world > 1 else 0.0
         if pad > 0:
             time.sleep(pad)
             worker.ledger.comm += pad

@@ -46,7 +46,7 @@ from experiments.cluster_model import (
     ServerLink,
     StragglerModel,
     point_to_point_s,
-    ring_allgather_s,
+    exchange_model_s,
     ring_allreduce_bytes,
     ring_allreduce_s,
 )
@@ -404,7 +404,7 @@ class SimEngine:
         if coll.ops:
             comm_s = self._compressed(coll, payloads, nbytes)
         else:
-            comm_s = self._all_reduce(coll, payloads)
+            comm_s = self._all_reduce(coll, payloads, nbytes)
         coll.completed_at, coll.done_at = t, t + comm_s
         for rank in sorted(coll.payloads):
             self.ledger.wait[rank] += t - coll.arrivals[rank]
@@ -413,10 +413,9 @@ class SimEngine:
             if w.rank not in coll.arrivals:
                 self._abandon(w, t)
 
-    def _all_reduce(self, coll: _Collective, payloads: list[torch.Tensor]) -> float:
-        """The exact mean of ``payloads`` into ``coll.result``, its bytes on the ledger; returns
-        the ring all-reduce's seconds."""
-        nbytes = payloads[0].numel() * payloads[0].element_size()
+    def _all_reduce(self, coll: _Collective, payloads: list[torch.Tensor], nbytes: int) -> float:
+        """The exact mean of ``payloads`` (``nbytes`` each) into ``coll.result``, its bytes on the
+        ledger; returns the ring all-reduce's seconds."""
         coll.result = mean_payload(payloads)
         self.ledger.comm_bytes += ring_allreduce_bytes(self.n, nbytes)
         return ring_allreduce_s(self.n, nbytes, self.net)
@@ -434,10 +433,7 @@ class SimEngine:
         results, collectives = compression.run_lockstep(exchanges)
         coll.results = dict(zip(ranks, results))
         self.ledger.comm_bytes += compression.wire_bytes(collectives, self.n)
-        comm_s = sum(ring_allreduce_s(self.n, compression.nbytes(c.tensor), self.net)
-                     if isinstance(c, compression.AllReduce) else ring_allgather_s(self.n, compression.nbytes(c.tensor),
-                                                                                   self.net)
-                     for c in collectives)
+        comm_s = exchange_model_s(collectives, self.n, self.net)
         return comm_s + self.codec_s_per_mb * nbytes / 1e6
 
     def _deliver(self, w: SimWorker, coll: _Collective) -> None:
@@ -474,7 +470,7 @@ class SimEngine:
         if len(coll.payloads) == self.n:  # the last start: the transfer begins now
             payloads = [coll.payloads.pop(r) for r in sorted(coll.payloads)]
             coll.completed_at = t
-            coll.done_at = t + self._all_reduce(coll, payloads)
+            coll.done_at = t + self._all_reduce(coll, payloads, compression.nbytes(payloads[0]))
             for rank, asked in list(coll.waiters.items()):
                 self._release(k, rank, asked)
         self._drive(w, t, k)
