@@ -120,10 +120,10 @@ def _batches(rank: int, n: int, steps: int):
     return [(x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH]) for i in range(n)]
 
 
-def timed_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, steps: int, warmup: int,
-              after_step=None) -> list[float]:
-    """Wall seconds of each step after ``warmup`` (zero_grad, forward, backward, step, then
-    ``after_step``), on the rank's fixed synthetic batches: every raw baseline's loop."""
+def timed_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, steps: int,
+               warmup: int) -> list[float]:
+    """Wall seconds of each step after ``warmup`` (zero_grad, forward, backward, step), on the
+    rank's fixed synthetic batches: every raw baseline's loop."""
     import torch.nn.functional as F
 
     data = _batches(rank, 16, steps)
@@ -134,8 +134,6 @@ def timed_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, st
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        if after_step is not None:
-            after_step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times

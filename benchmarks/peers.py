@@ -33,7 +33,6 @@ from typing import Any
 import torch
 
 from benchmarks.dist_common import (
-    _batches,
     _free_port,
     timed_loop,
     bench_config,

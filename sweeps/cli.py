@@ -129,19 +129,20 @@ def add_import_paths(*dirs: str | os.PathLike) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from experiments.config import load_config
-    from experiments.workspace import check_workspace
+    from experiments.workspace import SpaceReserve, check_workspace, is_disk_full, workspace_dir
 
     add_import_paths(os.path.dirname(os.path.abspath(args.config)))
     from experiments.run import execute_run
 
     config = load_config(args.config, _with_profile(args))
-    if os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ:  # under torchrun: rank 0 checks
+    # under torchrun every rank runs this command: rank 0 owns the workspace checks and reserve
+    rank0 = os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ
+    if rank0:
         check_workspace(args.workspace)
     tags = {"syncbench.profile": os.path.abspath(args.profile)} if args.profile else None
-    from experiments.workspace import SpaceReserve, is_disk_full, workspace_dir
-
     reserve = SpaceReserve(workspace_dir(args.workspace))
-    reserve.hold()  # room to record the run FAILED should the disk fill while it trains
+    if rank0:
+        reserve.hold()  # room to record the run FAILED should the disk fill while it trains
     try:
         result = execute_run(config, workspace=args.workspace, tracking_uri=args.tracking_uri,
                              experiment=args.experiment, tags=tags,
@@ -160,7 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"syncbench: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        reserve.release()
+        if rank0:
+            reserve.release()
     if result.run_id is not None or os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
         print(result.summary_line())
     return EXIT_OK

@@ -292,10 +292,6 @@ class Launcher:
         self.cells = {cell.id: cell for cell in sweep.cells}
         self.lock = StorageLock(options.storage_url)
         self.stale = StaleTrialHandler(options.grace_s)
-        import optuna
-
-        # a trial stopped by a signal is failed and re-enqueued at once, however often
-        self.retry_stopped = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
         self.reserve = SpaceReserve(options.workspace)
         self.disk_full: str | None = None  # set when the disk filled: the sweep stops
         with self.lock():  # first use creates the tables: one launcher at a time
@@ -380,7 +376,7 @@ class Launcher:
             if key not in stored:
                 try:
                     with one_thread():
-                        task = prepared.get(key) or prepare_task(config)
+                        task = prepared.get(key) or prepared.setdefault(key, prepare_task(config))
                         calibration = calibrate_step(task, config)
                 except ConfigError:
                     raise
@@ -411,7 +407,7 @@ class Launcher:
             key = json.dumps([task_key(config), st.compression, st.topk_ratio, st.powersgd_rank])
             if key not in stored:
                 with one_thread():
-                    task = prepared.get(task_key(config)) or prepare_task(config)
+                    task = prepared.get(task_key(config)) or prepared.setdefault(task_key(config), prepare_task(config))
                     stored[key] = calibrate_codec_s_per_mb(task, config)
                 changed = True
             self.codec_s[cell.id] = stored[key]
@@ -847,7 +843,7 @@ class Launcher:
         """Enqueue the copy of a stopped trial (its parameters and cell; not its result)."""
         frozen = claim.study._storage.get_trial(claim.trial._trial_id)
         frozen.user_attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ("outcome", "error")}
-        self.retry_stopped(claim.study, frozen)
+        self.stale.retry(claim.study, frozen)  # a trial stopped by a signal: re-enqueued at once, however often
 
     # ---------------------------------------------------------------- accounting
     def counts(self) -> Counts:
