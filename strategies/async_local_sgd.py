@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from strategies.async_ps import staleness_summary
+from strategies.async_ps import staleness_artifact, staleness_curve, staleness_summary
 from strategies.local_sgd import LocalSGDOptions, OuterConfig, apply_pseudo_gradient_
 from strategies.program import (
     Compute,

@@ -128,7 +128,8 @@ def test_a_pool_worker_dying_fails_its_trials_and_a_rerun_completes_them(ws, tmp
                       set={**SLOW, "budget.train_time_s": 1.0})
     proc = launcher(spec, ws, "--jobs", "2", env=FAST_HEARTBEAT)
     deadline = time.monotonic() + 180
-    while sql(ws / "mlflow.db", "SELECT count(*) FROM runs WHERE status = 'RUNNING'") < 2 or \
+    # the sweep's parent run and both trials' runs: each pool worker has a run to leave behind
+    while sql(ws / "mlflow.db", "SELECT count(*) FROM runs WHERE status = 'RUNNING'") < 3 or \
             not _pool_workers(proc.pid):
         assert proc.poll() is None, proc.communicate()[0]
         assert time.monotonic() < deadline, "no trial started in a pool worker"
