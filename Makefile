@@ -16,8 +16,11 @@ $(STAMP): $(PY) pyproject.toml
 
 setup: $(STAMP)
 
+# two pytest workers, then the tests that compare wall-clock timings, alone: a parallel test
+# on the other core inflates one side of their comparison (CI once saw claim (d) inconclusive)
 test: setup
-	$(VENV)/bin/python -m pytest -q -rs -n 2 tests
+	$(VENV)/bin/python -m pytest -q -rs -n 2 -m "not timing" tests
+	$(VENV)/bin/python -m pytest -q -rs -m timing tests
 
 demo: setup
 	$(VENV)/bin/syncbench sweep sweeps/specs/demo.yaml --jobs 2

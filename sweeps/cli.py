@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "cluster.workers; under torchrun: the job's WORLD_SIZE)")
     cal.add_argument("--out", help="profile YAML to write (default: <config name>.profile.yaml here)")
     cal.add_argument("--budget", type=float, default=3.0, help="seconds of training timed for the compute step")
+    cal.add_argument("--repeats", type=int, default=3, help="interleaved passes of the dist loops; each "
+                     "quantity is their median")
     cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
 
     report = sub.add_parser("report", help="write the analysis report of a sweep")
@@ -185,6 +187,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                           f"transfers between them; give at least 2")
     if args.budget <= 0:
         raise ConfigError(f"--budget {args.budget}: must be positive")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: must be at least 1")
     add_import_paths(os.path.dirname(os.path.abspath(args.config)))
     config = load_config(args.config, args.set)
     from experiments.dist.calibrate import calibrate, check_writable, profile_yaml
@@ -197,7 +201,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     speaks = os.environ.get("RANK", "0") == "0"
     say = (lambda msg: print(f"calibrate: {msg}", file=sys.stderr, flush=True)) if speaks else None
     try:
-        profile = calibrate(config, workers, budget_s=args.budget, log=say)
+        profile = calibrate(config, workers, budget_s=args.budget, repeats=args.repeats, log=say)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - a worker died, a transfer failed: say why, exit 1

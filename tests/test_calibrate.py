@@ -76,6 +76,32 @@ def test_choose_latency_recovers_a_consistent_alpha():
     measured["async"] *= 1.3
     chosen, alone = choose_latency(measured, 2, step, beta, payload)
     assert alone["sync"] < chosen < alone["async"]
+    # at the compromise neither strategy is favoured: equal and opposite log ratios
+    ratio = {s: predicted_per_update(s, 2, step, chosen, beta, payload) / measured[s] for s in measured}
+    assert ratio["sync"] == pytest.approx(1 / ratio["async"], rel=1e-4)
+    # a measurement that compute alone exceeds needs no alpha, and pulls the choice to 0
+    chosen, alone = choose_latency({"sync": step / 2}, 2, step, beta, payload)
+    assert alone["sync"] is None and chosen == 0.0
+
+
+@pytest.mark.parametrize("latency_s", [1e-4, 3e-3])
+def test_async_closed_form_matches_the_sim_below_and_at_the_link_bound(workspace, latency_s):
+    """predicted_per_update's async form (the worker cycle / N, or the server link's time per
+    update once push and pull saturate it) against the sim backend itself, without stragglers."""
+    from experiments.dist.calibrate import payload_sizes
+    from experiments.run import execute_run
+
+    step = 1e-3
+    config = load_config(DIGITS, ["strategy.name=async", "cluster.workers=2", f"cluster.compute.step_s={step}",
+                                  f"cluster.network.latency_s={latency_s}", "cluster.network.bandwidth_gbps=100",
+                                  "budget.train_time_s=0.6", "eval.every_s=0.6", "target.value=2.0"])
+    result = execute_run(config, workspace=workspace, tracking_uri=f"sqlite:///{workspace / 'm.db'}")
+    sim = result.clock_s / result.evaluations[-1].updates
+    beta = config.cluster.network.bytes_per_s
+    predicted = predicted_per_update("async", 2, step, latency_s, beta, payload_sizes(config))
+    link = 2 * latency_s + sum(payload_sizes(config).values()) / beta
+    assert (link > (step + link) / 2) == (latency_s > step)  # the two cases: below and at the link bound
+    assert sim == pytest.approx(predicted, rel=0.05)
 
 
 # ------------------------------------------------------------------ the profile
@@ -186,7 +212,7 @@ def plain_step_s(config) -> float:
 def test_calibrate_on_two_processes_writes_a_plausible_profile(tmp_path):
     out = tmp_path / "digits.profile.yaml"
     proc = subprocess.run([sys.executable, "-m", "sweeps.cli", "calibrate", DIGITS, "--workers", "2", "--out",
-                           str(out), "--budget", "2"], capture_output=True, text=True, cwd=REPO, timeout=400,
+                           str(out), "--budget", "2", "--repeats", "2"], capture_output=True, text=True, cwd=REPO, timeout=400,
                           env={**os.environ, "SYNCBENCH_WORKSPACE": str(tmp_path / "ws")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote {out}" in proc.stdout
@@ -202,6 +228,12 @@ def test_calibrate_on_two_processes_writes_a_plausible_profile(tmp_path):
     assert 0.01 < config.cluster.network.bandwidth_gbps < 10_000
     assert 0 < meta["allreduce_fit"]["latency_s"] < 0.05 and meta["point_to_point_fit"]["bandwidth_gbps"] > 0.01
     assert all(v > 0 for v in meta["dist_clock_per_update_s"].values())
+    # two interleaved passes; the profile holds their median (for two: the mean)
+    assert len(meta["passes"]) == 2
+    assert meta["step_s"]["mean"] == pytest.approx(statistics.mean(p["step_mean_s"] for p in meta["passes"]))
+    assert meta["dist_clock_per_update_s"]["async"] == pytest.approx(
+        statistics.mean(p["async_clock_per_update_s"] for p in meta["passes"]))
+    assert config.cluster.network.latency_s >= meta["allreduce_fit"]["latency_s"]
 
 
 @pytest.mark.heavy

@@ -131,6 +131,7 @@ def checkpointing_sweep(tmp_path_factory):
 
 
 @pytest.mark.heavy
+@pytest.mark.timing
 def test_sweep_calibrates_a_checkpointed_cell_as_a_standalone_run_does(checkpointing_sweep):
     data, standalone, client, _ = checkpointing_sweep
     step = {}
@@ -158,6 +159,7 @@ def test_sweep_calibrates_a_checkpointed_cell_as_a_standalone_run_does(checkpoin
 
 
 @pytest.mark.heavy
+@pytest.mark.timing
 def test_claim_d_is_refuted_for_checkpointing_every_block(checkpointing_sweep):
     """The regression of issue 16: the same sweep once reported claim (d) supported with a
     step time of x1 [1, 1] (both cells timed without checkpointing)."""

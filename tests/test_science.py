@@ -69,11 +69,12 @@ def test_sim_sync_clock_and_bytes_in_absolute_terms(digits_config):
 
 def test_sim_parameter_server_link_is_fifo_in_absolute_terms(digits_config):
     """async, N = 2, step 10 ms, alpha 0, beta 1e6 B/s, S = 9640 B: a transfer takes 9.64 ms on
-    the one server link. By hand: both workers finish at 10 ms; w0 pushes 10 -> 19.64 (applied:
-    version 1, staleness 0); w1's push queues behind it, 19.64 -> 29.28 (version 2, staleness 1);
-    w0's pull, requested at 19.64, waits for the link: 29.28 -> 38.92 and carries version 2;
-    w0 computes to 48.92; its push starts there (w1's pull held the link 38.92 -> 48.56) and
-    is applied at 58.56 (version 3, staleness 0)."""
+    the one server link, and a push and its pull hold it back to back (the server answers a push
+    before it takes the next). By hand: both workers finish at 10 ms; w0 pushes 10 -> 19.64
+    (applied: version 1, staleness 0) and pulls version 1, 19.64 -> 29.28; w1's push queues
+    behind both, 29.28 -> 38.92 (version 2, staleness 1), its pull to 48.56; w0, computing
+    29.28 -> 39.28, finds the link busy until 48.56 and pushes 48.56 -> 58.20 (version 3,
+    staleness 1: it pulled version 1)."""
     config = digits_config(SGD, "strategy.name=async", "cluster.workers=2", "cluster.compute.step_s=0.01",
                            "cluster.network={latency_s: 0.0, bandwidth_gbps: 0.008}")
     engine = build_simulation(config, prepare_task(config), step_s=0.01)
@@ -83,12 +84,11 @@ def test_sim_parameter_server_link_is_fifo_in_absolute_terms(digits_config):
         engine.advance()
         if engine.server.version != before:
             applied_at.append(engine.clock)
-    assert applied_at == pytest.approx([0.01964, 0.02928, 0.05856], rel=1e-9)
-    assert dict(engine.server.staleness) == {0: 2, 1: 1}
-    # waits on the link so far: w1 9.64 ms for its push and 9.64 ms for its pull (requested at
-    # 29.28, served 38.92); w0 9.64 ms for its first pull, and 9.64 ms for its second: requested at
-    # 58.56, the instant w1 (resumed at 48.56) asked for the link to push, which it got first
-    assert engine.ledger.wait.tolist() == pytest.approx([0.01928, 0.01928], rel=1e-9)
+    assert applied_at == pytest.approx([0.01964, 0.03892, 0.05820], rel=1e-9)
+    assert dict(engine.server.staleness) == {0: 1, 1: 2}
+    # waits on the link so far: w1 19.28 ms for its first transaction (requested at 10, served
+    # from 29.28); w0 9.28 ms for its second (requested at 39.28, served from 48.56)
+    assert engine.ledger.wait.tolist() == pytest.approx([0.00928, 0.01928], rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,13 +17,16 @@ What is measured, with N processes running at once:
   processes (the parameter server's push and pull), fitted to t = α + S/β. Both fits minimise
   the relative error, so α is determined by the small sizes and β by the large ones; sizes are
   interleaved so that a burst of load hits all of them alike. ``bandwidth_gbps`` is the
-  all-reduce β. ``latency_s`` is the all-reduce α, raised to what makes the sim's sync clock
-  per update equal the dist backend's in a short sync run at N (the sim's closed form) when
-  that is more: for small models the framework's per-round work and the jitter between ranks
-  cost more than the wire. The sim has one α/β pair (the all-reduce
-  model of sync and local SGD); the point-to-point fit and what async would need are
-  recorded and reported, not used (async's server thread shares rank 0's process with a
-  worker, which no link model describes).
+  all-reduce β. ``latency_s`` is the all-reduce α, raised when that is more to the α with
+  which the sim's closed-form clock per update best fits the dist backend's own short sync and
+  async runs at N (the worst of the two log ratios minimised): for small models the
+  framework's per-round work (gloo's threads, the hooks, the server thread's Python) and the
+  jitter between ranks cost more than the wire. The sim has one α/β pair for the all-reduce
+  and the server link; the point-to-point fit and what each strategy alone would need are
+  recorded and reported.
+* **repeats**: the three dist loops (no communication, sync, async) are timed in ``repeats``
+  interleaved passes (default 3) and each quantity is the median over the passes: on a shared
+  2-core machine one launch measured up to 15% off the next.
 
 The profile is YAML: ``cluster.compute`` and ``cluster.network`` keys, plus a ``calibration``
 section of metadata (host, N, date, torch, every measured number) that ``--profile`` strips
@@ -315,9 +318,11 @@ def payload_sizes(config: Any) -> dict[str, int]:
 
 def predicted_per_update(strategy: str, workers: int, step_s: float, latency_s: float, bytes_per_s: float,
                          payload: dict[str, int], local_steps: int = 8) -> float:
-    """The sim's training clock per global update without stragglers, in closed form (no link
-    queueing): sync = a step + a ring all-reduce of the gradients; local SGD = a step + a ring
-    all-reduce of the state every H steps; async = (a step + a push + a pull) / N."""
+    """The sim's training clock per global update without stragglers, in closed form: sync = a
+    step + a ring all-reduce of the gradients; local SGD = a step + a ring all-reduce of the
+    state every H steps; async = a worker's cycle (a step + a push + a pull) / N, but never less
+    than the server link's time per update (push and pull occupy it, first come first served:
+    at steady state with equal steps the sim settles on the larger of the two)."""
     n, alpha, beta = workers, latency_s, bytes_per_s
     ring = lambda nbytes: 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / beta  # noqa: E731
     if strategy == "sync":
@@ -325,32 +330,55 @@ def predicted_per_update(strategy: str, workers: int, step_s: float, latency_s: 
     if strategy == "local_sgd":
         return step_s + ring(payload["state_bytes"]) / local_steps
     if strategy == "async":
-        return (step_s + 2 * alpha + (payload["gradient_bytes"] + payload["state_bytes"]) / beta) / n
+        link = 2 * alpha + (payload["gradient_bytes"] + payload["state_bytes"]) / beta
+        return max((step_s + link) / n, link)
     raise ValueError(strategy)
 
 
 def choose_latency(measured: dict[str, float], workers: int, step_s: float, bytes_per_s: float,
-                   payload: dict[str, int]) -> tuple[float, dict[str, float]]:
+                   payload: dict[str, int]) -> tuple[float, dict[str, float | None]]:
     """The one alpha (seconds, >= 0) with which the sim's per-update clock is closest to the dist
     backend's ``measured`` clock per update for every strategy given (the largest |log ratio|
-    is minimised); also the alpha each strategy alone would need (None when even alpha = 0
-    predicts more than was measured)."""
-    grid = np.concatenate([[0.0], np.logspace(-7, -1, 3000)])
-    worst = np.zeros_like(grid)
+    is minimised: one alpha serves the all-reduce and the server link in the sim), and the
+    alpha each strategy alone needs (None when even alpha = 0 predicts more than was measured)."""
+    from scipy.optimize import brentq, minimize_scalar
+
+    def pred(strategy: str, alpha: float) -> float:
+        return predicted_per_update(strategy, workers, step_s, alpha, bytes_per_s, payload)
+
+    alone: dict[str, float | None] = {}
     for strategy, meas in measured.items():
-        pred = np.array([predicted_per_update(strategy, workers, step_s, a, bytes_per_s, payload) for a in grid])
-        worst = np.maximum(worst, np.abs(np.log(pred / meas)))
-    alone = {}
-    for strategy, meas in measured.items():
-        p0 = predicted_per_update(strategy, workers, step_s, 0.0, bytes_per_s, payload)
-        p1 = predicted_per_update(strategy, workers, step_s, 1.0, bytes_per_s, payload)
-        alone[strategy] = (meas - p0) / (p1 - p0) if meas > p0 else None
-    return float(grid[int(np.argmin(worst))]), alone
+        if pred(strategy, 0.0) >= meas:
+            alone[strategy] = None
+        else:  # predictions rise strictly with alpha: one root
+            high = 1e-3
+            while pred(strategy, high) < meas:
+                high *= 10
+            alone[strategy] = float(brentq(lambda a: pred(strategy, a) - meas, 0.0, high, xtol=1e-12, rtol=1e-12))
+
+    def worst(alpha: float) -> float:
+        return max(abs(math.log(pred(s, alpha) / meas)) for s, meas in measured.items())
+
+    # each |log ratio| falls then rises with alpha, so their maximum has one minimum: between 0
+    # and the largest single-strategy alpha; a grid finds its neighbourhood, a bounded search the point
+    top = max([a for a in alone.values() if a is not None], default=0.0)
+    if top == 0.0:
+        return 0.0, alone
+    grid = np.linspace(0.0, top, 201)
+    i = int(np.argmin([worst(a) for a in grid]))
+    lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
+    best = minimize_scalar(worst, bounds=(lo, hi), method="bounded", options={"xatol": 1e-12})
+    candidates = [float(grid[i]), float(best.x)]
+    return min(candidates, key=worst), alone
 
 
-def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
+def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, repeats: int = 3,
               log: Any = None) -> dict[str, Any]:
-    """Measure and return the profile (a mapping ready for YAML)."""
+    """Measure and return the profile (a mapping ready for YAML). The dist loops (no
+    communication, sync, async) are timed ``repeats`` times, interleaved, and each quantity is
+    the median over the passes: on a shared machine one launch can run 15% off the next."""
+    if repeats < 1:
+        raise ValueError(f"repeats {repeats}: must be at least 1")
     import torch
 
     from experiments.dist.launcher import under_torchrun
@@ -370,38 +398,44 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
     p_alpha, p_beta = fit_point_to_point(p2p_times) if p2p_times else (float("nan"), float("nan"))
     say(f"transfers: all-reduce fit alpha {alpha * 1e6:.1f} us, beta {gbps(beta):.3g} Gbit/s; point-to-point "
         f"fit alpha {p_alpha * 1e6:.1f} us, beta {gbps(p_beta):.3g} Gbit/s")
-    say(f"timing the dist backend's loop, {workers} processes, no communication, {budget_s:g} s ...")
-    compute = measure_compute(config, workers, budget_s)
+    round_budget = max(1.0, budget_s * 2 / 3)
+    say(f"timing the dist backend's loop with {workers} processes at once, {repeats} interleaved passes: no "
+        f"communication {budget_s:g} s, then sync and async rounds {round_budget:g} s each ...")
+    passes = []
+    for i in range(repeats):
+        one = {"compute": measure_compute(config, workers, budget_s),
+               **{s: measure_loop(config, workers, s, round_budget) for s in ("sync", "async")}}
+        passes.append(one)
+        say(f"pass {i + 1}/{repeats}: step mean {one['compute']['mean_s'] * 1e3:.3f} ms; per update sync "
+            f"{one['sync']['clock_per_update_s'] * 1e3:.3f} ms, async {one['async']['clock_per_update_s'] * 1e3:.3f} ms")
+    compute = {"mean_s": statistics.median(p["compute"]["mean_s"] for p in passes),
+               "median_s": statistics.median(p["compute"]["median_s"] for p in passes),
+               "ranks": [p["compute"]["ranks"] for p in passes]}
     step_s = compute["mean_s"]
     say(f"compute per step: mean {step_s * 1e3:.3f} ms, median {compute['median_s'] * 1e3:.3f} ms "
-        f"(the dist backend's loop included, {workers} processes at once)")
-    round_budget = max(1.0, budget_s * 2 / 3)
-    say(f"timing the dist backend's sync and async rounds, {round_budget:g} s each ...")
-    loops = {s: measure_loop(config, workers, s, round_budget) for s in ("sync", "async")}
-    measured = {s: loop["clock_per_update_s"] for s, loop in loops.items()}
-    # the sim's all-reduce model (sync, local SGD) gets the dist backend's own all-reduce round:
-    # the wire latency, raised to what makes the sim's sync clock per update equal the dist
-    # backend's when that is larger. (The sync run's ledgers cannot say it: gradient buckets are
-    # reduced while backward runs, so most of a round's cost -- gloo's threads, the hooks --
-    # shows up as slower compute, not as blocked time.) Async is not fitted: on the dist backend
-    # its cost is dominated by the parameter-server thread sharing rank 0's process with a
-    # worker, which no alpha-beta link describes.
-    _, alone = choose_latency(measured, workers, step_s, beta, payload)
-    needed = alone["sync"]
-    chosen = max(alpha, needed or 0.0)
+        f"(the dist backend's loop included, {workers} processes at once; medians of {repeats} passes)")
+    measured = {s: statistics.median(p[s]["clock_per_update_s"] for p in passes) for s in ("sync", "async")}
+    # latency_s: the wire's alpha, raised to the per-message time the dist backend's own rounds
+    # need when that is larger. For small models the framework's per-round work (gloo's
+    # threads, the hooks, the server's Python) and the jitter between ranks cost more than the
+    # wire, and the sync run's ledgers cannot say how much: gradient buckets are reduced while
+    # backward runs, so most of a round's cost shows up as slower compute, not as blocked time.
+    # The sim has one alpha for the all-reduce and the server link, so the one that keeps both
+    # sync's and async's clock per update closest to the dist backend's (the worst log ratio
+    # minimised) is chosen; what each alone would need is recorded.
+    fitted, alone = choose_latency(measured, workers, step_s, beta, payload)
+    chosen = max(alpha, fitted)
     raw_pred = {s: predicted_per_update(s, workers, step_s, alpha, beta, payload) for s in measured}
     new_pred = {s: predicted_per_update(s, workers, step_s, chosen, beta, payload) for s in measured}
     fmt = lambda d: ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in d.items())  # noqa: E731
     fmt_a = lambda a: "none (compute alone accounts for it)" if a is None else f"{a * 1e6:.0f} us"  # noqa: E731
+    ratios = ", ".join(f"{s} {new_pred[s] / measured[s]:.3f}" for s in measured)
     note = (f"latency_s = {chosen * 1e6:.0f} us: the larger of the all-reduce fit of timed transfers "
-            f"({alpha * 1e6:.0f} us) and the per-message time the dist backend's own sync rounds need "
-            f"({fmt_a(needed)}: the framework's per-round work and the jitter between ranks). Point-to-point fit: {p_alpha * 1e6:.0f} us, {gbps(p_beta):.3g} Gbit/s. "
-            f"Sim per update with the all-reduce fit {fmt(raw_pred)}; with latency_s {fmt(new_pred)}; dist "
-            f"measured {fmt(measured)}.")
-    if alone["async"] is not None and alone["async"] > 2 * max(chosen, 1e-9):
-        note += (f" Async on the dist backend would need alpha {fmt_a(alone['async'])}: its parameter server "
-                 f"shares rank 0's process with a worker, which the sim's link model does not describe; the "
-                 f"sim underestimates async's clock on this machine.")
+            f"({alpha * 1e6:.0f} us) and the per-message time that best fits the dist backend's own rounds "
+            f"({fitted * 1e6:.0f} us; sync alone needs {fmt_a(alone['sync'])}, async alone {fmt_a(alone['async'])}: "
+            f"the framework's per-round work and the jitter between ranks). Point-to-point fit: "
+            f"{p_alpha * 1e6:.0f} us, {gbps(p_beta):.3g} Gbit/s. Sim per update with the all-reduce fit "
+            f"{fmt(raw_pred)}; with latency_s {fmt(new_pred)}; dist measured {fmt(measured)} (sim/dist {ratios}).")
     say(note)
 
     def model_vs_measured(times: dict[int, float], fn: Any) -> dict[int, list[float]]:
@@ -440,9 +474,13 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25,
             "point_to_point_fit": {"latency_s": p_alpha, "bandwidth_gbps": gbps(p_beta),
                                    "seconds_measured_vs_model": model_vs_measured(p2p_times, p2p)},
             "dist_clock_per_update_s": measured,
+            "passes": [{"step_mean_s": p["compute"]["mean_s"], "step_median_s": p["compute"]["median_s"],
+                        **{f"{s}_clock_per_update_s": p[s]["clock_per_update_s"] for s in ("sync", "async")}}
+                       for p in passes],
             "sim_clock_per_update_s": {"with_effective_latency": new_pred, "with_allreduce_fit": raw_pred},
             "latency_alone_s": alone,
-            "latency_source": "max(all-reduce fit, what the dist backend's sync rounds need)",
+            "latency_fitted_s": fitted,
+            "latency_source": "max(all-reduce fit, the alpha that best fits the dist backend's sync and async rounds)",
             "note": note,
         },
     }

@@ -16,8 +16,9 @@ operation on the clock:
   bytes per worker: (N-1)*alpha + (N-1) * S/beta), plus the encode/decode compute,
   ``codec_s_per_mb`` x the payload's MB (pinned, or measured once at the first exchange).
 * ``PushPull``: the push and then the pull, alpha + S/beta each, on the server's one link,
-  where transfers queue first come, first served. The server applies a push when it arrives;
-  a pull carries the parameters of the moment it starts.
+  where transactions (a push and its pull, back to back: the server answers a push before it
+  takes the next) queue first come, first served. The server applies a push when it arrives;
+  the pull carries the parameters of that moment.
 * ``StartReduce`` / ``WaitReduce``: the same ring all-reduce, running on the clock in the
   background from the last worker's start while the workers keep computing; a worker waits
   only for what has not arrived when it asks for it (charged as waiting until the last start,
@@ -503,29 +504,23 @@ class SimEngine:
             nbytes = payload.numel() * payload.element_size()
         else:  # the gradient: the replica itself, which waits unchanged until its pull returns
             payload, nbytes = w.module, w.gradient_bytes
+        # push and pull have the same (state) layout. The server answers a push before it takes
+        # the next one, so the pull follows the push on the link as one transaction (as the
+        # dist backend's server thread serves them); another worker's push waits behind both.
         transfer_s = point_to_point_s(nbytes, self.net)
-        start, end = self.link.reserve(t, transfer_s)
-        self._charge_transfer(w, t, start, transfer_s, nbytes)
+        start, end = self.link.reserve(t, 2 * transfer_s)
+        self.ledger.wait[w.rank] += start - t  # queued behind other transfers on the link
+        self.ledger.comm[w.rank] += 2 * transfer_s
+        self.ledger.comm_bytes += 2 * nbytes
         pulled = w.pulled_version
 
-        def arrive(now: float) -> None:
+        def arrive(_: float) -> None:
             applied = False if self.diverged else server.apply(w.rank, payload, pulled)
-            pull_start, pull_end = self.link.reserve(now, transfer_s)
-            self._charge_transfer(w, now, pull_start, transfer_s, nbytes)
+            copy_state_(w.module, server.module)  # the pull carries theta as of its start: now
+            w.pulled_version = server.version
+            self.queue.push(end, lambda later: self._drive(w, later, applied))
 
-            def send_state(_: float) -> None:  # the pull carries theta as of its start
-                copy_state_(w.module, server.module)
-                w.pulled_version = server.version
-
-            self.queue.push(pull_start, send_state)
-            self.queue.push(pull_end, lambda later: self._drive(w, later, applied))
-
-        self.queue.push(end, arrive)
-
-    def _charge_transfer(self, w: SimWorker, requested: float, start: float, transfer_s: float, nbytes: int) -> None:
-        self.ledger.wait[w.rank] += start - requested  # queued behind other transfers on the link
-        self.ledger.comm[w.rank] += transfer_s
-        self.ledger.comm_bytes += nbytes
+        self.queue.push(start + transfer_s, arrive)
 
 
 def measure_codec_s_per_mb(codec: Any, payload: torch.Tensor, world: int, repeats: int = 5) -> float:
