@@ -7,16 +7,17 @@ backend's training clock per update within ±20% of the dist backend's, for sync
 For each task: ``experiments.dist.calibrate.calibrate`` at N=2 (the dist backend's own loop
 without communication for ``step_s``; gloo all-reduce timings fitted to the ring model for
 ``latency_s`` / ``bandwidth_gbps``), then for each strategy x stragglers cell the same config
-with the profile merged is run on the dist backend (N=2 real processes, an unreachable target so
-it runs to the budget; straggler emulation on for the straggler cells, network emulation off:
+with the profile merged is run on the dist backend ``--reps`` times (default 3, interleaved over
+the cells; the ratio uses the median run and the range is printed) (N=2 real processes, an
+unreachable target so it runs to the budget; straggler emulation on for the straggler cells, network emulation off:
 the network is real) and on the sim backend. Printed: sim clock_per_update_s / dist
 clock_per_update_s per cell (both backends record clock_per_update_s = training clock ÷ global
 updates), with each backend's compute / communication / waiting per update and the dist backend's compute
 per worker step against the profile's step_s, so a ratio outside the target shows where the two
 disagree.
 
-Straggler cells: the dist backend emulates lognormal stragglers around a base step of its
-median measured step divided by the factor distribution's 1st percentile (about 2.1x the real
+Straggler cells: the dist backend emulates lognormal stragglers around a base step of the
+median of its first unpadded steps divided by the factor distribution's 1st percentile (about 2.1x the real
 step at sigma 0.3, so that fast steps can be padded too); `syncbench calibrate` on a straggler
 config writes that base as step_s, and the headline ratio of those cells uses it (the ratio
 with the no-straggler profile's step_s is printed as context). Known causes of disagreement
@@ -70,6 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=3.0, help="training clock of each run, seconds")
     parser.add_argument("--calibration-budget", type=float, default=3.0)
+    parser.add_argument("--reps", type=int, default=3, help="dist runs per cell, interleaved over the cells; "
+                        "the ratio uses their median (one launch can run 20%% off the next on a shared machine)")
     parser.add_argument("--tasks", default=",".join(TASKS))
     args = parser.parse_args()
     from experiments.dist.calibrate import calibrate, load_profile, profile_yaml
@@ -97,51 +100,60 @@ def main() -> None:
               f"(effective; all-reduce fit {meta['allreduce_fit']['latency_s'] * 1e6:.1f} us, point-to-point fit "
               f"{meta['point_to_point_fit']['latency_s'] * 1e6:.1f} us), bandwidth "
               f"{merged['cluster.network.bandwidth_gbps']:.3g} Gbit/s", flush=True)
-        for sname, scell in STRATEGIES.items():
-            for gname, gcell in STRAGGLERS.items():
-                cell = {**scell, **gcell}
-                emulate = "stragglers" if gname != "none" else "none"
-                os.environ["SYNCBENCH_DIST_EMULATE"] = emulate
-                dist = per_update(execute_run(cell_config(path, merged, "dist", args.budget, cell),
-                                              workspace=ws, tracking_uri=uri, experiment="fidelity-dist"))
-                sim = per_update(execute_run(cell_config(path, merged, "sim", args.budget, cell),
-                                             workspace=ws, tracking_uri=uri, experiment="fidelity-sim"))
-                ratio = sim["clock"] / dist["clock"]
-                # where they disagree: the dist backend's compute per worker step (straggler padding
-                # included) against the profile's step_s -- load from other processes since the
-                # calibration, or the emulation's base step (see the module docstring)
-                steps_per_worker = dist["updates"] / (2 if sname == "async" else 1)
-                dist_step = dist["compute"] * dist["updates"] / max(1.0, steps_per_worker)
-                extra = (f" | dist compute/worker step {dist_step * 1e3:.2f} ms = "
-                         f"{dist_step / merged['cluster.compute.step_s']:.2f}x step_s; {load_note().split(' on ')[0]}")
-                if gname != "none":
-                    # the sim given the emulation's base step (median step / 1st-percentile factor)
-                    from experiments.cluster_model import StragglerModel
+        cells = [(sname, gname, {**scell, **gcell}) for sname, scell in STRATEGIES.items()
+                 for gname, gcell in STRAGGLERS.items()]
+        dist_runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for rep in range(args.reps):  # interleaved: a burst of load hits every cell alike
+            for sname, gname, cell in cells:
+                os.environ["SYNCBENCH_DIST_EMULATE"] = "stragglers" if gname != "none" else "none"
+                dist_runs.setdefault((sname, gname), []).append(per_update(execute_run(
+                    cell_config(path, merged, "dist", args.budget, cell), workspace=ws, tracking_uri=uri,
+                    experiment="fidelity-dist")))
+            print(f"  [{task}] dist repetition {rep + 1}/{args.reps} done ({load_note()})", flush=True)
+        for sname, gname, cell in cells:
+            reps = dist_runs[(sname, gname)]
+            dist = sorted(reps, key=lambda r: r["clock"])[len(reps) // 2]  # the median run
+            sim = per_update(execute_run(cell_config(path, merged, "sim", args.budget, cell),
+                                         workspace=ws, tracking_uri=uri, experiment="fidelity-sim"))
+            ratio = sim["clock"] / dist["clock"]
+            # where they disagree: the dist backend's compute per worker step (straggler padding
+            # included) against the profile's step_s -- load from other processes since the
+            # calibration, or the emulation's base step (see the module docstring)
+            steps_per_worker = dist["updates"] / (2 if sname == "async" else 1)
+            dist_step = dist["compute"] * dist["updates"] / max(1.0, steps_per_worker)
+            extra = (f" | dist compute/worker step {dist_step * 1e3:.2f} ms = "
+                     f"{dist_step / merged['cluster.compute.step_s']:.2f}x step_s")
+            sim_clock = sim["clock"]
+            if gname != "none":
+                # the sim given the emulation's base step (median step / 1st-percentile factor)
+                from experiments.cluster_model import StragglerModel
 
-                    sim_cfg = cell_config(path, merged, "sim", args.budget, cell)
-                    base = max(merged["cluster.compute.step_s"],
-                               meta["step_s"]["median"] / StragglerModel(sim_cfg.cluster.stragglers, 2, 0).low_factor())
-                    based = per_update(execute_run(cell_config(path, {**merged, "cluster.compute.step_s": base},
-                                                               "sim", args.budget, cell),
-                                                   workspace=ws, tracking_uri=uri, experiment="fidelity-sim"))
-                    # the headline ratio uses the profile `syncbench calibrate` writes for a straggler
-                    # config: step_s = the emulation's base step; the no-straggler profile's is context
-                    extra += f" | sim with the no-straggler profile's step_s: {ratio:.3f}"
-                    ratio = based["clock"] / dist["clock"]
-                rows.append((task, sname, gname, ratio))
-                flag = "" if TARGET_LO <= ratio <= TARGET_HI else "  <-- outside"
-                print(f"{task:12s} {sname:15s} {gname:15s} sim/dist {ratio:6.3f}{flag}   "
-                      f"per update (ms): sim {sim['clock'] * 1e3:6.3f} = compute {sim['compute'] * 1e3:.3f} + comm "
-                      f"{sim['comm'] * 1e3:.3f} + wait {sim['wait'] * 1e3:.3f} ({sim['updates']} updates) | dist "
-                      f"{dist['clock'] * 1e3:6.3f} = {dist['compute'] * 1e3:.3f} + {dist['comm'] * 1e3:.3f} + "
-                      f"{dist['wait'] * 1e3:.3f} ({dist['updates']} updates){extra}", flush=True)
+                sim_cfg = cell_config(path, merged, "sim", args.budget, cell)
+                base = max(merged["cluster.compute.step_s"],
+                           meta["step_s"]["median"] / StragglerModel(sim_cfg.cluster.stragglers, 2, 0).low_factor())
+                based = per_update(execute_run(cell_config(path, {**merged, "cluster.compute.step_s": base},
+                                                           "sim", args.budget, cell),
+                                               workspace=ws, tracking_uri=uri, experiment="fidelity-sim"))
+                # the headline ratio uses the profile `syncbench calibrate` writes for a straggler
+                # config: step_s = the emulation's base step; the no-straggler profile's is context
+                extra += f" | sim with the no-straggler profile's step_s: {ratio:.3f}"
+                sim_clock = based["clock"]
+                ratio = sim_clock / dist["clock"]
+            spread = sorted(sim_clock / r["clock"] for r in reps)
+            rows.append((task, sname, gname, ratio, spread))
+            flag = "" if TARGET_LO <= ratio <= TARGET_HI else "  <-- outside"
+            print(f"{task:12s} {sname:15s} {gname:15s} sim/dist {ratio:6.3f}{flag} (over the {len(reps)} dist runs "
+                  f"{spread[0]:.3f}..{spread[-1]:.3f})   per update (ms): sim {sim['clock'] * 1e3:6.3f} = compute "
+                  f"{sim['compute'] * 1e3:.3f} + comm {sim['comm'] * 1e3:.3f} + wait {sim['wait'] * 1e3:.3f} "
+                  f"({sim['updates']} updates) | median dist {dist['clock'] * 1e3:6.3f} = {dist['compute'] * 1e3:.3f} + "
+                  f"{dist['comm'] * 1e3:.3f} + {dist['wait'] * 1e3:.3f} ({dist['updates']} updates){extra}", flush=True)
     os.environ.pop("SYNCBENCH_DIST_EMULATE", None)
-    inside = sum(TARGET_LO <= r <= TARGET_HI for *_, r in rows)
+    inside = sum(TARGET_LO <= r <= TARGET_HI for *_, r, _ in rows)
     print(f"\nsim/dist clock_per_update_s, {inside}/{len(rows)} cells within ±20% "
           f"(benchmark wall {time.perf_counter() - t_start:.0f} s; {load_note()}):")
-    print(f"{'task':12s} {'strategy':15s} {'stragglers':15s} ratio")
-    for task, sname, gname, ratio in rows:
-        print(f"{task:12s} {sname:15s} {gname:15s} {ratio:.3f}")
+    print(f"{'task':12s} {'strategy':15s} {'stragglers':15s} ratio  (range over the dist runs)")
+    for task, sname, gname, ratio, spread in rows:
+        print(f"{task:12s} {sname:15s} {gname:15s} {ratio:.3f}  ({spread[0]:.3f}..{spread[-1]:.3f})")
 
 
 if __name__ == "__main__":

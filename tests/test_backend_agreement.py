@@ -81,17 +81,27 @@ def test_outer_step_is_torch_sgd_on_the_pseudo_gradient(nesterov):
 
 def test_straggler_emulation_has_mean_one_factors():
     """Padding every step to f x base (fast steps included) keeps the mean factor at 1: the
-    emulated mean step is the base step, as in the sim."""
+    emulated mean step is the base step, as in the sim; the base comes from the median of the
+    unpadded warm-up steps and stays fixed."""
     from experiments.config import load_config
     from tests.conftest import CONFIGS
 
     config: RunConfig = load_config(CONFIGS / "digits_mlp.yaml", ["cluster.stragglers={kind: lognormal, sigma: 0.5}",
                                                                  "cluster.compute.step_s=null"])
     emulation = Emulation(config, rank=0, world=2, stragglers=True, network=False)
-    measured = 0.001
-    emulation.record_compute(measured)
-    steps = [measured + emulation.compute_pad_s() for _ in range(20000)]
-    base = emulation.base_step_s()
+    from experiments.dist.worker import WARM_STEPS
+
+    warm = [0.0012, 0.0009, 0.0010, 0.0030, 0.0011, 0.0008, 0.0010, 0.0013, 0.0009]
+    assert len(warm) == WARM_STEPS
+    for seconds in warm:
+        assert emulation.compute_pad_s() == 0.0  # the warm-up steps run unpadded
+        emulation.record_compute(seconds)
+    measured = 0.0010  # their median
+    steps = []
+    for _ in range(20000):
+        steps.append(measured + emulation.compute_pad_s())
+        emulation.record_compute(steps[-1] * 1.5)  # slower after a sleep, or a peer's wait inside it
+    base = emulation.base_step_s()  # ... never moves the base: no feedback from padding to padding
     sigma = 0.5
     assert base == pytest.approx(measured / math.exp(-2.3263478740408408 * sigma - sigma**2 / 2))
     assert np.mean(steps) / base == pytest.approx(1.0, abs=0.02)

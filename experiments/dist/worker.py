@@ -30,7 +30,6 @@ no extra message.
 
 from __future__ import annotations
 
-import collections
 import math
 import statistics
 import threading
@@ -193,17 +192,23 @@ class StopNotice:
 # ------------------------------------------------------------------------------------------
 # emulation
 # ------------------------------------------------------------------------------------------
+WARM_STEPS = 9  # unpadded steps whose median compute fixes the straggler emulation's base step
+
+
 class Emulation:
     """Pads real compute and communication with sleeps so that a small machine can show
     what a slow worker or a slow network does, with the sim backend's cost model.
 
     * compute: a step of a worker with straggler factor f (drawn per step from the config's
       straggler model, seeded exactly as in the sim backend) is padded to f x a base step.
-      The base step is the median measured step divided by the factor distribution's 1st
-      percentile (or ``cluster.compute.step_s`` when pinned and slower) (``StragglerModel.low_factor``), so
-      that even fast steps (f < 1) can be padded to exactly f x base: the mean factor is 1, as
-      in the sim (padding only slow steps made it E[max(f, 1)] = 1.12 at sigma 0.3). The sleep
-      is placed between forward and backward, before any gradient leaves the worker.
+      The base step is the median of the first ``WARM_STEPS`` measured steps (unpadded) divided
+      by the factor distribution's 1st percentile (or ``cluster.compute.step_s`` when pinned
+      and slower) (``StragglerModel.low_factor``), so that even fast steps (f < 1) can be padded
+      to exactly f x base: the mean factor is 1, as in the sim (padding only slow steps made it
+      E[max(f, 1)] = 1.12 at sigma 0.3). The base is then fixed: a step measured after a sleep,
+      or with a peer's wait inside backward, runs slower, and a base that followed the
+      measurements grew with the padding (2-4x the real step in a 3-s run instead of 2.1x).
+      The sleep is placed between forward and backward, before any gradient leaves the worker.
     * network: after a collective, every rank sleeps the alpha-beta model time less the real
       communication time (the last arrival's blocked time), so the emulated transfer starts
       after the last arrival, as the sim charges it; a real network slower than the model is
@@ -218,29 +223,32 @@ class Emulation:
         self.model = StragglerModel(config.cluster.stragglers, world, config.seed)
         self.pinned_step_s = config.cluster.compute.step_s
         self.rank = rank
-        self.recent: collections.deque[float] = collections.deque(maxlen=9)
+        self.warm: list[float] = []  # the first WARM_STEPS measured computes (no padding yet)
+        self.measured_s: float | None = None  # their median, fixed once they are in
         self.overruns = 0  # steps whose real compute already exceeded f x base
 
     def record_compute(self, seconds: float) -> None:
-        if seconds > 0:
-            self.recent.append(seconds)
+        if seconds > 0 and self.measured_s is None:
+            self.warm.append(seconds)
+            if len(self.warm) == WARM_STEPS:
+                self.measured_s = statistics.median(self.warm)
 
     def base_step_s(self) -> float | None:
         """f x base must be reachable by padding: the base is never faster than the measured
         step over the lowest factor, nor than a pinned ``cluster.compute.step_s``."""
-        if not self.recent:
+        if self.measured_s is None:
             return None
-        return max(self.pinned_step_s or 0.0, statistics.median(self.recent) / self.model.low_factor())
+        return max(self.pinned_step_s or 0.0, self.measured_s / self.model.low_factor())
 
     def compute_pad_s(self) -> float:
-        """Seconds to sleep in this step: f x base less the measured compute (the median)."""
+        """Seconds to sleep in this step: f x base less the measured compute."""
         if not self.stragglers_on:
             return 0.0
-        factor = self.model.factor(self.rank)
+        factor = self.model.factor(self.rank)  # drawn every step, the warm-up's too, as in the sim
         base = self.base_step_s()
-        if base is None or not self.recent:
+        if base is None or self.measured_s is None:
             return 0.0
-        pad = factor * base - statistics.median(self.recent)
+        pad = factor * base - self.measured_s
         if pad < 0:
             self.overruns += 1
         return max(0.0, pad)
