@@ -833,7 +833,8 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
             eval_module = copy.deepcopy(task.module).cpu()
             monitor = TTAMonitor(config, eval_module, task.val_batches,
                                  on_eval=_on_eval(recorder, control if progress else None))
-        worker = WorkerState(config, comm, Emulation(config, rank, world, *emulate), monitor, debug=bool(debug_dir))
+        emulation = Emulation(config, rank, world, *emulate, hold_core=cores_owned() >= local_world)
+        worker = WorkerState(config, comm, emulation, monitor, debug=bool(debug_dir))
         definition = build_strategy(config)
         strategy = ProgramStrategy(worker, definition, lr_factor(definition, config.strategy.lr_scaling))
         batches = ShardedBatches(task.train_set, rank, world, config.batch_size, config.seed, task.collate)

@@ -208,7 +208,8 @@ class Emulation:
       E[max(f, 1)] = 1.12 at sigma 0.3). The base is then fixed: a step measured after a sleep,
       or with a peer's wait inside backward, runs slower, and a base that followed the
       measurements grew with the padding (2-4x the real step in a 3-s run instead of 2.1x).
-      The sleep is placed between forward and backward, before any gradient leaves the worker.
+      The padding (``straggle``: busy when the worker owns its cores) is placed between forward
+      and backward, before any gradient leaves the worker.
     * network: after a collective, every rank sleeps the alpha-beta model time less the real
       communication time (the last arrival's blocked time), so the emulated transfer starts
       after the last arrival, as the sim charges it; a real network slower than the model is
@@ -216,8 +217,10 @@ class Emulation:
       (``experiments.dist.server.ServerLink``).
     """
 
-    def __init__(self, config: RunConfig, rank: int, world: int, stragglers: bool, network: bool):
+    def __init__(self, config: RunConfig, rank: int, world: int, stragglers: bool, network: bool,
+                 hold_core: bool = False):
         self.stragglers_on = stragglers and config.cluster.stragglers.kind != "none"
+        self.hold_core = hold_core
         self.network_on = network
         self.net = config.cluster.network
         self.model = StragglerModel(config.cluster.stragglers, world, config.seed)
@@ -252,6 +255,20 @@ class Emulation:
         if pad < 0:
             self.overruns += 1
         return max(0.0, pad)
+
+    def straggle(self, seconds: float) -> None:
+        """A straggler's extra compute time. When the worker owns its core(s) it keeps them busy,
+        as a slow worker computing would: a thread that sleeps comes back to a cold core, and on
+        this 2-core machine the step after a 1 ms sleep ran 3x slower (650 vs 200 us for the
+        digits MLP), so sleeping made emulated stragglers slower than their factor. Workers
+        sharing cores sleep instead, leaving the cores to the others. Either way the GIL is let
+        go (rank 0's parameter-server thread keeps serving)."""
+        if not self.hold_core:
+            time.sleep(seconds)
+            return
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            time.sleep(0)
 
     def network_pad_s(self, model_s: float, real_comm_s: float) -> float:
         if not self.network_on:
@@ -676,7 +693,7 @@ class ProgramStrategy(Strategy):
         self.worker.record_loss(value)
         pad = self.worker.emulation.compute_pad_s()
         if pad > 0:  # before any gradient leaves the worker, so that peers really wait
-            time.sleep(pad)
+            self.worker.emulation.straggle(pad)
             self.worker.ledger.pad_compute += pad
             self._step_excluded += pad  # the padding is not part of the measured compute step
         if self._armed:
