@@ -6,7 +6,9 @@ backend's training clock per update within ±20% of the dist backend's, for sync
 
 For each task: ``experiments.dist.calibrate.calibrate`` at N=2 (the dist backend's own loop
 without communication for ``step_s``; gloo all-reduce timings fitted to the ring model for
-``latency_s`` / ``bandwidth_gbps``), then for each strategy x stragglers cell the same config
+``latency_s`` / ``bandwidth_gbps``, ping-pongs to the point-to-point model for the server
+link's ``server_latency_s`` / ``server_bandwidth_gbps``; each alpha raised to what the dist
+backend's own sync or async rounds need), then for each strategy x stragglers cell the same config
 with the profile merged is run on the dist backend ``--reps`` times (default 3, interleaved over
 the cells; the ratio uses the median run and the range is printed) (N=2 real processes, an
 unreachable target so it runs to the budget; straggler emulation on for the straggler cells, network emulation off:
@@ -22,8 +24,9 @@ step at sigma 0.3, so that fast steps can be padded too); `syncbench calibrate` 
 config writes that base as step_s, and the headline ratio of those cells uses it (the ratio
 with the no-straggler profile's step_s is printed as context). Known causes of disagreement
 (docs/backends.md): on a small shared machine the load of other processes changes between the
-calibration and each run; async on dist pays for a parameter-server thread inside rank 0's
-process, which the sim's one-link model does not describe.
+calibration and each run (one launch can run 20% off the next); in the sync straggler cells
+the fast rank waits inside gloo, and on this machine a core that waited runs the next step
+slower, which the sim does not model.
 """
 
 from __future__ import annotations
@@ -97,9 +100,11 @@ def main() -> None:
         meta = profile["calibration"]
         print(f"{task}: step_s {merged['cluster.compute.step_s'] * 1e3:.3f} ms (median "
               f"{meta['step_s']['median'] * 1e3:.3f} ms), latency_s {merged['cluster.network.latency_s'] * 1e6:.1f} us "
-              f"(effective; all-reduce fit {meta['allreduce_fit']['latency_s'] * 1e6:.1f} us, point-to-point fit "
-              f"{meta['point_to_point_fit']['latency_s'] * 1e6:.1f} us), bandwidth "
-              f"{merged['cluster.network.bandwidth_gbps']:.3g} Gbit/s", flush=True)
+              f"(all-reduce fit {meta['allreduce_fit']['latency_s'] * 1e6:.1f} us), bandwidth "
+              f"{merged['cluster.network.bandwidth_gbps']:.3g} Gbit/s; server_latency_s "
+              f"{merged['cluster.network.server_latency_s'] * 1e6:.1f} us (point-to-point fit "
+              f"{meta['point_to_point_fit']['latency_s'] * 1e6:.1f} us), server bandwidth "
+              f"{merged['cluster.network.server_bandwidth_gbps']:.3g} Gbit/s", flush=True)
         cells = [(sname, gname, {**scell, **gcell}) for sname, scell in STRATEGIES.items()
                  for gname, gcell in STRAGGLERS.items()]
         dist_runs: dict[tuple[str, str], list[dict[str, float]]] = {}

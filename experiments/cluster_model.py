@@ -86,7 +86,9 @@ def ring_allgather_s(n_workers: int, nbytes: int, net: NetworkConfig) -> float:
 
 
 def point_to_point_s(nbytes: int, net: NetworkConfig) -> float:
-    return net.latency_s + nbytes / net.bytes_per_s
+    """Alpha-beta time of one push or pull on the parameter server's link."""
+    alpha, bytes_per_s = net.server_link
+    return alpha + nbytes / bytes_per_s
 
 
 class ServerLink:

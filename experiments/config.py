@@ -154,10 +154,22 @@ class ComputeConfig(_Strict):
 class NetworkConfig(_Strict):
     latency_s: float = Field(default=5.0e-5, ge=0, description="Alpha: seconds per message")
     bandwidth_gbps: float = Field(default=10.0, gt=0, description="Beta: link bandwidth in Gbit/s")
+    server_latency_s: float | None = Field(default=None, ge=0, description="Alpha of the parameter server's "
+                                           "link (a push or a pull); null = latency_s. `syncbench calibrate` "
+                                           "fits it to the dist backend's async rounds")
+    server_bandwidth_gbps: float | None = Field(default=None, gt=0, description="Beta of the parameter "
+                                                "server's link in Gbit/s; null = bandwidth_gbps")
 
     @property
     def bytes_per_s(self) -> float:
         return self.bandwidth_gbps * 1e9 / 8
+
+    @property
+    def server_link(self) -> tuple[float, float]:
+        """(alpha seconds, beta bytes/s) of a push or a pull on the parameter server's link."""
+        alpha = self.latency_s if self.server_latency_s is None else self.server_latency_s
+        gbps = self.bandwidth_gbps if self.server_bandwidth_gbps is None else self.server_bandwidth_gbps
+        return alpha, gbps * 1e9 / 8
 
 
 class ClusterConfig(_Strict):

@@ -213,6 +213,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"wrote {out}: cluster.compute.step_s={c['compute']['step_s']:.6g} "
               f"cluster.network.latency_s={c['network']['latency_s']:.6g} "
               f"cluster.network.bandwidth_gbps={c['network']['bandwidth_gbps']:.6g} "
+              f"cluster.network.server_latency_s={c['network']['server_latency_s']:.6g} "
+              f"cluster.network.server_bandwidth_gbps={c['network']['server_bandwidth_gbps']:.6g} "
               f"(N={profile['calibration']['workers']}); use: syncbench run|sweep ... --profile {out}")
     return EXIT_OK
 

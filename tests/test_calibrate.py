@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from experiments.config import ConfigError, load_config
 from experiments.dist.calibrate import (
     META_KEY,
-    choose_latency,
     fit_alpha_beta,
+    fit_latency,
     fit_point_to_point,
     load_profile,
     predicted_per_update,
@@ -65,39 +65,33 @@ def test_fits_stay_physical_on_noise():
     assert a == 0.0 and b > 0
 
 
-def test_choose_latency_recovers_a_consistent_alpha():
+def test_fit_latency_recovers_the_alpha_of_the_closed_form():
     payload = {"gradient_bytes": 20000, "state_bytes": 20000}
-    step, beta, alpha = 0.004, 1.25e9, 8e-4
-    measured = {s: predicted_per_update(s, 2, step, alpha, beta, payload) for s in ("sync", "async")}
-    chosen, alone = choose_latency(measured, 2, step, beta, payload)
-    assert chosen == pytest.approx(alpha, rel=0.01)
-    assert alone["sync"] == pytest.approx(alpha, rel=1e-6) and alone["async"] == pytest.approx(alpha, rel=1e-6)
-    # disagreeing strategies: the compromise lies between what each alone needs
-    measured["async"] *= 1.3
-    chosen, alone = choose_latency(measured, 2, step, beta, payload)
-    assert alone["sync"] < chosen < alone["async"]
-    # at the compromise neither strategy is favoured: equal and opposite log ratios
-    ratio = {s: predicted_per_update(s, 2, step, chosen, beta, payload) / measured[s] for s in measured}
-    assert ratio["sync"] == pytest.approx(1 / ratio["async"], rel=1e-4)
-    # a measurement that compute alone exceeds needs no alpha, and pulls the choice to 0
-    chosen, alone = choose_latency({"sync": step / 2}, 2, step, beta, payload)
-    assert alone["sync"] is None and chosen == 0.0
+    step, beta = 0.004, 1.25e9
+    for strategy, alpha in (("sync", 8e-4), ("async", 3e-3)):  # async's at the link bound
+        measured = predicted_per_update(strategy, 2, step, alpha, beta, payload)
+        assert fit_latency(strategy, measured, 2, step, beta, payload) == pytest.approx(alpha, rel=1e-6)
+    # a measurement that compute alone exceeds needs no alpha
+    assert fit_latency("sync", step / 2, 2, step, beta, payload) is None
 
 
 @pytest.mark.parametrize("latency_s", [1e-4, 3e-3])
 def test_async_closed_form_matches_the_sim_below_and_at_the_link_bound(workspace, latency_s):
     """predicted_per_update's async form (the worker cycle / N, or the server link's time per
-    update once push and pull saturate it) against the sim backend itself, without stragglers."""
+    update once push and pull saturate it) against the sim backend itself, without stragglers;
+    the sim's server link takes the server_* keys, not the all-reduce's."""
     from experiments.dist.calibrate import payload_sizes
     from experiments.run import execute_run
 
     step = 1e-3
     config = load_config(DIGITS, ["strategy.name=async", "cluster.workers=2", f"cluster.compute.step_s={step}",
-                                  f"cluster.network.latency_s={latency_s}", "cluster.network.bandwidth_gbps=100",
+                                  "cluster.network.latency_s=1e-6", "cluster.network.bandwidth_gbps=1",  # the all-reduce's: unused
+                                  f"cluster.network.server_latency_s={latency_s}",
+                                  "cluster.network.server_bandwidth_gbps=100",
                                   "budget.train_time_s=0.6", "eval.every_s=0.6", "target.value=2.0"])
     result = execute_run(config, workspace=workspace, tracking_uri=f"sqlite:///{workspace / 'm.db'}")
     sim = result.clock_s / result.evaluations[-1].updates
-    beta = config.cluster.network.bytes_per_s
+    beta = 100e9 / 8
     predicted = predicted_per_update("async", 2, step, latency_s, beta, payload_sizes(config))
     link = 2 * latency_s + sum(payload_sizes(config).values()) / beta
     assert (link > (step + link) / 2) == (latency_s > step)  # the two cases: below and at the link bound
@@ -217,7 +211,8 @@ def test_calibrate_on_two_processes_writes_a_plausible_profile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote {out}" in proc.stdout
     keys = load_profile(out)  # validates against the config model
-    assert set(keys) == {"cluster.compute.step_s", "cluster.network.latency_s", "cluster.network.bandwidth_gbps"}
+    assert set(keys) == {"cluster.compute.step_s", "cluster.network.latency_s", "cluster.network.bandwidth_gbps",
+                         "cluster.network.server_latency_s", "cluster.network.server_bandwidth_gbps"}
     config = load_config(DIGITS, profile_overrides(out))
     meta = yaml.safe_load(out.read_text())[META_KEY]
     assert meta["workers"] == 2 and meta["torch"] and meta["host"]
@@ -234,6 +229,9 @@ def test_calibrate_on_two_processes_writes_a_plausible_profile(tmp_path):
     assert meta["dist_clock_per_update_s"]["async"] == pytest.approx(
         statistics.mean(p["async_clock_per_update_s"] for p in meta["passes"]))
     assert config.cluster.network.latency_s >= meta["allreduce_fit"]["latency_s"]
+    assert config.cluster.network.server_latency_s >= meta["point_to_point_fit"]["latency_s"]
+    assert config.cluster.network.server_bandwidth_gbps == pytest.approx(meta["point_to_point_fit"]["bandwidth_gbps"],
+                                                                         rel=1e-5)
 
 
 @pytest.mark.heavy

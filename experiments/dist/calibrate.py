@@ -18,12 +18,12 @@ What is measured, with N processes running at once:
   the relative error, so α is determined by the small sizes and β by the large ones; sizes are
   interleaved so that a burst of load hits all of them alike. ``bandwidth_gbps`` is the
   all-reduce β. ``latency_s`` is the all-reduce α, raised when that is more to the α with
-  which the sim's closed-form clock per update best fits the dist backend's own short sync and
-  async runs at N (the worst of the two log ratios minimised): for small models the
-  framework's per-round work (gloo's threads, the hooks, the server thread's Python) and the
-  jitter between ranks cost more than the wire. The sim has one α/β pair for the all-reduce
-  and the server link; the point-to-point fit and what each strategy alone would need are
-  recorded and reported.
+  which the sim's closed-form clock per update equals the dist backend's in its own short sync
+  runs at N; ``server_latency_s`` / ``server_bandwidth_gbps`` (the parameter server's link) are
+  the point-to-point fit, its α raised likewise to match the dist backend's async runs. For
+  small models the framework's per-round work (gloo's threads, the hooks, the server thread's
+  Python and its share of rank 0's core) and the jitter between ranks cost more than the
+  wire; on 2 cores the async round trip needed several times the all-reduce's α.
 * **repeats**: the three dist loops (no communication, sync, async) are timed in ``repeats``
   interleaved passes (default 3) and each quantity is the median over the passes: on a shared
   2-core machine one launch measured up to 15% off the next.
@@ -322,7 +322,8 @@ def predicted_per_update(strategy: str, workers: int, step_s: float, latency_s: 
     step + a ring all-reduce of the gradients; local SGD = a step + a ring all-reduce of the
     state every H steps; async = a worker's cycle (a step + a push + a pull) / N, but never less
     than the server link's time per update (push and pull occupy it, first come first served:
-    at steady state with equal steps the sim settles on the larger of the two)."""
+    at steady state with equal steps the sim settles on the larger of the two). For async,
+    ``latency_s`` and ``bytes_per_s`` are the server link's."""
     n, alpha, beta = workers, latency_s, bytes_per_s
     ring = lambda nbytes: 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / beta  # noqa: E731
     if strategy == "sync":
@@ -335,41 +336,22 @@ def predicted_per_update(strategy: str, workers: int, step_s: float, latency_s: 
     raise ValueError(strategy)
 
 
-def choose_latency(measured: dict[str, float], workers: int, step_s: float, bytes_per_s: float,
-                   payload: dict[str, int]) -> tuple[float, dict[str, float | None]]:
-    """The one alpha (seconds, >= 0) with which the sim's per-update clock is closest to the dist
-    backend's ``measured`` clock per update for every strategy given (the largest |log ratio|
-    is minimised: one alpha serves the all-reduce and the server link in the sim), and the
-    alpha each strategy alone needs (None when even alpha = 0 predicts more than was measured)."""
-    from scipy.optimize import brentq, minimize_scalar
+def fit_latency(strategy: str, measured: float, workers: int, step_s: float, bytes_per_s: float,
+                payload: dict[str, int]) -> float | None:
+    """The alpha (seconds) with which the sim's closed-form clock per update of ``strategy``
+    equals the dist backend's ``measured`` one; None when even alpha = 0 predicts more (compute
+    alone accounts for it)."""
+    from scipy.optimize import brentq
 
-    def pred(strategy: str, alpha: float) -> float:
+    def pred(alpha: float) -> float:
         return predicted_per_update(strategy, workers, step_s, alpha, bytes_per_s, payload)
 
-    alone: dict[str, float | None] = {}
-    for strategy, meas in measured.items():
-        if pred(strategy, 0.0) >= meas:
-            alone[strategy] = None
-        else:  # predictions rise strictly with alpha: one root
-            high = 1e-3
-            while pred(strategy, high) < meas:
-                high *= 10
-            alone[strategy] = float(brentq(lambda a: pred(strategy, a) - meas, 0.0, high, xtol=1e-12, rtol=1e-12))
-
-    def worst(alpha: float) -> float:
-        return max(abs(math.log(pred(s, alpha) / meas)) for s, meas in measured.items())
-
-    # each |log ratio| falls then rises with alpha, so their maximum has one minimum: between 0
-    # and the largest single-strategy alpha; a grid finds its neighbourhood, a bounded search the point
-    top = max([a for a in alone.values() if a is not None], default=0.0)
-    if top == 0.0:
-        return 0.0, alone
-    grid = np.linspace(0.0, top, 201)
-    i = int(np.argmin([worst(a) for a in grid]))
-    lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
-    best = minimize_scalar(worst, bounds=(lo, hi), method="bounded", options={"xatol": 1e-12})
-    candidates = [float(grid[i]), float(best.x)]
-    return min(candidates, key=worst), alone
+    if pred(0.0) >= measured:
+        return None
+    high = 1e-3
+    while pred(high) < measured:  # predictions rise strictly with alpha: one root
+        high *= 10
+    return float(brentq(lambda a: pred(a) - measured, 0.0, high, xtol=1e-12, rtol=1e-12))
 
 
 def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, repeats: int = 3,
@@ -415,27 +397,31 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
     say(f"compute per step: mean {step_s * 1e3:.3f} ms, median {compute['median_s'] * 1e3:.3f} ms "
         f"(the dist backend's loop included, {workers} processes at once; medians of {repeats} passes)")
     measured = {s: statistics.median(p[s]["clock_per_update_s"] for p in passes) for s in ("sync", "async")}
-    # latency_s: the wire's alpha, raised to the per-message time the dist backend's own rounds
-    # need when that is larger. For small models the framework's per-round work (gloo's
-    # threads, the hooks, the server's Python) and the jitter between ranks cost more than the
-    # wire, and the sync run's ledgers cannot say how much: gradient buckets are reduced while
-    # backward runs, so most of a round's cost shows up as slower compute, not as blocked time.
-    # The sim has one alpha for the all-reduce and the server link, so the one that keeps both
-    # sync's and async's clock per update closest to the dist backend's (the worst log ratio
-    # minimised) is chosen; what each alone would need is recorded.
-    fitted, alone = choose_latency(measured, workers, step_s, beta, payload)
-    chosen = max(alpha, fitted)
-    raw_pred = {s: predicted_per_update(s, workers, step_s, alpha, beta, payload) for s in measured}
-    new_pred = {s: predicted_per_update(s, workers, step_s, chosen, beta, payload) for s in measured}
+    # Each alpha is the wire's, raised to the per-message time the dist backend's own rounds
+    # need when that is larger: for small models the framework's per-round work and the jitter
+    # between ranks cost more than the wire, and the runs' ledgers cannot say how much (gradient
+    # buckets are reduced while backward runs, so most of a sync round's cost shows up as slower
+    # compute). latency_s (the all-reduce of sync and local SGD) is fitted to the sync rounds;
+    # server_latency_s (the parameter server's link) to the async rounds, whose server thread
+    # shares rank 0's process and core with a worker: on 2 cores that round trip cost several
+    # times the all-reduce's alpha, which one alpha for both could not describe.
+    if not math.isfinite(p_beta) or p_beta <= 0:
+        p_alpha, p_beta = alpha, beta  # no point-to-point timings: the all-reduce fit stands in
+    sync_alpha = fit_latency("sync", measured["sync"], workers, step_s, beta, payload)
+    async_alpha = fit_latency("async", measured["async"], workers, step_s, p_beta, payload)
+    latency, server_latency = max(alpha, sync_alpha or 0.0), max(p_alpha, async_alpha or 0.0)
+    links = {"sync": (latency, beta), "async": (server_latency, p_beta)}
+    wire = {"sync": (alpha, beta), "async": (p_alpha, p_beta)}
+    raw_pred = {s: predicted_per_update(s, workers, step_s, *wire[s], payload) for s in measured}
+    new_pred = {s: predicted_per_update(s, workers, step_s, *links[s], payload) for s in measured}
     fmt = lambda d: ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in d.items())  # noqa: E731
     fmt_a = lambda a: "none (compute alone accounts for it)" if a is None else f"{a * 1e6:.0f} us"  # noqa: E731
-    ratios = ", ".join(f"{s} {new_pred[s] / measured[s]:.3f}" for s in measured)
-    note = (f"latency_s = {chosen * 1e6:.0f} us: the larger of the all-reduce fit of timed transfers "
-            f"({alpha * 1e6:.0f} us) and the per-message time that best fits the dist backend's own rounds "
-            f"({fitted * 1e6:.0f} us; sync alone needs {fmt_a(alone['sync'])}, async alone {fmt_a(alone['async'])}: "
-            f"the framework's per-round work and the jitter between ranks). Point-to-point fit: "
-            f"{p_alpha * 1e6:.0f} us, {gbps(p_beta):.3g} Gbit/s. Sim per update with the all-reduce fit "
-            f"{fmt(raw_pred)}; with latency_s {fmt(new_pred)}; dist measured {fmt(measured)} (sim/dist {ratios}).")
+    note = (f"latency_s = {latency * 1e6:.0f} us: the larger of the all-reduce fit of timed transfers "
+            f"({alpha * 1e6:.0f} us) and what the dist backend's own sync rounds need ({fmt_a(sync_alpha)}); "
+            f"server_latency_s = {server_latency * 1e6:.0f} us: the larger of the point-to-point fit "
+            f"({p_alpha * 1e6:.0f} us, {gbps(p_beta):.3g} Gbit/s) and what its async rounds need "
+            f"({fmt_a(async_alpha)}: the server thread shares rank 0's process with a worker). Sim per update "
+            f"with the wire fits {fmt(raw_pred)}; with the profile {fmt(new_pred)}; dist measured {fmt(measured)}.")
     say(note)
 
     def model_vs_measured(times: dict[int, float], fn: Any) -> dict[int, list[float]]:
@@ -458,7 +444,9 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
     profile = {
         "cluster": {
             "compute": {"step_s": float(f"{profile_step_s:.6g}")},
-            "network": {"latency_s": float(f"{chosen:.6g}"), "bandwidth_gbps": float(f"{gbps(beta):.6g}")},
+            "network": {"latency_s": float(f"{latency:.6g}"), "bandwidth_gbps": float(f"{gbps(beta):.6g}"),
+                        "server_latency_s": float(f"{server_latency:.6g}"),
+                        "server_bandwidth_gbps": float(f"{gbps(p_beta):.6g}")},
         },
         META_KEY: {
             "host": socket.gethostname(), "platform": platform.platform(), "date": datetime.datetime.now(
@@ -477,10 +465,10 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
             "passes": [{"step_mean_s": p["compute"]["mean_s"], "step_median_s": p["compute"]["median_s"],
                         **{f"{s}_clock_per_update_s": p[s]["clock_per_update_s"] for s in ("sync", "async")}}
                        for p in passes],
-            "sim_clock_per_update_s": {"with_effective_latency": new_pred, "with_allreduce_fit": raw_pred},
-            "latency_alone_s": alone,
-            "latency_fitted_s": fitted,
-            "latency_source": "max(all-reduce fit, the alpha that best fits the dist backend's sync and async rounds)",
+            "sim_clock_per_update_s": {"with_profile": new_pred, "with_wire_fits": raw_pred},
+            "latency_needed_s": {"sync": sync_alpha, "async": async_alpha},
+            "latency_source": "max(all-reduce fit, what the dist backend's sync rounds need)",
+            "server_latency_source": "max(point-to-point fit, what the dist backend's async rounds need)",
             "note": note,
         },
     }
