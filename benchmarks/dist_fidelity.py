@@ -18,11 +18,10 @@ updates), with each backend's compute / communication / waiting per update and t
 per worker step against the profile's step_s, so a ratio outside the target shows where the two
 disagree.
 
-Straggler cells: the dist backend emulates lognormal stragglers around a base step of the
-median of its first unpadded steps divided by the factor distribution's 1st percentile (about 2.1x the real
-step at sigma 0.3, so that fast steps can be padded too); `syncbench calibrate` on a straggler
-config writes that base as step_s, and the headline ratio of those cells uses it (the ratio
-with the no-straggler profile's step_s is printed as context). Known causes of disagreement
+Straggler cells use the profile `syncbench calibrate` writes for a straggler config: step_s =
+the compute-only step divided by the factor distribution's 1st percentile (about 2.1x the real
+step at sigma 0.3, so that fast steps can be padded too); the sim times steps around it and the
+dist backend's emulation pads around it (experiments.dist.worker.Emulation). Known causes of disagreement
 (docs/backends.md): on a small shared machine the load of other processes changes between the
 calibration and each run (one launch can run 20% off the next); in the sync straggler cells
 the fast rank waits inside gloo, and on this machine a core that waited runs the next step
@@ -107,43 +106,40 @@ def main() -> None:
               f"{merged['cluster.network.server_bandwidth_gbps']:.3g} Gbit/s", flush=True)
         cells = [(sname, gname, {**scell, **gcell}) for sname, scell in STRATEGIES.items()
                  for gname, gcell in STRAGGLERS.items()]
+
+        def profile_for(cell: dict[str, Any]) -> dict[str, Any]:
+            """The profile `syncbench calibrate` writes for this cell's config: with lognormal
+            stragglers, step_s = the compute-only step over the factors' 1st percentile -- the
+            base both the sim and the dist emulation pad around."""
+            from experiments.cluster_model import StragglerModel
+
+            sim_cfg = cell_config(path, merged, "sim", args.budget, cell)
+            low = StragglerModel(sim_cfg.cluster.stragglers, 2, 0).low_factor()
+            return {**merged, "cluster.compute.step_s": meta["step_s"]["mean"] / low}
+
         dist_runs: dict[tuple[str, str], list[dict[str, float]]] = {}
         for rep in range(args.reps):  # interleaved: a burst of load hits every cell alike
             for sname, gname, cell in cells:
                 os.environ["SYNCBENCH_DIST_EMULATE"] = "stragglers" if gname != "none" else "none"
                 dist_runs.setdefault((sname, gname), []).append(per_update(execute_run(
-                    cell_config(path, merged, "dist", args.budget, cell), workspace=ws, tracking_uri=uri,
-                    experiment="fidelity-dist")))
+                    cell_config(path, profile_for(cell), "dist", args.budget, cell), workspace=ws,
+                    tracking_uri=uri, experiment="fidelity-dist")))
             print(f"  [{task}] dist repetition {rep + 1}/{args.reps} done ({load_note()})", flush=True)
         for sname, gname, cell in cells:
             reps = dist_runs[(sname, gname)]
             dist = sorted(reps, key=lambda r: r["clock"])[len(reps) // 2]  # the median run
-            sim = per_update(execute_run(cell_config(path, merged, "sim", args.budget, cell),
+            profile = profile_for(cell)
+            sim = per_update(execute_run(cell_config(path, profile, "sim", args.budget, cell),
                                          workspace=ws, tracking_uri=uri, experiment="fidelity-sim"))
-            ratio = sim["clock"] / dist["clock"]
+            sim_clock = sim["clock"]
+            ratio = sim_clock / dist["clock"]
             # where they disagree: the dist backend's compute per worker step (straggler padding
-            # included) against the profile's step_s -- load from other processes since the
-            # calibration, or the emulation's base step (see the module docstring)
+            # included) against the cell's step_s -- load from other processes since the
+            # calibration, or a sync step's all-reduce work inside backward
             steps_per_worker = dist["updates"] / (2 if sname == "async" else 1)
             dist_step = dist["compute"] * dist["updates"] / max(1.0, steps_per_worker)
             extra = (f" | dist compute/worker step {dist_step * 1e3:.2f} ms = "
-                     f"{dist_step / merged['cluster.compute.step_s']:.2f}x step_s")
-            sim_clock = sim["clock"]
-            if gname != "none":
-                # the sim given the emulation's base step (median step / 1st-percentile factor)
-                from experiments.cluster_model import StragglerModel
-
-                sim_cfg = cell_config(path, merged, "sim", args.budget, cell)
-                base = max(merged["cluster.compute.step_s"],
-                           meta["step_s"]["median"] / StragglerModel(sim_cfg.cluster.stragglers, 2, 0).low_factor())
-                based = per_update(execute_run(cell_config(path, {**merged, "cluster.compute.step_s": base},
-                                                           "sim", args.budget, cell),
-                                               workspace=ws, tracking_uri=uri, experiment="fidelity-sim"))
-                # the headline ratio uses the profile `syncbench calibrate` writes for a straggler
-                # config: step_s = the emulation's base step; the no-straggler profile's is context
-                extra += f" | sim with the no-straggler profile's step_s: {ratio:.3f}"
-                sim_clock = based["clock"]
-                ratio = sim_clock / dist["clock"]
+                     f"{dist_step / profile['cluster.compute.step_s']:.2f}x the cell's step_s")
             spread = sorted(sim_clock / r["clock"] for r in reps)
             rows.append((task, sname, gname, ratio, spread))
             flag = "" if TARGET_LO <= ratio <= TARGET_HI else "  <-- outside"

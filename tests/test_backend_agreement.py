@@ -109,6 +109,22 @@ def test_straggler_emulation_has_mean_one_factors():
     assert LognormalStragglers(kind="lognormal", sigma=sigma)  # the config model the factors come from
 
 
+@pytest.mark.parametrize("pinned,expected", [
+    (0.0015, 0.0015),  # a profile's base the worker reaches: the sim and the emulation share it
+    (0.0005, 0.0010 / math.exp(-2.3263478740408408 * 0.5 - 0.5**2 / 2)),  # unreachable: measured / 1st pct
+])
+def test_straggler_emulation_pads_around_a_reachable_pinned_step(pinned, expected):
+    from experiments.config import load_config
+    from tests.conftest import CONFIGS
+
+    config: RunConfig = load_config(CONFIGS / "digits_mlp.yaml", ["cluster.stragglers={kind: lognormal, sigma: 0.5}",
+                                                                 f"cluster.compute.step_s={pinned}"])
+    emulation = Emulation(config, rank=0, world=2, stragglers=True, network=False)
+    for _ in range(9):
+        emulation.record_compute(0.0010)
+    assert emulation.base_step_s() == pytest.approx(expected)
+
+
 def _dist(config, tmp_path: Path, **kwargs):
     return execute_dist_run(config, workspace=tmp_path / "ws", debug_dir=tmp_path / "debug", **kwargs)
 

@@ -51,6 +51,7 @@ ENV_WORKER = "SYNCBENCH_DIST_WORKER"
 ENV_EMULATE = "SYNCBENCH_DIST_EMULATE"
 ENV_DEBUG = "SYNCBENCH_DIST_DEBUG_DIR"
 ENV_DEVICE = "SYNCBENCH_DIST_DEVICE"  # auto (default) | cpu
+ENV_BUSY = "SYNCBENCH_DIST_BUSY_STRAGGLERS"  # 0: emulated stragglers sleep even when they own their cores
 ENV_THREADS = "SYNCBENCH_DIST_THREADS"  # intra-op threads per worker (default: cores owned / local workers)
 HEARTBEAT_S = 0.25
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -833,7 +834,9 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
             eval_module = copy.deepcopy(task.module).cpu()
             monitor = TTAMonitor(config, eval_module, task.val_batches,
                                  on_eval=_on_eval(recorder, control if progress else None))
-        emulation = Emulation(config, rank, world, *emulate, hold_core=cores_owned() >= local_world)
+        # a worker that owns its cores keeps them busy while it straggles (Emulation.straggle)
+        hold_core = cores_owned() >= local_world and os.environ.get(ENV_BUSY, "1") != "0"
+        emulation = Emulation(config, rank, world, *emulate, hold_core=hold_core)
         worker = WorkerState(config, comm, emulation, monitor, debug=bool(debug_dir))
         definition = build_strategy(config)
         strategy = ProgramStrategy(worker, definition, lr_factor(definition, config.strategy.lr_scaling))

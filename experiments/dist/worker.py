@@ -201,13 +201,18 @@ class Emulation:
 
     * compute: a step of a worker with straggler factor f (drawn per step from the config's
       straggler model, seeded exactly as in the sim backend) is padded to f x a base step.
-      The base step is the median of the first ``WARM_STEPS`` measured steps (unpadded) divided
-      by the factor distribution's 1st percentile (or ``cluster.compute.step_s`` when pinned
-      and slower) (``StragglerModel.low_factor``), so that even fast steps (f < 1) can be padded
-      to exactly f x base: the mean factor is 1, as in the sim (padding only slow steps made it
-      E[max(f, 1)] = 1.12 at sigma 0.3). The base is then fixed: a step measured after a sleep,
+      The base step is ``cluster.compute.step_s`` when pinned at or above the worker's measured
+      step (a profile from ``syncbench calibrate`` on a straggler config writes the
+      compute-only step over the factors' 1st percentile there, so the sim and this emulation
+      pad around one base); otherwise it is the measured step over the factor
+      distribution's 1st percentile (``StragglerModel.low_factor``), so that even fast steps
+      (f < 1) can be padded to exactly f x base: the mean factor is 1, as in the sim (padding
+      only slow steps made it E[max(f, 1)] = 1.12 at sigma 0.3). The measured step is the median
+      of the first ``WARM_STEPS`` steps (unpadded), then fixed: a step measured after padding,
       or with a peer's wait inside backward, runs slower, and a base that followed the
-      measurements grew with the padding (2-4x the real step in a 3-s run instead of 2.1x).
+      measurements grew with the padding (2-4x the real step in a 3-s run instead of 2.1x). A
+      sync step's measurement includes the gradient all-reduce's work inside backward (1.6x the
+      compute-only step for the digits MLP on 2 cores), which is why a pinned base comes first.
       The padding (``straggle``: busy when the worker owns its cores) is placed between forward
       and backward, before any gradient leaves the worker.
     * network: after a collective, every rank sleeps the alpha-beta model time less the real
@@ -237,10 +242,13 @@ class Emulation:
                 self.measured_s = statistics.median(self.warm)
 
     def base_step_s(self) -> float | None:
-        """f x base must be reachable by padding: the base is never faster than the measured
-        step over the lowest factor, nor than a pinned ``cluster.compute.step_s``."""
+        """A pinned ``cluster.compute.step_s`` that this worker's measured step can reach, else
+        the larger of the pinned step and the measured step over the lowest factor, so that
+        f x base can be reached by padding."""
         if self.measured_s is None:
             return None
+        if self.pinned_step_s is not None and self.pinned_step_s >= self.measured_s:
+            return self.pinned_step_s
         return max(self.pinned_step_s or 0.0, self.measured_s / self.model.low_factor())
 
     def compute_pad_s(self) -> float:
