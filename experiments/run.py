@@ -230,23 +230,47 @@ def calibrate_step(task: PreparedTask, config: RunConfig, blocks: int = CALIBRAT
     Timed with the thread's CPU clock: with one intra-op thread the step runs on this
     thread, and CPU time does not count the time other processes (a parallel sweep, a
     busy machine) hold the core, which inflated wall-clock medians 3-6x here under load."""
-    module = copy.deepcopy(task.module)
-    optimizer = build_optimizer(module)
-    batches = ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed + 1, task.collate)
-    times = []
+    return calibrate_steps([(task, config)], blocks, block_steps, warmup)[0]
+
+
+def calibrate_steps(models: list[tuple[PreparedTask, RunConfig]], blocks: int = CALIBRATION_BLOCKS,
+                    block_steps: int = CALIBRATION_BLOCK_STEPS, warmup: int = 3) -> list[StepCalibration]:
+    """``calibrate_step`` for several models at once, their blocks interleaved (block 1 of
+    each, then block 2 of each, ...): the speed of a virtual machine drifts within minutes
+    (here: the same loop 1.0 then 1.7 ms), and CPU time does not see a host taking the core
+    away, so models timed one after the other (a checkpointed cell and its plain twin) could
+    differ by the drift alone; interleaved, the drift hits them all alike."""
+    timers = []
     rng_state = torch.get_rng_state()
-    for i in range(warmup + blocks * block_steps):
+    for task, config in models:
+        module = copy.deepcopy(task.module)
+        batches = ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed + 1, task.collate)
+        timers.append((module, build_optimizer(module), batches, []))
+
+    def step(timer: tuple[Any, Any, Any, list[float]], i: int, timed: bool) -> None:
+        module, optimizer, batches, times = timer
         batch = next(batches)
         t0 = time.thread_time()
         optimizer.zero_grad(set_to_none=True)
         training_loss(module, batch, i).backward()
         optimizer.step()
-        if i >= warmup:
+        if timed:
             times.append(time.thread_time() - t0)
+
+    for timer in timers:
+        for i in range(warmup):
+            step(timer, i, timed=False)
+    for b in range(blocks):
+        for timer in timers:
+            for i in range(block_steps):
+                step(timer, warmup + b * block_steps + i, timed=True)
     torch.set_rng_state(rng_state)
-    take_logged(module)
-    samples = [statistics.median(times[b * block_steps:(b + 1) * block_steps]) for b in range(blocks)]
-    return StepCalibration(min(samples), samples)
+    out = []
+    for module, _, _, times in timers:
+        take_logged(module)
+        samples = [statistics.median(times[b * block_steps:(b + 1) * block_steps]) for b in range(blocks)]
+        out.append(StepCalibration(min(samples), samples))
+    return out
 
 
 def calibrate_step_s(task: PreparedTask, config: RunConfig) -> float:

@@ -361,33 +361,52 @@ class Launcher:
         the task, the per-worker batch and the checkpointing section) and pins it for all the
         trials of the cells that share it. The task is prepared as a run trains it
         (``prepare_task``: checkpointing applied), so a checkpointed cell is timed with its
-        recomputation. The value and its block medians are kept in the study, so resumed and
+        recomputation. The configs still missing a value are timed together, their blocks
+        interleaved (``calibrate_steps``), so a drift of the machine's speed during calibration
+        cannot favour one of them. The value and its block medians are kept in the study, so resumed and
         concurrent launchers reuse them; the medians go to each trial as a tag (claim (d)
         tests the step time with them)."""
-        from experiments.run import calibrate_step, one_thread, prepare_task
+        from experiments.run import calibrate_steps, one_thread, prepare_task
 
         stored: dict[str, dict[str, Any]] = dict(self.study.user_attrs.get(STEP_S_ATTR, {}))
-        changed = False
+        missing: dict[str, Any] = {}  # task key -> a config of it, in cell order
         for cell in self.sweep.cells:
             config = cell.config
-            if config.cluster.backend != "sim" or config.cluster.compute.step_s is not None:
-                continue
-            key = task_key(config)
-            if key not in stored:
+            if config.cluster.backend == "sim" and config.cluster.compute.step_s is None:
+                if task_key(config) not in stored:
+                    missing.setdefault(task_key(config), config)
+        if missing:
+            models = {}
+            with one_thread():
+                for key, config in missing.items():
+                    try:
+                        models[key] = (prepared.get(key) or prepared.setdefault(key, prepare_task(config)), config)
+                    except ConfigError:
+                        raise
+                    except Exception:  # noqa: BLE001 - the module fails to build: not pinned here,
+                        continue  # so each trial calibrates in its own run and fails there, recorded FAILED
+                # all at once, blocks interleaved (calibrate_steps: the machine's speed drifts)
                 try:
-                    with one_thread():
-                        task = prepared.get(key) or prepared.setdefault(key, prepare_task(config))
-                        calibration = calibrate_step(task, config)
+                    calibrations = dict(zip(models, calibrate_steps(list(models.values()))))
                 except ConfigError:
                     raise
-                except Exception:  # noqa: BLE001 - the module fails in training: not pinned here,
-                    continue  # so each trial calibrates in its own run and fails there, recorded FAILED
+                except Exception:  # noqa: BLE001 - a module fails in training: time the others alone
+                    calibrations = {}
+                    for key, model in models.items():
+                        try:
+                            calibrations[key] = calibrate_steps([model])[0]
+                        except ConfigError:
+                            raise
+                        except Exception:  # noqa: BLE001 - see above
+                            continue
+            for key, calibration in calibrations.items():
                 stored[key] = {"step_s": calibration.step_s, "samples": calibration.samples}
-                changed = True
-            self.step_s[cell.id] = stored[key]["step_s"]
-            self.step_samples[cell.id] = stored[key]["samples"]
-        if changed:
             self.study.set_user_attr(STEP_S_ATTR, stored)
+        for cell in self.sweep.cells:
+            key = task_key(cell.config)
+            if cell.config.cluster.backend == "sim" and cell.config.cluster.compute.step_s is None and key in stored:
+                self.step_s[cell.id] = stored[key]["step_s"]
+                self.step_samples[cell.id] = stored[key]["samples"]
 
     def _calibrate_codecs(self, prepared: dict[str, Any]) -> None:
         """As ``step_s``: the encode/decode cost of a compressed exchange

@@ -184,3 +184,24 @@ def test_command_line_run_prints_summary_and_records(tmp_path):
                           "--workspace", str(ws)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "batch_size" in bad.stderr
     assert len(all_runs(ws)) == 1
+
+
+def test_interleaved_calibration_times_each_model_in_its_place(workspace, digits_config):
+    """calibrate_steps (a sweep's step_s for several models, blocks interleaved) returns each
+    model's own timing, in order: a batch of 1024 costs more per step than a batch of 4 (timed
+    together, so load hits both alike), and a model timed alone keeps the same form (8 block
+    medians, step_s their least)."""
+    import torch
+
+    from experiments.run import calibrate_step, calibrate_steps, one_thread, prepare_task
+
+    small, large = digits_config("batch_size=4"), digits_config("batch_size=1024")
+    with one_thread():
+        tasks = [prepare_task(small), prepare_task(large)]
+        rng = torch.get_rng_state()
+        timed = calibrate_steps([(tasks[0], small), (tasks[1], large)])
+        assert torch.equal(torch.get_rng_state(), rng)  # the runs' random streams are untouched
+        alone = calibrate_step(tasks[0], small)
+    for c in (*timed, alone):
+        assert len(c.samples) == 8 and c.step_s == min(c.samples) > 0
+    assert timed[1].step_s > 1.3 * timed[0].step_s
