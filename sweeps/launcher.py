@@ -425,9 +425,15 @@ class Launcher:
             st = config.strategy
             key = json.dumps([task_key(config), st.compression, st.topk_ratio, st.powersgd_rank])
             if key not in stored:
-                with one_thread():
-                    task = prepared.get(task_key(config)) or prepared.setdefault(task_key(config), prepare_task(config))
-                    stored[key] = calibrate_codec_s_per_mb(task, config)
+                try:
+                    with one_thread():
+                        task = prepared.get(task_key(config)) or prepared.setdefault(task_key(config),
+                                                                                      prepare_task(config))
+                        stored[key] = calibrate_codec_s_per_mb(task, config)
+                except ConfigError:
+                    raise
+                except Exception:  # noqa: BLE001 - as for step_s: each trial measures and fails in its own run
+                    continue
                 changed = True
             self.codec_s[cell.id] = stored[key]
         if changed:

@@ -392,6 +392,26 @@ def test_a_module_failing_from_its_first_step_fails_each_trial_with_a_recorded_r
     assert all("boom in the user's training_step" in r.data.tags["syncbench.error"] for r in children)
 
 
+def test_a_module_failing_in_calibration_leaves_the_others_calibrated_together(ws, tmp_path):
+    """The sweep times its models' steps together, blocks interleaved; one that raises in
+    training is left out, and the rest are still timed and pinned, while the failing cell's
+    trials fail with a recorded run."""
+    spec = write_spec(tmp_path / "s.yaml", "mixed", grid={"task.module_args.fail_after": [100000, 0]}, seeds=[0],
+                      set={"task.module": "tests.modules:FailingMLP", "cluster.compute.step_s": None,
+                           "cluster.workers": 2, "strategy.compression": "fp16"})
+    assert main(["sweep", spec, "--no-progress"]) == 1
+    trials = study("mixed", ws).trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]
+    pinned = study("mixed", ws).user_attrs
+    assert len(pinned["syncbench.step_calibration"]) == 1  # the good module's, not the failing one's
+    assert len(pinned["syncbench.codec_calibration"]) == 2  # encoding a payload trains nothing: both measured
+    _, children = mlflow_runs("mixed", ws)
+    good = next(r for r in children if r.info.status == "FINISHED")
+    assert good.data.tags["syncbench.step_s_source"] == "sweep"
+    assert float(good.data.params["cluster.compute.step_s"]) == next(
+        iter(pinned["syncbench.step_calibration"].values()))["step_s"]
+
+
 def test_a_disk_that_fills_during_a_run_leaves_it_failed_not_running(tmpfs, empty_stores, capsys, monkeypatch):
     import shutil
 
