@@ -41,7 +41,8 @@ from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, Future
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from experiments import signals
 from experiments.config import ConfigError, apply_overrides, validate_config
@@ -67,6 +68,7 @@ from sweeps.trials import (
     warm_up,
 )
 
+T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 # a cell x seed (or tuning trial) whose trials keep killing their launcher is retried this often
 # in all, across launches; then it is given up (counted in the study's user attribute below)
@@ -238,6 +240,28 @@ class StaleTrialHandler:
             self.retry(study, trial)
 
 
+def unless_the_module_fails(measure: Callable[[], T]) -> T | None:
+    """``measure()``, or None when the user's module raises (anything but a ConfigError): the
+    sweep then pins nothing for it, so each trial measures in its own run and fails there,
+    recorded FAILED."""
+    try:
+        return measure()
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - the user's module, in preparation or training
+        return None
+
+
+def prepared_task(prepared: dict[str, Any], config: Any) -> Any:
+    """The task of ``config`` as a run trains it (``prepare_task``), built once per task key."""
+    from experiments.run import prepare_task
+
+    key = task_key(config)
+    if key not in prepared:
+        prepared[key] = prepare_task(config)
+    return prepared[key]
+
+
 def stale_key(user_attrs: dict[str, Any]) -> str:
     """What the retry cap counts: an evaluation trial's cell x seed, a tuning trial's cell."""
     seed = user_attrs.get("seed")
@@ -366,54 +390,47 @@ class Launcher:
         cannot favour one of them. The value and its block medians are kept in the study, so resumed and
         concurrent launchers reuse them; the medians go to each trial as a tag (claim (d)
         tests the step time with them)."""
-        from experiments.run import calibrate_steps, one_thread, prepare_task
+        from experiments.run import calibrate_steps, one_thread
 
         stored: dict[str, dict[str, Any]] = dict(self.study.user_attrs.get(STEP_S_ATTR, {}))
+        timed = [cell for cell in self.sweep.cells
+                 if cell.config.cluster.backend == "sim" and cell.config.cluster.compute.step_s is None]
         missing: dict[str, Any] = {}  # task key -> a config of it, in cell order
-        for cell in self.sweep.cells:
-            config = cell.config
-            if config.cluster.backend == "sim" and config.cluster.compute.step_s is None:
-                if task_key(config) not in stored:
-                    missing.setdefault(task_key(config), config)
+        for cell in timed:
+            if task_key(cell.config) not in stored:
+                missing.setdefault(task_key(cell.config), cell.config)
         if missing:
-            models = {}
             with one_thread():
+                models = {}
                 for key, config in missing.items():
-                    try:
-                        models[key] = (prepared.get(key) or prepared.setdefault(key, prepare_task(config)), config)
-                    except ConfigError:
-                        raise
-                    except Exception:  # noqa: BLE001 - the module fails to build: not pinned here,
-                        continue  # so each trial calibrates in its own run and fails there, recorded FAILED
-                # all at once, blocks interleaved (calibrate_steps: the machine's speed drifts)
-                try:
-                    calibrations = dict(zip(models, calibrate_steps(list(models.values()))))
-                except ConfigError:
-                    raise
-                except Exception:  # noqa: BLE001 - a module fails in training: time the others alone
+                    task = unless_the_module_fails(lambda config=config: prepared_task(prepared, config))
+                    if task is not None:
+                        models[key] = (task, config)
+                # all at once, blocks interleaved (calibrate_steps: the machine's speed drifts); if a
+                # module fails in training, the others are timed alone and it is left out
+                together = unless_the_module_fails(lambda: calibrate_steps(list(models.values())))
+                if together is not None:
+                    calibrations = dict(zip(models, together))
+                else:
                     calibrations = {}
                     for key, model in models.items():
-                        try:
-                            calibrations[key] = calibrate_steps([model])[0]
-                        except ConfigError:
-                            raise
-                        except Exception:  # noqa: BLE001 - see above
-                            continue
+                        alone = unless_the_module_fails(lambda model=model: calibrate_steps([model]))
+                        if alone is not None:
+                            calibrations[key] = alone[0]
             for key, calibration in calibrations.items():
                 stored[key] = {"step_s": calibration.step_s, "samples": calibration.samples}
             self.study.set_user_attr(STEP_S_ATTR, stored)
-        for cell in self.sweep.cells:
-            key = task_key(cell.config)
-            if cell.config.cluster.backend == "sim" and cell.config.cluster.compute.step_s is None and key in stored:
-                self.step_s[cell.id] = stored[key]["step_s"]
-                self.step_samples[cell.id] = stored[key]["samples"]
+        for cell in timed:
+            if task_key(cell.config) in stored:
+                self.step_s[cell.id] = stored[task_key(cell.config)]["step_s"]
+                self.step_samples[cell.id] = stored[task_key(cell.config)]["samples"]
 
     def _calibrate_codecs(self, prepared: dict[str, Any]) -> None:
         """As ``step_s``: the encode/decode cost of a compressed exchange
         (``cluster.compute.codec_s_per_mb``) is measured once per task and codec, kept in the
         study and pinned for every trial that uses it, so the cells are timed on one scale and
         each trial is bit-reproducible."""
-        from experiments.run import calibrate_codec_s_per_mb, one_thread, prepare_task
+        from experiments.run import calibrate_codec_s_per_mb, one_thread
 
         stored: dict[str, float] = dict(self.study.user_attrs.get(CODEC_ATTR, {}))
         changed = False
@@ -425,15 +442,12 @@ class Launcher:
             st = config.strategy
             key = json.dumps([task_key(config), st.compression, st.topk_ratio, st.powersgd_rank])
             if key not in stored:
-                try:
-                    with one_thread():
-                        task = prepared.get(task_key(config)) or prepared.setdefault(task_key(config),
-                                                                                      prepare_task(config))
-                        stored[key] = calibrate_codec_s_per_mb(task, config)
-                except ConfigError:
-                    raise
-                except Exception:  # noqa: BLE001 - as for step_s: each trial measures and fails in its own run
+                with one_thread():
+                    value = unless_the_module_fails(
+                        lambda config=config: calibrate_codec_s_per_mb(prepared_task(prepared, config), config))
+                if value is None:
                     continue
+                stored[key] = value
                 changed = True
             self.codec_s[cell.id] = stored[key]
         if changed:

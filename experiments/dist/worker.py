@@ -196,8 +196,9 @@ WARM_STEPS = 9  # unpadded steps whose median compute fixes the straggler emulat
 
 
 class Emulation:
-    """Pads real compute and communication with sleeps so that a small machine can show
-    what a slow worker or a slow network does, with the sim backend's cost model.
+    """Pads real compute and communication (sleeping, or busy for stragglers) so that a small
+    machine can show what a slow worker or a slow network does, with the sim backend's cost
+    model.
 
     * compute: a step of a worker with straggler factor f (drawn per step from the config's
       straggler model, seeded exactly as in the sim backend) is padded to f x a base step.
@@ -243,13 +244,12 @@ class Emulation:
 
     def base_step_s(self) -> float | None:
         """A pinned ``cluster.compute.step_s`` that this worker's measured step can reach, else
-        the larger of the pinned step and the measured step over the lowest factor, so that
-        f x base can be reached by padding."""
+        the measured step over the lowest factor, so that f x base can be reached by padding."""
         if self.measured_s is None:
             return None
         if self.pinned_step_s is not None and self.pinned_step_s >= self.measured_s:
             return self.pinned_step_s
-        return max(self.pinned_step_s or 0.0, self.measured_s / self.model.low_factor())
+        return self.measured_s / self.model.low_factor()  # low_factor <= 1: above any unreachable pin
 
     def compute_pad_s(self) -> float:
         """Seconds to sleep in this step: f x base less the measured compute."""
@@ -257,8 +257,9 @@ class Emulation:
             return 0.0
         factor = self.model.factor(self.rank)  # drawn every step, the warm-up's too, as in the sim
         base = self.base_step_s()
-        if base is None or self.measured_s is None:
+        if base is None:  # the warm-up steps run unpadded
             return 0.0
+        assert self.measured_s is not None  # base_step_s has one only once measured_s is set
         pad = factor * base - self.measured_s
         if pad < 0:
             self.overruns += 1
