@@ -107,6 +107,18 @@ def threads_per_worker(local_world: int) -> int:
     return max(1, cores_owned() // max(1, local_world))
 
 
+def keep_metrics_local(module: Any) -> None:
+    """torchmetrics objects sync over torch.distributed's default group when computed, which
+    Lightning does on every rank at once. Here each rank trains its own replica and rank 0
+    evaluates alone, so a synced ``compute()`` waited for ranks that never came (a 30-s gloo
+    timeout that failed every dist async run of a module logging a Metric object). Each rank's
+    metrics are its own, as in the single-process run Lightning sees."""
+    for m in module.modules():
+        if hasattr(m, "sync_on_compute") and hasattr(m, "_to_sync"):
+            m.sync_on_compute = False
+            m._to_sync = False  # torchmetrics copies sync_on_compute here at construction and forward
+
+
 def _set_pdeathsig() -> None:
     """Linux: die with the launcher (no orphans even if the launcher is SIGKILLed)."""
     try:
@@ -828,6 +840,7 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
             # torchrun: every rank learns rank 0's run id, to mark it FAILED should rank 0 die
             # (the job's store may die with rank 0, so it travels in a collective)
             dist.broadcast_object_list(torchrun_run_id, src=0, group=ctrl)
+        keep_metrics_local(task.module)
         if rank == 0:
             if create is not None:
                 recorder.log_params({**config.flat(), "backend": "dist"})
