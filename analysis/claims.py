@@ -20,7 +20,7 @@ Comparisons are made within a *variant* (grid keys other than strategy and worke
 equal) and, for strategy comparisons, at equal worker count N >= 2 (at N = 1 sync and async
 are both plain SGD). A claim's overall verdict combines its comparisons: supported if at
 least one is supported and none refuted, refuted in the mirror case, inconclusive otherwise.
-Censored runs enter as described in ``analysis.stats``: +inf for ranks and medians, the
+Censored runs enter as described in ``syncbench.analysis.stats``: +inf for ranks and medians, the
 budget only as a lower bound on a spread.
 """
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis.reader import RunRecord, SweepData, variant_label, variant_sort_key
-from analysis.stats import (
+from syncbench.analysis.reader import RunRecord, SweepData, variant_label, variant_sort_key
+from syncbench.analysis.stats import (
     ALPHA,
     N_PERM,
     bootstrap_ratio,

@@ -17,8 +17,8 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from analysis.reader import SweepData, strategy_sort_key, variant_label, variant_sort_key  # noqa: E402
-from analysis.summary import CellSummary  # noqa: E402
+from syncbench.analysis.reader import SweepData, strategy_sort_key, variant_label, variant_sort_key  # noqa: E402
+from syncbench.analysis.summary import CellSummary  # noqa: E402
 
 STRATEGY_COLORS = {"sync": "#1f77b4", "local_sgd": "#2ca02c", "async": "#d62728"}
 EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]

@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from experiments.config import ConfigError
+from syncbench.experiments.config import ConfigError
 
 STRATEGY_ORDER = ("sync", "local_sgd", "async")
 CENSORED_OUTCOMES = ("budget", "diverged")
 USABLE_OUTCOMES = ("reached", *CENSORED_OUTCOMES)
 AXIS_KEYS = ("strategy.name", "cluster.workers")  # the table's rows; the rest of a cell is its "variant"
 MAX_READ_THREADS = 8
-STEP_SAMPLES_TAG = "syncbench.step_time_samples"  # experiments.run.STEP_SAMPLES_TAG
-MEMORY_LIMIT_TAG = "syncbench.memory_limit_bytes"  # sweeps.launcher.MEMORY_LIMIT_TAG
+STEP_SAMPLES_TAG = "syncbench.step_time_samples"  # syncbench.experiments.run.STEP_SAMPLES_TAG
+MEMORY_LIMIT_TAG = "syncbench.memory_limit_bytes"  # syncbench.sweeps.launcher.MEMORY_LIMIT_TAG
 
 
 def parse_cell(cell: str) -> dict[str, str]:
@@ -394,7 +394,7 @@ def read_staleness(client, runs: list[RunRecord]) -> dict[str, dict[int, int]]:
 
 
 def resolve_tracking_uri(tracking_uri: str | None, workspace: str | os.PathLike | None) -> str:
-    from experiments.workspace import default_tracking_uri, workspace_dir
+    from syncbench.experiments.workspace import default_tracking_uri, workspace_dir
 
     if tracking_uri:
         return tracking_uri

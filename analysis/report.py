@@ -22,13 +22,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from analysis.claims import COMBINE_RULE, NOT_TESTABLE, Claim, evaluate_claims
-from analysis.plots import Plot, make_plots
-from analysis.reader import SweepData, load_sweep, resolve_tracking_uri, short_key, strategy_sort_key
-from analysis.stats import ALPHA, CONFIDENCE, N_BOOT, N_PERM
-from analysis.summary import CellSummary, summarize_cells, summary_csv
-from analysis.threats import Threat, compute_threats
-from experiments.config import ConfigError
+from syncbench.analysis.claims import COMBINE_RULE, NOT_TESTABLE, Claim, evaluate_claims
+from syncbench.analysis.plots import Plot, make_plots
+from syncbench.analysis.reader import SweepData, load_sweep, resolve_tracking_uri, short_key, strategy_sort_key
+from syncbench.analysis.stats import ALPHA, CONFIDENCE, N_BOOT, N_PERM
+from syncbench.analysis.summary import CellSummary, summarize_cells, summary_csv
+from syncbench.analysis.threats import Threat, compute_threats
+from syncbench.experiments.config import ConfigError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 REPORT_FILES = ("report.html", "report.md", "summary.csv", "claims.json", "threats.json")
@@ -377,8 +377,8 @@ def write_report(client, sweep_name: str, out_dir: Path, *, tracking_uri: str,
 
 def run_report_command(args) -> int:
     """CLI entry (sweeps/cli.py): exit 0 when written, ConfigError (exit 2) on bad input."""
-    from experiments.recording import open_client
-    from experiments.workspace import workspace_dir
+    from syncbench.experiments.recording import open_client
+    from syncbench.experiments.workspace import workspace_dir
 
     tracking_uri = resolve_tracking_uri(getattr(args, "tracking_uri", None), getattr(args, "workspace", None))
     client = open_client(tracking_uri)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis.reader import RunRecord, SweepData, strategy_sort_key, variant_label, variant_sort_key
-from analysis.stats import censored_median, mlperf_mean
+from syncbench.analysis.reader import RunRecord, SweepData, strategy_sort_key, variant_label, variant_sort_key
+from syncbench.analysis.stats import censored_median, mlperf_mean
 
 MIN_REACHED_FOR_MEDIAN = 2
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from analysis.claims import Claim
-from analysis.reader import SweepData
-from analysis.summary import CellSummary
+from syncbench.analysis.claims import Claim
+from syncbench.analysis.reader import SweepData
+from syncbench.analysis.summary import CellSummary
 
 EVAL_RESOLUTION_LIMIT = 0.05  # DESIGN.md: the eval interval should be <= 5% of the TTA it resolves
 TUNED_TAG = "syncbench.tuned_from"

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from experiments.config import ConfigError
+from syncbench.experiments.config import ConfigError
 
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
@@ -106,7 +106,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def _store(args) -> tuple[str, Path | None, str]:
     """(backend store URI, artifacts directory or None, description)."""
-    from experiments.workspace import artifacts_dir, default_tracking_uri, workspace_dir
+    from syncbench.experiments.workspace import artifacts_dir, default_tracking_uri, workspace_dir
 
     uri = getattr(args, "tracking_uri", None)
     if uri:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from experiments.config import CheckpointingConfig, import_object, load_config
-from strategies.lightning_bridge import build_optimizer, capture_logs, training_loss
-from strategies.checkpointing import activation_bytes, apply_checkpointing
+from syncbench.experiments.config import CheckpointingConfig, import_object, load_config
+from syncbench.strategies.lightning_bridge import build_optimizer, capture_logs, training_loss
+from syncbench.strategies.checkpointing import activation_bytes, apply_checkpointing
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "charlm.yaml"
 VARIANTS: list[tuple[str, CheckpointingConfig]] = [

@@ -1,7 +1,7 @@
 """Shared pieces of the dist benchmarks: the ~5M-parameter MLP task (FACTS.md's 5.26M MLP),
 raw-torch baselines run in their own processes (compute-only, DistributedDataParallel), and a
 helper that runs the dist backend and reads back per-step times. The gloo all-reduce timings and
-the alpha-beta fit live in ``experiments.dist.calibrate`` (re-exported here).
+the alpha-beta fit live in ``syncbench.experiments.procs.calibrate`` (re-exported here).
 
 Every number is measured in the same benchmark run as the number it is compared with; the
 machine may be shared, so benchmarks interleave repetitions and report medians.
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from experiments.classification import ArrayDataModule, ClassifierModule
-from experiments.dist.calibrate import allreduce_times, fit_alpha_beta  # noqa: F401 - one copy, re-exported
+from syncbench.experiments.classification import ArrayDataModule, ClassifierModule
+from syncbench.experiments.procs.calibrate import allreduce_times, fit_alpha_beta  # noqa: F401 - one copy, re-exported
 
 IN, HIDDEN, CLASSES = 1024, 2048, 10
 BATCH = 16  # per worker: FACTS.md's regime (about 13 ms compute, 32 ms DDP step at N=2)
@@ -61,7 +61,7 @@ class RandomData(ArrayDataModule):
 
 def bench_config(strategy: str = "sync", workers: int = 2, budget_s: float = 6.0, **extra: Any):
     """A run config for the benchmark task; the target is unreachable, so runs end at the budget."""
-    from experiments.config import apply_overrides, validate_config
+    from syncbench.experiments.config import apply_overrides, validate_config
 
     raw = {
         "name": "bench-dist", "batch_size": BATCH, "seed": 0,
@@ -77,7 +77,7 @@ def bench_config(strategy: str = "sync", workers: int = 2, budget_s: float = 6.0
 
 def run_dist(config: Any, workspace: Path, emulate: str = "none") -> dict[str, Any]:
     """One dist run; returns the RunResult and the per-rank debug dumps."""
-    from experiments.dist.launcher import execute_dist_run
+    from syncbench.experiments.procs.launcher import execute_dist_run
 
     debug = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     result = execute_dist_run(config, workspace=workspace, debug_dir=debug, emulate=emulate)
@@ -141,7 +141,7 @@ def timed_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, st
 
 def _raw_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup: int, queue: Any,
                 stat: str = "median") -> None:
-    from experiments.dist.launcher import threads_per_worker
+    from syncbench.experiments.procs.launcher import threads_per_worker
 
     # the intra-op threads our dist workers get on this machine: a baseline with fewer threads
     # than the program it is compared with would measure the thread count, not the harness

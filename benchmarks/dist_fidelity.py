@@ -4,7 +4,7 @@ backend's training clock per update within ±20% of the dist backend's, for sync
 
     python -m benchmarks.dist_fidelity [--budget 3] [--tasks digits_mlp,mnist1d_cnn]
 
-For each task: ``experiments.dist.calibrate.calibrate`` at N=2 (the dist backend's own loop
+For each task: ``syncbench.experiments.procs.calibrate.calibrate`` at N=2 (the dist backend's own loop
 without communication for ``step_s``; gloo all-reduce timings fitted to the ring model for
 ``latency_s`` / ``bandwidth_gbps``, ping-pongs to the point-to-point model for the server
 link's ``server_latency_s`` / ``server_bandwidth_gbps``; each alpha raised to what the dist
@@ -21,7 +21,7 @@ disagree.
 Straggler cells use the profile `syncbench calibrate` writes for a straggler config: step_s =
 the compute-only step divided by the factor distribution's 1st percentile (about 2.1x the real
 step at sigma 0.3, so that fast steps can be padded too); the sim times steps around it and the
-dist backend's emulation pads around it (experiments.dist.worker.Emulation). Known causes of disagreement
+dist backend's emulation pads around it (syncbench.experiments.procs.worker.Emulation). Known causes of disagreement
 (docs/backends.md): on a small shared machine the load of other processes changes between the
 calibration and each run (one launch can run 20% off the next); in the sync straggler cells
 the fast rank waits inside gloo, and on this machine a core that waited runs the next step
@@ -51,7 +51,7 @@ TARGET_LO, TARGET_HI = 0.8, 1.2
 
 
 def cell_config(path: str, profile: dict[str, Any], backend: str, budget_s: float, cell: dict[str, Any]) -> Any:
-    from experiments.config import apply_overrides, read_yaml, validate_config
+    from syncbench.experiments.config import apply_overrides, read_yaml, validate_config
 
     raw = apply_overrides(read_yaml(REPO / path), profile)  # the profile, as --profile merges it
     raw = apply_overrides(raw, {
@@ -77,9 +77,9 @@ def main() -> None:
                         "the ratio uses their median (one launch can run 20%% off the next on a shared machine)")
     parser.add_argument("--tasks", default=",".join(TASKS))
     args = parser.parse_args()
-    from experiments.dist.calibrate import calibrate, load_profile, profile_yaml
-    from experiments.config import load_config
-    from experiments.run import execute_run
+    from syncbench.experiments.procs.calibrate import calibrate, load_profile, profile_yaml
+    from syncbench.experiments.config import load_config
+    from syncbench.experiments.run import execute_run
 
     t_start = time.perf_counter()
     ws = Path(tempfile.mkdtemp(prefix="bench-fidelity-"))
@@ -111,7 +111,7 @@ def main() -> None:
             """The profile `syncbench calibrate` writes for this cell's config: with lognormal
             stragglers, step_s = the compute-only step over the factors' 1st percentile -- the
             base both the sim and the dist emulation pad around."""
-            from experiments.cluster_model import StragglerModel
+            from syncbench.experiments.cluster_model import StragglerModel
 
             sim_cfg = cell_config(path, merged, "sim", args.budget, cell)
             low = StragglerModel(sim_cfg.cluster.stragglers, 2, 0).low_factor()

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from experiments.config import load_config
-from experiments.run import execute_run
+from syncbench.experiments.config import load_config
+from syncbench.experiments.run import execute_run
 
 
 def main() -> None:

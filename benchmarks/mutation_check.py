@@ -46,10 +46,10 @@ class Mutant:
 MUTANTS: list[Mutant] = [
     # -- the five of issue 15 ------------------------------------------------------------------
     Mutant("dist_sync_sums", "dist sync sums the ranks' gradients instead of averaging them",
-           "experiments/dist/worker.py", "p.grad.div_(comm.world)", "p.grad.div_(1)",
+           "experiments/procs/worker.py", "p.grad.div_(comm.world)", "p.grad.div_(1)",
            ("tests/test_science_dist.py::test_dist_sync_is_plain_sgd_at_n_times_the_batch_and_evaluations_are_causal",)),
     Mutant("dist_local_sgd_sums", "dist local SGD sums the replicas instead of averaging them",
-           "experiments/dist/worker.py", "load_flat_state_(self.module, flat.div_(comm.world))",
+           "experiments/procs/worker.py", "load_flat_state_(self.module, flat.div_(comm.world))",
            "load_flat_state_(self.module, flat)",
            ("tests/test_dist.py::test_local_sgd_reaches_target_and_average_is_the_mean",)),
     Mutant("diloco_no_momentum", "DiLoCo's outer step ignores momentum and Nesterov (update = delta)",
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="syncbench-mutants-") as tmp:
         copy = Path(tmp) / "repo"
         copy_repo(REPO, copy)
-        probe = subprocess.run([sys.executable, "-c", "import strategies; print(strategies.__file__)"], cwd=copy,
+        probe = subprocess.run([sys.executable, "-c", "import syncbench.strategies; print(syncbench.strategies.__file__)"], cwd=copy,
                                env={**os.environ, "PYTHONPATH": str(copy)}, capture_output=True, text=True)
         if not probe.stdout.strip().startswith(str(copy)):
             print(f"the copy is not what Python imports: {probe.stdout.strip() or probe.stderr.strip()}",

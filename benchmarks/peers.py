@@ -194,7 +194,7 @@ def main() -> None:
             line = (f"rep {rep} {label}: theirs ({kind}) {peer * 1e3:.1f} ms  ours {ours[label][-1] * 1e3:.1f} ms  "
                     f"ratio {ours[label][-1] / peer:.3f}")
             if kind == "ddp_powersgd":
-                from strategies.compression import PowerSGDCodec, param_shapes
+                from syncbench.strategies.compression import PowerSGDCodec, param_shapes
 
                 codec = PowerSGDCodec(param_shapes(build_mlp()), args.rank)
                 updates = out["result"].evaluations[-1].updates if out["result"].evaluations else 0

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from experiments.config import load_config
-from strategies.lightning_bridge import build_optimizer, training_loss
-from experiments.run import build_simulation, one_thread, prepare_task
-from experiments.sharding import ShardedBatches
+from syncbench.experiments.config import load_config
+from syncbench.strategies.lightning_bridge import build_optimizer, training_loss
+from syncbench.experiments.run import build_simulation, one_thread, prepare_task
+from syncbench.experiments.sharding import ShardedBatches
 
 
 def plain_steps_per_s(task, config, steps: int) -> float:

@@ -50,7 +50,7 @@ def trial_walls(name: str, workspace: Path) -> list[float]:
 def cli(spec: Path, workspace: Path, *args: str, timeout: float = 1800) -> float:
     """Wall time of ``syncbench sweep`` as its own process."""
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", str(spec), "--workspace", str(workspace),
+    done = subprocess.run([sys.executable, "-m", "syncbench.sweeps.cli", "sweep", str(spec), "--workspace", str(workspace),
                            "--no-progress", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
@@ -60,8 +60,8 @@ def cli(spec: Path, workspace: Path, *args: str, timeout: float = 1800) -> float
 
 def in_process(spec: Path, workspace: Path) -> tuple[float, int, float]:
     """(launcher wall, trials, Σ trial wall) for a sweep run by ``run_sweep`` here."""
-    from sweeps.launcher import LaunchOptions, run_sweep
-    from sweeps.spec import load_sweep
+    from syncbench.sweeps.launcher import LaunchOptions, run_sweep
+    from syncbench.sweeps.spec import load_sweep
 
     sweep = load_sweep(spec)
     options = LaunchOptions.from_env(workspace, None, None, bar=False, lines=False, table=False)
@@ -71,7 +71,7 @@ def in_process(spec: Path, workspace: Path) -> tuple[float, int, float]:
 
 
 def overhead_rows(tmp: Path, seeds: int) -> list[tuple[str, str]]:
-    from experiments.recording import open_client
+    from syncbench.experiments.recording import open_client
 
     rows = []
     # in-process: the stores exist and torch is imported before the clock starts

@@ -31,9 +31,9 @@ def tune_sweep(folder: Path, name: str, pruner: str, lrs: list[float], args: arg
     import optuna
     import yaml
 
-    from experiments.workspace import default_optuna_storage
-    from sweeps.launcher import LaunchOptions, run_sweep
-    from sweeps.spec import load_sweep
+    from syncbench.experiments.workspace import default_optuna_storage
+    from syncbench.sweeps.launcher import LaunchOptions, run_sweep
+    from syncbench.sweeps.spec import load_sweep
 
     spec = {"name": name, "base": str(REPO / "experiments/configs/mnist1d_cnn.yaml"),
             "set": {"budget.train_time_s": args.budget, "cluster.compute.step_s": STEP_S},

@@ -10,7 +10,7 @@ model predicts code it has never seen, not memorised neighbours of training wind
 The encoded arrays are cached as ``.npz`` in the workspace (``data_args.root``).
 
 The module exposes its blocks through ``checkpoint_blocks()``, the protocol of
-``strategies.checkpointing``.
+``syncbench.strategies.checkpointing``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from experiments.workspace import data_dir
+from syncbench.experiments.workspace import data_dir
 
 # --- vocabulary: printable ASCII plus newline and tab; everything else is one "unknown" id.
 # Fixed, so that a model and a cache built on any machine agree.
@@ -104,7 +104,7 @@ class CharLM(pl.LightningModule):
                 nn.init.zeros_(m.bias)
 
     def checkpoint_blocks(self) -> Sequence[nn.Module]:
-        """The transformer blocks in order (see ``strategies.checkpointing``)."""
+        """The transformer blocks in order (see ``syncbench.strategies.checkpointing``)."""
         return list(self.blocks)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

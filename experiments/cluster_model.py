@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from experiments.config import (
+from syncbench.experiments.config import (
     BimodalStragglers,
     LognormalStragglers,
     NetworkConfig,
     PersistentStragglers,
 )
-from strategies import compression
+from syncbench.strategies import compression
 
 
 class StragglerModel:
@@ -105,7 +105,7 @@ class ServerLink:
 
 
 def exchange_model_s(collectives: list[Any], world: int, net: NetworkConfig) -> float:
-    """The alpha-beta time of a compressed exchange's collectives (``strategies.compression``
+    """The alpha-beta time of a compressed exchange's collectives (``syncbench.strategies.compression``
     ``AllReduce`` / ``AllGather``): what the sim charges and the dist emulation pads up to."""
     return sum(ring_allreduce_s(world, compression.nbytes(c.tensor), net) if isinstance(c, compression.AllReduce)
                else ring_allgather_s(world, compression.nbytes(c.tensor), net) for c in collectives)

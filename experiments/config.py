@@ -14,10 +14,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from strategies.checkpointing import CheckpointingConfig
-from strategies.local_sgd import OuterConfig
-from strategies.program import ConfigError
-from strategies.registry import STRATEGIES
+from syncbench.strategies.checkpointing import CheckpointingConfig
+from syncbench.strategies.local_sgd import OuterConfig
+from syncbench.strategies.program import ConfigError
+from syncbench.strategies.registry import STRATEGIES
 
 __all__ = ["CheckpointingConfig", "ConfigError", "OuterConfig", "RunConfig", "StrategyConfig", "TrainerConfig"]
 

@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from torch import nn
 
-from experiments.classification import ArrayDataModule, ClassifierModule
+from syncbench.experiments.classification import ArrayDataModule, ClassifierModule
 
 
 class MLP(ClassifierModule):

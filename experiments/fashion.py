@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from experiments.classification import ArrayDataModule, ClassifierModule
+from syncbench.experiments.classification import ArrayDataModule, ClassifierModule
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 FILES = {

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from experiments.classification import ArrayDataModule, ClassifierModule
-from experiments.workspace import data_dir
+from syncbench.experiments.classification import ArrayDataModule, ClassifierModule
+from syncbench.experiments.workspace import data_dir
 
 
 class CNN(ClassifierModule):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.config import ConfigError
+from syncbench.experiments.config import ConfigError
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -72,7 +72,7 @@ def open_client(tracking_uri: str):
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
-        from experiments.workspace import corrupt_store_message, is_corrupt_store
+        from syncbench.experiments.workspace import corrupt_store_message, is_corrupt_store
 
         if is_corrupt_store(exc):
             raise ConfigError(corrupt_store_message("--tracking-uri", tracking_uri, exc)) from None
@@ -186,10 +186,10 @@ class RunRecorder:
 
     def fail(self, error: BaseException | str) -> None:
         """Flush what was measured, then mark the run FAILED with the error as a tag. When
-        the disk is full, the workspace's reserve (``experiments.workspace.SpaceReserve``,
+        the disk is full, the workspace's reserve (``syncbench.experiments.workspace.SpaceReserve``,
         held by ``run`` and ``sweep``) is given up to record it, rather than leave the run
         RUNNING."""
-        from experiments.workspace import is_disk_full, release_reserve
+        from syncbench.experiments.workspace import is_disk_full, release_reserve
 
         message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         for attempt in range(2):

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from experiments import signals
-from experiments.config import ConfigError, RunConfig, import_object
-from strategies.lightning_bridge import (
+from syncbench.experiments import signals
+from syncbench.experiments.config import ConfigError, RunConfig, import_object
+from syncbench.strategies.lightning_flavour import require_subclass
+from syncbench.strategies.lightning_bridge import (
+    LightningModuleLike,
     build_optimizer,
     capture_logs,
     check_trainable,
@@ -34,12 +35,12 @@ from strategies.lightning_bridge import (
     take_logged,
     training_loss,
 )
-from experiments.recording import RunRecorder, environment_tags, get_or_create_experiment, open_client
-from experiments.run_loop import Evaluation, LoopResult, TTATracker, train_to_target
-from experiments.workspace import artifacts_dir, default_tracking_uri, workspace_dir
-from experiments.sharding import ShardedBatches
-from experiments.sim.engine import SimEngine, lr_factor
-from strategies import STRATEGIES
+from syncbench.experiments.recording import RunRecorder, environment_tags, get_or_create_experiment, open_client
+from syncbench.experiments.run_loop import Evaluation, LoopResult, TTATracker, train_to_target
+from syncbench.experiments.workspace import artifacts_dir, default_tracking_uri, workspace_dir
+from syncbench.experiments.sharding import ShardedBatches
+from syncbench.experiments.sim.engine import SimEngine, lr_factor
+from syncbench.strategies import STRATEGIES
 
 # on_evaluation(clock_s, metrics) -> True stops the run as ``pruned`` (a sweep's tuning race)
 EvaluationCallback = Callable[[float, dict[str, float]], bool]
@@ -56,8 +57,8 @@ SUMMARY_KEYS = ("tta_s", "samples_to_target", "updates_to_target", "best_val", "
 class PreparedTask:
     """A built module and data, checked against the config before anything is recorded."""
 
-    module: pl.LightningModule
-    datamodule: pl.LightningDataModule
+    module: Any  # a LightningModule of either flavour
+    datamodule: Any
     train_set: Dataset
     collate: Callable[[list], Any]
     val_batches: list[Any]
@@ -109,7 +110,7 @@ def prepare_task(config: RunConfig) -> PreparedTask:
     if reason:
         raise ConfigError(reason)
     if config.checkpointing.enabled:
-        from strategies.checkpointing import apply_checkpointing
+        from syncbench.strategies.checkpointing import apply_checkpointing
 
         apply_checkpointing(task.module, config.checkpointing)
     return task
@@ -120,10 +121,11 @@ def build_task(config: RunConfig) -> PreparedTask:
     The module is the user's, unchanged: use ``prepare_task`` for the one a run trains."""
     module_cls = import_object(config.task.module, "task.module")
     data_cls = import_object(config.task.data, "task.data")
-    if not (isinstance(module_cls, type) and issubclass(module_cls, pl.LightningModule)):
-        raise ConfigError(f"task.module: {config.task.module} is not a LightningModule subclass")
-    if not (isinstance(data_cls, type) and issubclass(data_cls, pl.LightningDataModule)):
-        raise ConfigError(f"task.data: {config.task.data} is not a LightningDataModule subclass")
+    try:  # either Lightning package (strategies/lightning_flavour.py)
+        require_subclass(module_cls, "LightningModule", f"task.module {config.task.module}")
+        require_subclass(data_cls, "LightningDataModule", f"task.data {config.task.data}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     seed_everything(config.seed)
     try:
         module = module_cls(**config.task.module_args)
@@ -169,7 +171,7 @@ def build_task(config: RunConfig) -> PreparedTask:
     return PreparedTask(module, datamodule, train_loader.dataset, collate, val_batches, logged, initial)
 
 
-def check_training_step(module: pl.LightningModule, train_set: Dataset, collate: Callable[[list], Any],
+def check_training_step(module: LightningModuleLike, train_set: Dataset, collate: Callable[[list], Any],
                         config: RunConfig) -> None:
     """The module's contract, checked before any store is touched: ``training_step`` of a
     first batch returns a loss tensor (or a dict with ``loss``). One forward pass on a copy,
@@ -287,7 +289,7 @@ def step_samples_tag(samples: list[float]) -> str:
 
 def measure_activation_bytes(task: PreparedTask, config: RunConfig) -> int | None:
     try:
-        from strategies.checkpointing import activation_bytes
+        from syncbench.strategies.checkpointing import activation_bytes
     except ImportError:
         return None
     batch = next(ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed + 2, task.collate))
@@ -307,9 +309,9 @@ def build_strategy(config: RunConfig) -> Any:
 def calibrate_codec_s_per_mb(task: PreparedTask, config: RunConfig) -> float:
     """Encode + decode seconds per MB of the configured codec on this machine, on a payload the
     size of the task's gradients (``cluster.compute.codec_s_per_mb``; what a sweep pins)."""
-    from experiments.sim.engine import measure_codec_s_per_mb
-    from strategies.compression import make_codec, param_shapes
-    from strategies.program import gradient_payload
+    from syncbench.experiments.sim.engine import measure_codec_s_per_mb
+    from syncbench.strategies.compression import make_codec, param_shapes
+    from syncbench.strategies.program import gradient_payload
 
     codec = make_codec(config.strategy.options(), param_shapes(task.module))
     if codec is None:
@@ -383,7 +385,7 @@ def execute_run(config: RunConfig, *, workspace: str | Path | None = None, track
     ws = workspace_dir(workspace)
     tracking_uri = tracking_uri or default_tracking_uri(ws)
     if config.cluster.backend == "dist":
-        from experiments.dist.launcher import execute_dist_run  # real processes
+        from syncbench.experiments.procs.launcher import execute_dist_run  # real processes
 
         return execute_dist_run(config, workspace=ws, tracking_uri=tracking_uri, experiment=experiment, tags=tags,
                                 parent_run_id=parent_run_id, run_name=run_name, progress=progress)

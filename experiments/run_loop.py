@@ -13,9 +13,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from experiments.config import RunConfig
-from experiments.sim.engine import SimEngine
-from strategies.lightning_bridge import is_finite
+from syncbench.experiments.config import RunConfig
+from syncbench.experiments.sim.engine import SimEngine
+from syncbench.strategies.lightning_bridge import is_finite
 
 
 @dataclass

@@ -51,7 +51,7 @@ def check_workspace(override: str | os.PathLike | None = None, min_free: int = M
     import shutil
     import tempfile
 
-    from experiments.config import ConfigError
+    from syncbench.experiments.config import ConfigError
 
     ws = workspace_dir(override)
     how = "(--workspace, $SYNCBENCH_WORKSPACE or ./syncbench-runs)"

@@ -1,7 +1,7 @@
 """The ground floor: one file per strategy (its options, pure math and one worker program
-written against ``strategies.program``), the registry, and activation checkpointing.
+written against ``syncbench.strategies.program``), the registry, and activation checkpointing.
 Imports nothing from ``experiments``, ``sweeps`` or ``analysis``."""
 
-from strategies.registry import STRATEGIES
+from syncbench.strategies.registry import STRATEGIES
 
 __all__ = ["STRATEGIES"]

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from strategies.async_ps import staleness_artifact, staleness_curve, staleness_summary
-from strategies.local_sgd import LocalSGDOptions, OuterConfig, apply_pseudo_gradient_
-from strategies.program import (
+from syncbench.strategies.async_ps import staleness_artifact, staleness_curve, staleness_summary
+from syncbench.strategies.local_sgd import LocalSGDOptions, OuterConfig, apply_pseudo_gradient_
+from syncbench.strategies.program import (
     Compute,
     Options,
     ParameterServer,
@@ -42,7 +42,7 @@ from strategies.program import (
     Strategy,
     WorkerProgram,
 )
-from strategies.tensors import flat_params, flat_state, load_flat_state_
+from syncbench.strategies.tensors import flat_params, flat_state, load_flat_state_
 
 _SHARED = LocalSGDOptions.model_fields  # H and the outer optimizer mean what they mean for DiLoCo
 

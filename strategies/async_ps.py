@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from strategies.lightning_bridge import scaled_lr
-from strategies.program import (
+from syncbench.strategies.lightning_bridge import scaled_lr
+from syncbench.strategies.program import (
     Compute,
     Options,
     ParameterServer,
@@ -30,7 +30,7 @@ from strategies.program import (
     WorkerProgram,
     load_gradient_payload_,
 )
-from strategies.tensors import flat_state, load_flat_state_
+from syncbench.strategies.tensors import flat_state, load_flat_state_
 
 
 class AsyncOptions(Options):
@@ -56,7 +56,7 @@ def apply_gradient_(optimizer: Any, lr_scale: float) -> None:
     """One optimizer step with every group's lr scaled by ``lr_scale`` (then restored). The
     server's optimizer is the module's, with its schedulers (``ModuleOptimizer``): they step
     after the restore, once per server update."""
-    if hasattr(optimizer, "schedulers"):  # strategies.lightning_bridge.ModuleOptimizer
+    if hasattr(optimizer, "schedulers"):  # syncbench.strategies.lightning_bridge.ModuleOptimizer
         optimizer.step(lr_scale=lr_scale)
         return
     with scaled_lr(optimizer, lr_scale):

@@ -58,14 +58,13 @@ import weakref
 from collections.abc import Iterable
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
 from pydantic import Field
 
-from strategies.lightning_bridge import training_loss
-from strategies.program import ConfigError, Options
+from syncbench.strategies.lightning_bridge import LightningModuleLike, training_loss
+from syncbench.strategies.program import ConfigError, Options
 
 # Options DeepSpeed's checkpointing module was last configured with in this process
 # (``deepspeed.checkpointing.configure`` sets module globals: once per process).
@@ -141,7 +140,7 @@ def remove_checkpointing(module: nn.Module) -> None:
             del sub.forward
 
 
-def apply_checkpointing(module: pl.LightningModule, cfg: CheckpointingConfig) -> int:
+def apply_checkpointing(module: LightningModuleLike, cfg: CheckpointingConfig) -> int:
     """Checkpoint blocks 0, k, 2k, ... of ``module.checkpoint_blocks()`` (k = ``cfg.every``).
 
     Returns how many blocks were wrapped (0 when ``cfg.enabled`` is false). Applying again
@@ -290,7 +289,7 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int, int]:
     return (str(t.device), s.data_ptr(), s.nbytes())
 
 
-def activation_bytes(module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> int:
+def activation_bytes(module: LightningModuleLike, batch: Any, batch_idx: int = 0) -> int:
     """Bytes one training step keeps for its backward pass, over unique storages.
 
     Two sources, together complete:

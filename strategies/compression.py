@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from strategies.program import Options, ReduceGradients, ReduceState
-from strategies.tensors import float_buffers, flat_state, load_flat_state_, trainable
+from syncbench.strategies.program import Options, ReduceGradients, ReduceState
+from syncbench.strategies.tensors import float_buffers, flat_state, load_flat_state_, trainable
 
 CodecName = Literal["none", "fp16", "bf16", "int8", "topk", "powersgd"]
 
@@ -293,7 +293,7 @@ def param_shapes(module: torch.nn.Module) -> list[torch.Size]:
 def op_payload(op: ReduceGradients | ReduceState, module: torch.nn.Module) -> torch.Tensor:
     """The vector a compressed op exchanges: the gradients then the float buffers
     (``gradient_payload``'s layout), or the state minus the op's reference."""
-    from strategies.program import gradient_payload
+    from syncbench.strategies.program import gradient_payload
 
     if isinstance(op, ReduceGradients):
         return gradient_payload(module)
@@ -302,7 +302,7 @@ def op_payload(op: ReduceGradients | ReduceState, module: torch.nn.Module) -> to
 
 
 def load_op_result_(op: ReduceGradients | ReduceState, module: torch.nn.Module, mean: torch.Tensor) -> None:
-    from strategies.program import load_gradient_payload_
+    from syncbench.strategies.program import load_gradient_payload_
 
     if isinstance(op, ReduceGradients):
         load_gradient_payload_(module, mean)

@@ -25,8 +25,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
+
+from syncbench.strategies.lightning_flavour import base_class, submodule
+
+# a LightningModule of either flavour (strategies/lightning_flavour.py)
+LightningModuleLike = Any
 
 _LOGGED = "_syncbench_logged"
 
@@ -74,7 +78,7 @@ class _LogCapture:
     validation set). A plain object holding its module, so ``copy.deepcopy`` and ``pickle``
     carry it over to the copy (a closure would keep writing into the original's dict)."""
 
-    def __init__(self, module: pl.LightningModule, many: bool = False):
+    def __init__(self, module: LightningModuleLike, many: bool = False):
         self.module, self.many = module, many
 
     def __call__(self, name: Any, value: Any = None, *args: Any, batch_size: int | None = None,
@@ -96,14 +100,14 @@ class _LogCapture:
             logged[key] = (float(val), batch_size, _reduce_name(reduce_fx))
 
 
-def capture_logs(module: pl.LightningModule) -> None:
+def capture_logs(module: LightningModuleLike) -> None:
     """Make ``module.log``/``module.log_dict`` record into ``module._syncbench_logged``."""
     setattr(module, _LOGGED, {})
     module.log = _LogCapture(module)  # type: ignore[method-assign]
     module.log_dict = _LogCapture(module, many=True)  # type: ignore[method-assign]
 
 
-def take_logged(module: pl.LightningModule) -> dict[str, tuple[Any, int | None, str]]:
+def take_logged(module: LightningModuleLike) -> dict[str, tuple[Any, int | None, str]]:
     """What the module logged since the last call: name -> (value or Metric, batch_size, reduction)."""
     logged = getattr(module, _LOGGED, None)
     assert logged is not None, "capture_logs(module) was not called"
@@ -111,7 +115,7 @@ def take_logged(module: pl.LightningModule) -> dict[str, tuple[Any, int | None, 
     return logged
 
 
-def training_loss(module: pl.LightningModule, batch: Any, batch_idx: int) -> torch.Tensor:
+def training_loss(module: LightningModuleLike, batch: Any, batch_idx: int) -> torch.Tensor:
     """The loss tensor of the module's own ``training_step``."""
     out = module.training_step(batch, batch_idx)
     if isinstance(out, dict):
@@ -136,11 +140,8 @@ class TrainerStandIn:
     optimizer steps of the module's own optimizer (a worker: its training batches, as
     Lightning counts them), ``current_epoch`` the epoch of its shard."""
 
-    def __init__(self, module: pl.LightningModule, *, gradient_clip_val: float | None = None,
+    def __init__(self, module: LightningModuleLike, *, gradient_clip_val: float | None = None,
                  gradient_clip_algorithm: str | None = None, num_training_batches: float = math.inf):
-        from pytorch_lightning.plugins.precision import Precision
-        from pytorch_lightning.profilers import PassThroughProfiler
-
         self.lightning_module = module
         self.global_step = 0
         self.current_epoch = 0
@@ -179,8 +180,8 @@ class TrainerStandIn:
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_scheduler_configs: list[Any] = []
         self.precision = "32-true"
-        self.precision_plugin = Precision()
-        self.profiler = PassThroughProfiler()
+        self.precision_plugin = submodule(module, "plugins.precision").Precision()
+        self.profiler = submodule(module, "profilers").PassThroughProfiler()
         self.default_root_dir = "."
         self.datamodule = None
         self.strategy = SimpleNamespace(_lightning_optimizers=self.optimizers, root_device=torch.device("cpu"),
@@ -192,7 +193,7 @@ class TrainerStandIn:
         return self
 
 
-def attach_trainer(module: pl.LightningModule, **kwargs: Any) -> TrainerStandIn:
+def attach_trainer(module: LightningModuleLike, **kwargs: Any) -> TrainerStandIn:
     current = getattr(module, "_trainer", None)
     if isinstance(current, TrainerStandIn):
         return current
@@ -202,18 +203,18 @@ def attach_trainer(module: pl.LightningModule, **kwargs: Any) -> TrainerStandIn:
 _OVERRIDDEN: dict[tuple[type, str], bool] = {}
 
 
-def _overridden(module: pl.LightningModule, name: str) -> bool:
+def _overridden(module: LightningModuleLike, name: str) -> bool:
     """Whether the module's class replaces Lightning's own (empty) hook ``name``: the sim calls
     several hooks per worker step, and skipping the empty ones keeps its overhead small."""
     key = (type(module), name)
     found = _OVERRIDDEN.get(key)
     if found is None:
-        mine, base = getattr(type(module), name, None), getattr(pl.LightningModule, name, None)
+        mine, base = getattr(type(module), name, None), getattr(base_class(module), name, None)
         found = _OVERRIDDEN[key] = mine is None or base is None or mine is not base
     return found or name in vars(module)
 
 
-def _call_hook(module: pl.LightningModule, name: str, *args: Any) -> Any:
+def _call_hook(module: LightningModuleLike, name: str, *args: Any) -> Any:
     if name.startswith("on_") and not _overridden(module, name):  # Lightning's on_* hooks are empty
         return None
     fn = getattr(module, name, None)
@@ -234,7 +235,7 @@ call_hook = _call_hook
 # ------------------------------------------------------------------------------------------
 # configure_optimizers, as Lightning parses it
 # ------------------------------------------------------------------------------------------
-def check_trainable(module: pl.LightningModule) -> None:
+def check_trainable(module: LightningModuleLike) -> None:
     """What this harness refuses (ValueError, with the reason): manual optimisation and more
     than one optimizer. A strategy's program owns the optimizer step."""
     if not module.automatic_optimization:
@@ -247,15 +248,14 @@ def check_trainable(module: pl.LightningModule) -> None:
                          "exactly one is supported (several optimizers need manual optimisation)")
 
 
-def configure_optimizers(module: pl.LightningModule) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+def configure_optimizers(module: LightningModuleLike) -> tuple[list[torch.optim.Optimizer], list[Any]]:
     """(optimizers, ``LRSchedulerConfig``s) of the module's ``configure_optimizers``, parsed and
     validated by Lightning's own parser (every return form Lightning accepts)."""
-    from pytorch_lightning.core.optimizer import (
-        _configure_optimizers,
-        _configure_schedulers_automatic_opt,
-        _validate_optimizers_attached,
-        _validate_scheduler_api,
-    )
+    lightning_optim = submodule(module, "core.optimizer")  # the module's own flavour parses its return value
+    _configure_optimizers = lightning_optim._configure_optimizers
+    _configure_schedulers_automatic_opt = lightning_optim._configure_schedulers_automatic_opt
+    _validate_optimizers_attached = lightning_optim._validate_optimizers_attached
+    _validate_scheduler_api = lightning_optim._validate_scheduler_api
 
     name = type(module).__name__
     conf = _call_hook(module, "configure_optimizers")
@@ -273,7 +273,7 @@ def configure_optimizers(module: pl.LightningModule) -> tuple[list[torch.optim.O
     return optimizers, configs
 
 
-def build_optimizer(module: pl.LightningModule) -> torch.optim.Optimizer:
+def build_optimizer(module: LightningModuleLike) -> torch.optim.Optimizer:
     """The (single) optimizer of ``configure_optimizers``, without its schedulers."""
     optimizers, _ = configure_optimizers(module)
     if len(optimizers) != 1:
@@ -282,7 +282,7 @@ def build_optimizer(module: pl.LightningModule) -> torch.optim.Optimizer:
     return optimizers[0]
 
 
-def plateau_monitors(module: pl.LightningModule) -> list[tuple[str, bool]]:
+def plateau_monitors(module: LightningModuleLike) -> list[tuple[str, bool]]:
     """(monitor, strict) of every ReduceLROnPlateau the module configures (built on a copy)."""
     import copy
 
@@ -300,7 +300,7 @@ class ModuleOptimizer:
     lr for this step only: async's staleness-dependent lr), then the schedulers whose interval
     ends. ``steps_per_epoch`` optimizer steps make an epoch (one pass over the training data)."""
 
-    def __init__(self, module: pl.LightningModule, optimizer: torch.optim.Optimizer, schedulers: list[Any], *,
+    def __init__(self, module: LightningModuleLike, optimizer: torch.optim.Optimizer, schedulers: list[Any], *,
                  steps_per_epoch: float = math.inf, gradient_clip_val: float | None = None,
                  gradient_clip_algorithm: str | None = None,
                  metrics: Callable[[], Mapping[str, float]] | None = None):
@@ -391,7 +391,7 @@ class ModuleOptimizer:
             trainer.global_step, trainer.current_epoch = self.steps, self.epoch
 
 
-def _call_hook_kw(module: pl.LightningModule, name: str, *args: Any, **kwargs: Any) -> Any:
+def _call_hook_kw(module: LightningModuleLike, name: str, *args: Any, **kwargs: Any) -> Any:
     fn = getattr(module, name)
     prev, module._current_fx_name = module._current_fx_name, name
     try:
@@ -400,7 +400,7 @@ def _call_hook_kw(module: pl.LightningModule, name: str, *args: Any, **kwargs: A
         module._current_fx_name = prev
 
 
-def build_module_optimizer(module: pl.LightningModule, *, steps_per_epoch: float = math.inf,
+def build_module_optimizer(module: LightningModuleLike, *, steps_per_epoch: float = math.inf,
                            gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None,
                            metrics: Callable[[], Mapping[str, float]] | None = None,
                            owns_counters: bool = False) -> ModuleOptimizer:
@@ -433,7 +433,7 @@ def batch_size_of(batch: Any) -> int:
 
 
 @torch.no_grad()
-def evaluate(module: pl.LightningModule, batches: Sequence[Any]) -> dict[str, float]:
+def evaluate(module: LightningModuleLike, batches: Sequence[Any]) -> dict[str, float]:
     """Run ``validation_step`` over all batches, with the validation hooks, as the Trainer's
     validation epoch reports it: a logged number or tensor is reduced over the batches by its
     ``reduce_fx`` (mean: batch-size weighted); a logged torchmetrics object is computed once

@@ -10,7 +10,7 @@ training step and which communication it asks for, by yielding operations:
 * ``ReduceGradients(quorum)``: the replica's gradients (and floating-point buffers, as DDP
   keeps BatchNorm statistics in step) become their mean over the workers -- over the first
   ``quorum`` to arrive when a quorum is given (backup workers, Chen et al. 2016). With a
-  ``codec`` (``strategies.compression``), the mean of the workers' decoded compressed gradients.
+  ``codec`` (``syncbench.strategies.compression``), the mean of the workers' decoded compressed gradients.
 * ``ReduceState()``: the replica's parameters and floating-point buffers become their mean;
   with a ``codec``, reference + the compressed mean of (state − ``reference``).
 * ``PushPull(payload=None)``: the replica's gradient goes to the parameter server, which applies
@@ -25,9 +25,9 @@ training step and which communication it asks for, by yielding operations:
 
 Both backends run these programs unchanged, the way SimGrid's SMPI runs unmodified MPI code on
 a simulated platform: the sim backend resumes N programs in virtual-time order and charges
-each operation on its clock (``experiments.sim``); the dist backend runs one program per
+each operation on its clock (``syncbench.experiments.sim``); the dist backend runs one program per
 process inside a Lightning strategy and carries each operation out over torch.distributed
-(``experiments.dist``). A backend that cannot carry out an operation refuses the config
+(``syncbench.experiments.procs``). A backend that cannot carry out an operation refuses the config
 before anything runs (``Strategy.unsupported``).
 """
 
@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from strategies.tensors import (
+from syncbench.strategies.tensors import (
     copy_gradients_,
     flat_state,
     float_buffers,
@@ -76,7 +76,7 @@ class Compute(Op):
 @dataclass(frozen=True, eq=False)
 class ReduceGradients(Op):
     quorum: int | None = None  # None: every worker
-    # a per-worker ``strategies.compression.Codec``: the mean of the decoded, compressed
+    # a per-worker ``syncbench.strategies.compression.Codec``: the mean of the decoded, compressed
     # gradients (None: the exact mean)
     codec: Any = None
 

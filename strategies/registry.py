@@ -3,12 +3,12 @@ file under ``strategies/`` and one line here; the contract tests pick it up."""
 
 from __future__ import annotations
 
-from strategies.async_local_sgd import AsyncLocalSGD
-from strategies.async_ps import Async
-from strategies.local_sgd import LocalSGD
-from strategies.program import Strategy
-from strategies.streaming_diloco import StreamingDiLoCo
-from strategies.sync import Sync
+from syncbench.strategies.async_local_sgd import AsyncLocalSGD
+from syncbench.strategies.async_ps import Async
+from syncbench.strategies.local_sgd import LocalSGD
+from syncbench.strategies.program import Strategy
+from syncbench.strategies.streaming_diloco import StreamingDiLoCo
+from syncbench.strategies.sync import Sync
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "sync": Sync,

@@ -1,7 +1,7 @@
 """Streaming DiLoCo (Douillard et al. 2025, "Streaming DiLoCo with overlapping communication:
 Towards a Distributed Free Lunch").
 
-DiLoCo (``strategies.local_sgd`` with ``outer``) synchronises the whole model every H local
+DiLoCo (``syncbench.strategies.local_sgd`` with ``outer``) synchronises the whole model every H local
 steps, and every worker stands still while it crosses the network. Streaming DiLoCo splits the
 parameters into P fragments (contiguous groups of parameter tensors, balanced by size) and
 synchronises one fragment at a time, staggered H/P steps apart, so that each fragment is still
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from strategies.local_sgd import LocalSGDOptions, OuterConfig, apply_outer_step, mean_state_
-from strategies.program import (
+from syncbench.strategies.local_sgd import LocalSGDOptions, OuterConfig, apply_outer_step, mean_state_
+from syncbench.strategies.program import (
     Compute,
     ConfigError,
     Options,
@@ -41,7 +41,7 @@ from strategies.program import (
     WaitReduce,
     WorkerProgram,
 )
-from strategies.tensors import flat_state, load_flat_state_, trainable
+from syncbench.strategies.tensors import flat_state, load_flat_state_, trainable
 
 _SHARED = LocalSGDOptions.model_fields  # H and the outer optimizer mean what they mean for DiLoCo
 

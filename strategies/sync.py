@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from strategies.compression import CompressionOptions, make_codec, param_shapes
-from strategies.program import (
+from syncbench.strategies.compression import CompressionOptions, make_codec, param_shapes
+from syncbench.strategies.program import (
     Compute,
     ParameterServer,
     Program,
@@ -22,7 +22,7 @@ from strategies.program import (
     Strategy,
     WorkerProgram,
 )
-from strategies.tensors import flat_state, load_flat_state_
+from syncbench.strategies.tensors import flat_state, load_flat_state_
 
 
 class SyncOptions(CompressionOptions):

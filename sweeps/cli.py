@@ -112,7 +112,7 @@ def _with_profile(args: argparse.Namespace) -> list[str]:
     """``--set`` items with the profile's keys first (bad profile: ConfigError, exit 2)."""
     if not getattr(args, "profile", None):
         return list(args.set)
-    from experiments.dist.calibrate import profile_overrides
+    from syncbench.experiments.procs.calibrate import profile_overrides
 
     return [*profile_overrides(args.profile), *args.set]
 
@@ -130,11 +130,11 @@ def add_import_paths(*dirs: str | os.PathLike) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from experiments.config import load_config
-    from experiments.workspace import SpaceReserve, check_workspace, is_disk_full, workspace_dir
+    from syncbench.experiments.config import load_config
+    from syncbench.experiments.workspace import SpaceReserve, check_workspace, is_disk_full, workspace_dir
 
     add_import_paths(os.path.dirname(os.path.abspath(args.config)))
-    from experiments.run import execute_run
+    from syncbench.experiments.run import execute_run
 
     config = load_config(args.config, _with_profile(args))
     # under torchrun every rank runs this command: rank 0 owns the workspace checks and reserve
@@ -150,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                              experiment=args.experiment, tags=tags,
                              progress=not args.no_progress and sys.stderr.isatty())
     except Exception as exc:  # noqa: BLE001 - the run is recorded FAILED; say why and exit 1
-        from experiments.config import ConfigError
+        from syncbench.experiments.config import ConfigError
 
         if isinstance(exc, ConfigError):
             raise
@@ -171,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from sweeps.launcher import run_sweep_command
+    from syncbench.sweeps.launcher import run_sweep_command
 
     add_import_paths(os.path.dirname(os.path.abspath(args.spec)))
     merged = _with_profile(args)
@@ -180,7 +180,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from experiments.config import ConfigError, load_config
+    from syncbench.experiments.config import ConfigError, load_config
 
     if args.workers is not None and args.workers < 2:
         raise ConfigError(f"--workers {args.workers}: calibration times N processes running at once and the "
@@ -191,8 +191,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--repeats {args.repeats}: must be at least 1")
     add_import_paths(os.path.dirname(os.path.abspath(args.config)))
     config = load_config(args.config, args.set)
-    from experiments.dist.calibrate import calibrate, check_writable, profile_yaml
-    from experiments.dist.launcher import under_torchrun
+    from syncbench.experiments.procs.calibrate import calibrate, check_writable, profile_yaml
+    from syncbench.experiments.procs.launcher import under_torchrun
 
     out = check_writable(args.out or f"{config.name}.profile.yaml")
     workers = args.workers or config.cluster.workers
@@ -220,19 +220,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from analysis.report import run_report_command
+    from syncbench.analysis.report import run_report_command
 
     return run_report_command(args)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from analysis.ui import run_ui_command
+    from syncbench.analysis.ui import run_ui_command
 
     return run_ui_command(args)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from sweeps.dashboard import run_dashboard_command
+    from syncbench.sweeps.dashboard import run_dashboard_command
 
     return run_dashboard_command(args)
 
@@ -240,8 +240,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     import json
 
-    from experiments.config import ConfigError, load_config
-    from sweeps import reference
+    from syncbench.experiments.config import ConfigError, load_config
+    from syncbench.sweeps import reference
 
     chosen = [bool(args.config), bool(args.schema), args.reference]
     if sum(chosen) != 1:
@@ -256,7 +256,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from sweeps.init import init_project
+    from syncbench.sweeps.init import init_project
 
     for path in init_project(args.dir):
         print(f"wrote {path}")
@@ -272,7 +272,7 @@ COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "calibrate": cmd_calibrate, "rep
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0, 1, 2 (module docstring), and 128 + the signal when SIGTERM or SIGINT
     stopped the work (130 for Ctrl-C, 143 for SIGTERM): runs are then recorded KILLED."""
-    from experiments import signals
+    from syncbench.experiments import signals
 
     args = build_parser().parse_args(argv)
     if getattr(args, "workspace", None):
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handling = signals.handling(armed=False)
     else:
         handling = contextlib.nullcontext()
-    from experiments.config import ConfigError
+    from syncbench.experiments.config import ConfigError
 
     try:
         with handling:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 
-from analysis.ui import dashboard_command, port_free, serve, sweep_studies
-from experiments.config import ConfigError
-from sweeps.storage import normalize_url, redact
+from syncbench.analysis.ui import dashboard_command, port_free, serve, sweep_studies
+from syncbench.experiments.config import ConfigError
+from syncbench.sweeps.storage import normalize_url, redact
 
 
 def run_dashboard_command(args) -> int:
     """`syncbench dashboard [SWEEP]`: optuna-dashboard over the workspace's study storage
     (or --storage), bound to 127.0.0.1; prints the sweep's study page."""
-    from experiments.workspace import default_optuna_storage, workspace_dir
+    from syncbench.experiments.workspace import default_optuna_storage, workspace_dir
 
 
     if importlib.util.find_spec("optuna_dashboard") is None:  # a dependency; fail clearly if missing

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from experiments.config import ConfigError
+from syncbench.experiments.config import ConfigError
 
 FILES = {"my_task.py": "my_task.py.tmpl", "run.yaml": "run.yaml.tmpl", "sweep.yaml": "sweep.yaml.tmpl"}
 

@@ -7,7 +7,7 @@ Layout in the stores (the report relies on it):
   ``cell``, ``seed``, ``phase``, ``overrides``; after the run ``outcome``, ``tta_s``,
   ``mlflow_run_id``, ``wall_s``); with ``tune:``, each cell also has a study
   ``<name>/tune/<cell id>`` of ``n_trials`` TPE trials (``phase = tune``). The value is
-  ``tta_s`` or a penalty (see :mod:`sweeps.trials`); each evaluation of a tuning trial is an
+  ``tta_s`` or a penalty (see :mod:`syncbench.sweeps.trials`); each evaluation of a tuning trial is an
   intermediate value (the target metric) and a trial that ``tune.pruner`` stops is PRUNED
   (its MLflow run ``outcome=pruned``; it counts towards ``n_trials``). Study user attributes keep the spec's
   fingerprint, the calibrated ``step_s`` per task and the MLflow parent run id.
@@ -19,7 +19,7 @@ Layout in the stores (the report relies on it):
 
 Work assignment: every eval trial is enqueued once (``Study.enqueue_trial``) and every
 trial is claimed with ``Study.ask()``, both under the storage-wide lock of
-:mod:`sweeps.storage`, after re-reading the study. So two launchers never enqueue the same
+:mod:`syncbench.sweeps.storage`, after re-reading the study. So two launchers never enqueue the same
 cell × seed twice, never claim the same trial, and never sample more than ``n_trials``
 tuning trials per cell. Resume: enqueueing only what has no COMPLETE, RUNNING or WAITING
 trial makes a rerun finish what is missing (and retry what failed); a trial whose launcher
@@ -44,9 +44,9 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from experiments import signals
-from experiments.config import ConfigError, apply_overrides, validate_config
-from experiments.workspace import (
+from syncbench.experiments import signals
+from syncbench.experiments.config import ConfigError, apply_overrides, validate_config
+from syncbench.experiments.workspace import (
     SpaceReserve,
     artifacts_dir,
     check_workspace,
@@ -54,10 +54,10 @@ from experiments.workspace import (
     default_tracking_uri,
     is_disk_full,
 )
-from sweeps.progress import CellSummary, Counts, SweepDisplay
-from sweeps.spec import Cell, ParamSpec, Sweep, format_value, load_sweep, task_key
-from sweeps.storage import Heartbeat, StorageLock, normalize_url, open_storage, redact, use_wal
-from sweeps.trials import (
+from syncbench.sweeps.progress import CellSummary, Counts, SweepDisplay
+from syncbench.sweeps.spec import Cell, ParamSpec, Sweep, format_value, load_sweep, task_key
+from syncbench.sweeps.storage import Heartbeat, StorageLock, normalize_url, open_storage, redact, use_wal
+from syncbench.sweeps.trials import (
     TrialJob,
     TrialReport,
     TuneContext,
@@ -165,7 +165,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                                      jobs=args.jobs, bar=progress, lines=progress)
     result = run_sweep(sweep, options)
     if result.interrupted and result.signum:
-        raise signals.Interrupted(result.signum)  # the command's last word and exit code (sweeps.cli.main)
+        raise signals.Interrupted(result.signum)  # the command's last word and exit code (syncbench.sweeps.cli.main)
     if result.disk_full:  # one plain paragraph, after the table
         print(f"syncbench: the disk is full: {result.disk_full}", file=sys.stderr)
     return result.exit_code
@@ -191,7 +191,7 @@ def preflight(sweep: Sweep) -> dict[str, Any]:
     """Build each distinct task once (import paths, constructor arguments, target metric),
     with the tuned parameters at a sample value, so that a typo exits 2 before any store is
     touched. Returns the built tasks by ``task_key`` for calibration."""
-    from experiments.run import one_thread, prepare_task
+    from syncbench.experiments.run import one_thread, prepare_task
 
     built: dict[str, Any] = {}
     checked: set[str] = set()
@@ -254,7 +254,7 @@ def unless_the_module_fails(measure: Callable[[], T]) -> T | None:
 
 def prepared_task(prepared: dict[str, Any], config: Any) -> Any:
     """The task of ``config`` as a run trains it (``prepare_task``), built once per task key."""
-    from experiments.run import prepare_task
+    from syncbench.experiments.run import prepare_task
 
     key = task_key(config)
     if key not in prepared:
@@ -310,7 +310,7 @@ class Launcher:
     """One launcher process's view of a sweep: stores, studies, claims, trials in flight."""
 
     def __init__(self, sweep: Sweep, options: LaunchOptions):
-        from experiments.recording import open_client
+        from syncbench.experiments.recording import open_client
 
         self.sweep, self.opt = sweep, options
         self.cells = {cell.id: cell for cell in sweep.cells}
@@ -390,7 +390,7 @@ class Launcher:
         cannot favour one of them. The value and its block medians are kept in the study, so resumed and
         concurrent launchers reuse them; the medians go to each trial as a tag (claim (d)
         tests the step time with them)."""
-        from experiments.run import calibrate_steps, one_thread
+        from syncbench.experiments.run import calibrate_steps, one_thread
 
         stored: dict[str, dict[str, Any]] = dict(self.study.user_attrs.get(STEP_S_ATTR, {}))
         timed = [cell for cell in self.sweep.cells
@@ -430,7 +430,7 @@ class Launcher:
         (``cluster.compute.codec_s_per_mb``) is measured once per task and codec, kept in the
         study and pinned for every trial that uses it, so the cells are timed on one scale and
         each trial is bit-reproducible."""
-        from experiments.run import calibrate_codec_s_per_mb, one_thread
+        from syncbench.experiments.run import calibrate_codec_s_per_mb, one_thread
 
         stored: dict[str, float] = dict(self.study.user_attrs.get(CODEC_ATTR, {}))
         changed = False
@@ -454,7 +454,7 @@ class Launcher:
             self.study.set_user_attr(CODEC_ATTR, stored)
 
     def _experiment(self) -> str:
-        from experiments.recording import get_or_create_experiment
+        from syncbench.experiments.recording import get_or_create_experiment
 
         existing = self.client.get_experiment_by_name(self.sweep.name)
         if existing is not None and existing.lifecycle_stage == "deleted":
@@ -631,7 +631,7 @@ class Launcher:
                 "syncbench.seed": str(claim.seed), "syncbench.phase": claim.phase,
                 "syncbench.optuna_trial": claim.ref, **claim.extra_tags}
         if claim.cell.id in self.step_s:
-            from experiments.run import STEP_SAMPLES_TAG, step_samples_tag
+            from syncbench.experiments.run import STEP_SAMPLES_TAG, step_samples_tag
 
             raw = apply_overrides(raw, {"cluster.compute.step_s": self.step_s[claim.cell.id]})
             tags["syncbench.step_s_source"] = "sweep"
@@ -708,7 +708,7 @@ class Launcher:
     def _pool_submit(self, fn, *args) -> Future:
         """Submit to the executor with SIGTERM/SIGINT shielded while it may start a worker
         process (``signals.shielded``): a worker starts with them ignored and installs its
-        handler in ``sweeps.trials._init_worker``, so a signal never kills one mid-import."""
+        handler in ``syncbench.sweeps.trials._init_worker``, so a signal never kills one mid-import."""
         from concurrent.futures import ProcessPoolExecutor
 
         if not isinstance(self.executor, ProcessPoolExecutor):
@@ -1045,5 +1045,5 @@ def _quiet_optuna() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    # we record heartbeats ourselves around ask/tell (sweeps.storage.Heartbeat)
+    # we record heartbeats ourselves around ask/tell (syncbench.sweeps.storage.Heartbeat)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")

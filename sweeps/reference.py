@@ -21,8 +21,8 @@ REGENERATE = "syncbench config --reference > docs/config.md"
 
 def models() -> dict[str, Any]:
     """The documented models: the run config and the sweep spec."""
-    from experiments.config import RunConfig
-    from sweeps.spec import SweepSpec
+    from syncbench.experiments.config import RunConfig
+    from syncbench.sweeps.spec import SweepSpec
 
     return {"run": RunConfig, "sweep": SweepSpec}
 

@@ -3,7 +3,7 @@
 A spec is checked completely before anything is created: every grid cell's run config
 is validated, every tuned parameter is validated with sample values on every cell it
 applies to, and every ``when`` condition must name a config key and match at least one
-cell. Any problem raises :class:`~experiments.config.ConfigError` naming the key.
+cell. Any problem raises :class:`~syncbench.experiments.config.ConfigError` naming the key.
 
 ```yaml
 name: workers-scaling                    # the MLflow experiment and the Optuna study
@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from experiments.config import (
+from syncbench.experiments.config import (
     ConfigError,
     RunConfig,
     apply_overrides,

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from experiments.config import ConfigError
+from syncbench.experiments.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def use_wal(url: str) -> None:
         with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)) as con:
             con.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as exc:
-        from experiments.workspace import corrupt_store_message, is_corrupt_store
+        from syncbench.experiments.workspace import corrupt_store_message, is_corrupt_store
 
         if is_corrupt_store(exc):
             raise ConfigError(corrupt_store_message("store", str(path), exc)) from None
@@ -178,7 +178,7 @@ def open_storage(url: str, *, heartbeat_s: int, grace_s: int,
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
                                              grace_period=grace_s, heartbeat_stale_trial_callback=stale_callback)
     except Exception as exc:  # noqa: BLE001
-        from experiments.workspace import corrupt_store_message, is_corrupt_store
+        from syncbench.experiments.workspace import corrupt_store_message, is_corrupt_store
 
         if is_corrupt_store(exc):
             raise ConfigError(corrupt_store_message("--storage", redact(url), exc)) from None

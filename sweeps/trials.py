@@ -84,10 +84,10 @@ class TrialReport:
 def run_trial_job(job: TrialJob) -> TrialReport:
     """Validate and run one trial; an exception becomes a ``failed`` report (the MLflow run,
     if one was created, is already marked FAILED by ``execute_run``)."""
-    from experiments import signals
-    from experiments.config import validate_config
-    from experiments.run import execute_run
-    from experiments.workspace import is_disk_full
+    from syncbench.experiments import signals
+    from syncbench.experiments.config import validate_config
+    from syncbench.experiments.run import execute_run
+    from syncbench.experiments.workspace import is_disk_full
 
     try:
         with signals.armed_section():  # a signal stops the run where it is; it records itself KILLED
@@ -123,7 +123,7 @@ def _hook_storage(url: str, mode: str):
         from optuna.storages import RDBStorage
         from optuna.study import StudyDirection
 
-        from sweeps.storage import SQLITE_BUSY_TIMEOUT_S, _relax_sqlite_sync, is_sqlite
+        from syncbench.sweeps.storage import SQLITE_BUSY_TIMEOUT_S, _relax_sqlite_sync, is_sqlite
 
         kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if is_sqlite(url) else {"pool_pre_ping": True}
         storage = RDBStorage(url, engine_kwargs=kwargs)
@@ -206,7 +206,7 @@ class TuneHook:
 def warm_up(tracking_uri: str) -> None:
     """A pool worker's one-time costs (the MLflow store's engine and schema check, ~1.5 s),
     paid while the launcher is still setting up rather than in the first trial."""
-    from experiments.recording import open_client
+    from syncbench.experiments.recording import open_client
 
     open_client(tracking_uri)
 
@@ -263,7 +263,7 @@ def _init_worker(launcher_pid: int, preload: list[str]) -> None:
         pass
     if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
         os._exit(1)
-    from experiments import signals
+    from syncbench.experiments import signals
 
     # SIGTERM/SIGINT (from the launcher, or Ctrl-C to the whole terminal group) stop the trial
     # in flight, which records its run KILLED; between trials they only mark the worker
@@ -272,5 +272,5 @@ def _init_worker(launcher_pid: int, preload: list[str]) -> None:
     signals.unblock()
     import importlib
 
-    for module in ["experiments.run", *preload]:
+    for module in ["syncbench.experiments.run", *preload]:
         importlib.import_module(module)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.classification import ArrayDataModule, ClassifierModule
-from experiments.digits import _digits
+from syncbench.experiments.classification import ArrayDataModule, ClassifierModule
+from syncbench.experiments.digits import _digits
 
 
 class SmallDigits(ArrayDataModule):

@@ -21,7 +21,7 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def digits_config():
-    from experiments.config import load_config
+    from syncbench.experiments.config import load_config
 
     def make(*overrides: str):
         return load_config(CONFIGS / "digits_mlp.yaml", list(overrides))

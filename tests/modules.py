@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from experiments.digits import MLP
+from syncbench.experiments.digits import MLP
 
 
 class FailingMLP(MLP):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.config import LognormalStragglers, RunConfig
-from experiments.dist.launcher import execute_dist_run
-from experiments.dist.worker import Emulation
-from experiments.run import execute_run
-from experiments.run_loop import Evaluation, TTATracker
+from syncbench.experiments.config import LognormalStragglers, RunConfig
+from syncbench.experiments.procs.launcher import execute_dist_run
+from syncbench.experiments.procs.worker import Emulation
+from syncbench.experiments.run import execute_run
+from syncbench.experiments.run_loop import Evaluation, TTATracker
 
 
 def test_a_target_met_only_after_the_budget_is_not_reached(digits_config):
@@ -46,8 +46,8 @@ def test_warmup_beyond_the_target_is_exactly_sync(digits_config, tmp_path, outer
 def test_diloco_outer_model_follows_the_warmup(digits_config):
     """Through the warm-up the outer model is the synchronised model, so the first outer step
     sees only the local steps after it (it used to apply the whole warm-up as one step)."""
-    from experiments.run import build_simulation, prepare_task
-    from strategies.tensors import flat_params
+    from syncbench.experiments.run import build_simulation, prepare_task
+    from syncbench.strategies.tensors import flat_params
 
     config = digits_config("strategy.name=local_sgd", "cluster.workers=2", "strategy.local_steps=3",
                            "strategy.warmup_sync_updates=5", "strategy.outer={lr: 0.7, momentum: 0.9, nesterov: true}")
@@ -63,7 +63,7 @@ def test_diloco_outer_model_follows_the_warmup(digits_config):
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_outer_step_is_torch_sgd_on_the_pseudo_gradient(nesterov):
-    from strategies.local_sgd import OuterConfig, apply_outer_step
+    from syncbench.strategies.local_sgd import OuterConfig, apply_outer_step
 
     gen = torch.Generator().manual_seed(0)
     outer = OuterConfig(lr=0.7, momentum=0.9, nesterov=nesterov)
@@ -83,13 +83,13 @@ def test_straggler_emulation_has_mean_one_factors():
     """Padding every step to f x base (fast steps included) keeps the mean factor at 1: the
     emulated mean step is the base step, as in the sim; the base comes from the median of the
     unpadded warm-up steps and stays fixed."""
-    from experiments.config import load_config
+    from syncbench.experiments.config import load_config
     from tests.conftest import CONFIGS
 
     config: RunConfig = load_config(CONFIGS / "digits_mlp.yaml", ["cluster.stragglers={kind: lognormal, sigma: 0.5}",
                                                                  "cluster.compute.step_s=null"])
     emulation = Emulation(config, rank=0, world=2, stragglers=True, network=False)
-    from experiments.dist.worker import WARM_STEPS
+    from syncbench.experiments.procs.worker import WARM_STEPS
 
     warm = [0.0012, 0.0009, 0.0010, 0.0030, 0.0011, 0.0008, 0.0010, 0.0013, 0.0009]
     assert len(warm) == WARM_STEPS
@@ -114,7 +114,7 @@ def test_straggler_emulation_has_mean_one_factors():
     (0.0005, 0.0010 / math.exp(-2.3263478740408408 * 0.5 - 0.5**2 / 2)),  # unreachable: measured / 1st pct
 ])
 def test_straggler_emulation_pads_around_a_reachable_pinned_step(pinned, expected):
-    from experiments.config import load_config
+    from syncbench.experiments.config import load_config
     from tests.conftest import CONFIGS
 
     config: RunConfig = load_config(CONFIGS / "digits_mlp.yaml", ["cluster.stragglers={kind: lognormal, sigma: 0.5}",
@@ -137,7 +137,7 @@ def test_parameter_server_link_is_shared_first_come_first_served(digits_config, 
                            "cluster.network={latency_s: 0.0, bandwidth_gbps: 0.02}", "budget.train_time_s=2",
                            "target.value=1.01", "eval.every_s=0.5")
     result = _dist(config, tmp_path, emulate="network")
-    from experiments.cluster_model import point_to_point_s
+    from syncbench.experiments.cluster_model import point_to_point_s
 
     state_bytes = 4 * (64 * 64 + 64 + 64 * 10 + 10)
     round_trip = 2 * point_to_point_s(state_bytes, config.cluster.network)

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from experiments.config import ConfigError, load_config
-from experiments.dist.calibrate import (
+from syncbench.experiments.config import ConfigError, load_config
+from syncbench.experiments.procs.calibrate import (
     META_KEY,
     fit_alpha_beta,
     fit_latency,
@@ -24,7 +24,7 @@ from experiments.dist.calibrate import (
     predicted_per_update,
     profile_overrides,
 )
-from sweeps.cli import main as cli_main
+from syncbench.sweeps.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments" / "configs" / "digits_mlp.yaml")
@@ -80,8 +80,8 @@ def test_async_closed_form_matches_the_sim_below_and_at_the_link_bound(workspace
     """predicted_per_update's async form (the worker cycle / N, or the server link's time per
     update once push and pull saturate it) against the sim backend itself, without stragglers;
     the sim's server link takes the server_* keys, not the all-reduce's."""
-    from experiments.dist.calibrate import payload_sizes
-    from experiments.run import execute_run
+    from syncbench.experiments.procs.calibrate import payload_sizes
+    from syncbench.experiments.run import execute_run
 
     step = 1e-3
     config = load_config(DIGITS, ["strategy.name=async", "cluster.workers=2", f"cluster.compute.step_s={step}",
@@ -134,8 +134,8 @@ def test_profile_with_unknown_key_exits_2_before_any_run(workspace, tmp_path, ca
 
 
 def test_sweep_cells_take_the_profile_and_set_wins(tmp_path):
-    from sweeps.cli import _with_profile
-    from sweeps.spec import load_sweep
+    from syncbench.sweeps.cli import _with_profile
+    from syncbench.sweeps.spec import load_sweep
 
     class Args:
         profile, set = str(write_profile(tmp_path / "p.yaml")), ["cluster.network.latency_s=0.0009"]
@@ -178,7 +178,7 @@ def plain_step_s(config) -> float:
     """An independent timing: the module's own training step in a plain PyTorch loop, one thread."""
     import torch
 
-    from experiments.config import import_object
+    from syncbench.experiments.config import import_object
 
     torch.set_num_threads(1)
     module = import_object(config.task.module, "task.module")(**config.task.module_args)
@@ -205,7 +205,7 @@ def plain_step_s(config) -> float:
 @pytest.mark.heavy
 def test_calibrate_on_two_processes_writes_a_plausible_profile(tmp_path):
     out = tmp_path / "digits.profile.yaml"
-    proc = subprocess.run([sys.executable, "-m", "sweeps.cli", "calibrate", DIGITS, "--workers", "2", "--out",
+    proc = subprocess.run([sys.executable, "-m", "syncbench", "calibrate", DIGITS, "--workers", "2", "--out",
                            str(out), "--budget", "2", "--repeats", "2"], capture_output=True, text=True, cwd=REPO, timeout=400,
                           env={**os.environ, "SYNCBENCH_WORKSPACE": str(tmp_path / "ws")})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from experiments.charlm import VOCAB_SIZE, CharData, corpus_files, decode, encode, stdlib_root
-from experiments.config import load_config
+from syncbench.experiments.charlm import VOCAB_SIZE, CharData, corpus_files, decode, encode, stdlib_root
+from syncbench.experiments.config import load_config
 
 CHARLM = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "charlm.yaml"
 
@@ -54,9 +54,9 @@ def test_charlm_reaches_its_target_with_and_without_checkpointing(tmp_path):
     """One sim worker, step time pinned so that both runs are evaluated at the same updates:
     checkpointing recomputes, it does not change the optimisation, so both runs reach the
     target after the same number of updates, keeping a fraction of the activation bytes."""
-    from experiments.run import execute_run
+    from syncbench.experiments.run import execute_run
 
-    from strategies.checkpointing import release_deepspeed_process_group
+    from syncbench.strategies.checkpointing import release_deepspeed_process_group
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     results = {}
@@ -92,11 +92,11 @@ def checkpointing_sweep(tmp_path_factory):
     """A sweep over batch_size x checkpointing.enabled on charlm (checkpointing of every
     block), one worker, two seeds, a memory limit that fits batch 16 only with
     checkpointing; then a standalone run of the checkpointed batch-16 config."""
-    from analysis.reader import load_sweep as read_sweep
-    from experiments.run import execute_run
+    from syncbench.analysis.reader import load_sweep as read_sweep
+    from syncbench.experiments.run import execute_run
     from mlflow.tracking import MlflowClient
-    from strategies.checkpointing import release_deepspeed_process_group
-    from sweeps.cli import main
+    from syncbench.strategies.checkpointing import release_deepspeed_process_group
+    from syncbench.sweeps.cli import main
 
     tmp = tmp_path_factory.mktemp("issue16")
     ws = tmp / "ws"
@@ -163,9 +163,9 @@ def test_sweep_calibrates_a_checkpointed_cell_as_a_standalone_run_does(checkpoin
 def test_claim_d_is_refuted_for_checkpointing_every_block(checkpointing_sweep):
     """The regression of issue 16: the same sweep once reported claim (d) supported with a
     step time of x1 [1, 1] (both cells timed without checkpointing)."""
-    from analysis.claims import claim_checkpointing
+    from syncbench.analysis.claims import claim_checkpointing
 
-    from analysis.report import write_report
+    from syncbench.analysis.report import write_report
 
     data, _, client, tmp = checkpointing_sweep
     claim = claim_checkpointing(data)
@@ -193,8 +193,8 @@ def test_dist_run_trains_and_measures_the_checkpointed_model(tmp_path):
     """Two real processes train charlm with DeepSpeed checkpointing (DeepSpeed joins the run's
     process group after the warm-up), and the run records the checkpointed model's
     activation bytes, probed on the task as prepared for training."""
-    from experiments.run import build_task, execute_run, measure_activation_bytes, one_thread
-    from strategies.checkpointing import release_deepspeed_process_group
+    from syncbench.experiments.run import build_task, execute_run, measure_activation_bytes, one_thread
+    from syncbench.strategies.checkpointing import release_deepspeed_process_group
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_config(CHARLM, ["batch_size=8", "checkpointing.enabled=true", "budget.train_time_s=1.0",

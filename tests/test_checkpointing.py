@@ -11,10 +11,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from experiments.charlm import VOCAB_SIZE, CharLM
-from experiments.config import CheckpointingConfig, ConfigError
-from strategies.lightning_bridge import capture_logs, training_loss
-from strategies.checkpointing import (
+from syncbench.experiments.charlm import VOCAB_SIZE, CharLM
+from syncbench.experiments.config import CheckpointingConfig, ConfigError
+from syncbench.strategies.lightning_bridge import capture_logs, training_loss
+from syncbench.strategies.checkpointing import (
     CheckpointedForward,
     activation_bytes,
     apply_checkpointing,

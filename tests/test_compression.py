@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.run import build_simulation, execute_run, prepare_task
-from strategies import compression
-from strategies.compression import CastCodec, Int8Codec, PowerSGDCodec, TopKCodec, run_lockstep
-from strategies.tensors import flat_params
+from syncbench.experiments.run import build_simulation, execute_run, prepare_task
+from syncbench.strategies import compression
+from syncbench.strategies.compression import CastCodec, Int8Codec, PowerSGDCodec, TopKCodec, run_lockstep
+from syncbench.strategies.tensors import flat_params
 from tests.powersgd_reference import batch, ddp_powersgd_rank, tiny_model
 
 # the digits MLP (64 -> 64 -> 10): W1 64x64, b1 64, W2 10x64, b2 10
@@ -228,7 +228,7 @@ def test_compressed_sync_reaches_the_digits_target(digits_config, tmp_path, code
 def test_sim_and_dist_agree_under_compression(digits_config, tmp_path, name, codec):
     from mlflow import MlflowClient
 
-    from experiments.dist.launcher import execute_dist_run
+    from syncbench.experiments.procs.launcher import execute_dist_run
 
     base = (f"strategy.name={name}", f"strategy.compression={codec}", "strategy.powersgd_rank=2",
             "strategy.local_steps=4", "cluster.workers=2", "target.value=1.01", "budget.train_time_s=60")

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from experiments.dist.launcher import execute_dist_run
-from experiments.run import build_simulation, execute_run, prepare_task
-from experiments.sharding import ShardedBatches
-from strategies import STRATEGIES
-from strategies.tensors import flat_params
+from syncbench.experiments.procs.launcher import execute_dist_run
+from syncbench.experiments.run import build_simulation, execute_run, prepare_task
+from syncbench.experiments.sharding import ShardedBatches
+from syncbench.strategies import STRATEGIES
+from syncbench.strategies.tensors import flat_params
 
 NAMES = sorted(STRATEGIES)
 SGD = "task.module_args={lr: 0.1, optimizer: sgd, hidden: 32}"

@@ -22,9 +22,9 @@ import psutil
 import pytest
 import torch
 
-from experiments.config import ConfigError, load_config
-from experiments.cluster_model import StragglerModel
-from experiments.dist.launcher import DistRunFailed, execute_dist_run
+from syncbench.experiments.config import ConfigError, load_config
+from syncbench.experiments.cluster_model import StragglerModel
+from syncbench.experiments.procs.launcher import DistRunFailed, execute_dist_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "experiments" / "configs" / "digits_mlp.yaml"
@@ -262,7 +262,7 @@ def test_worker_fault_fails_the_run(workspace: Path, how: signal.Signals, strate
 def test_killed_launcher_leaves_no_workers(workspace: Path, tmp_path: Path) -> None:
     """SIGKILL of `syncbench run` itself: its workers notice within a heartbeat and exit."""
     cli = subprocess.Popen(
-        [sys.executable, "-m", "sweeps.cli", "run", str(DIGITS), "--set", "cluster.backend=dist",
+        [sys.executable, "-m", "syncbench", "run", str(DIGITS), "--set", "cluster.backend=dist",
          "--set", "cluster.workers=2", "--set", "target.value=1.01", "--set", "budget.train_time_s=120",
          "--workspace", str(workspace), "--no-progress"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -301,7 +301,7 @@ def start_torchrun_agents(workspace: Path, logs_dir: Path, rdzv_id: str, *sets: 
             agents.append(subprocess.Popen(
                 [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
-                 "--local-addr", "127.0.0.1", "-m", "sweeps.cli", "run", str(DIGITS), *overrides,
+                 "--local-addr", "127.0.0.1", "-m", "syncbench", "run", str(DIGITS), *overrides,
                  "--workspace", str(workspace), "--tracking-uri", uri, "--no-progress"],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             ))

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.digits import MLP
-from sweeps.cli import main
+from syncbench.experiments.digits import MLP
+from syncbench.sweeps.cli import main
 from tests.test_sweeps import DIGITS, empty_stores, mlflow_runs, run_key, sql, study, write_spec, ws  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def syncbench(*args: str, ws: Path, env: dict[str, str] | None = None, group: bo
     """`syncbench ...` as its own process (``group``: leading its own process group, as a
     terminal's foreground job, so that a Ctrl-C can be sent to the whole group)."""
     env = {**os.environ, **(env or {}), "SYNCBENCH_WORKSPACE": str(ws)}
-    return subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args, "--workspace", str(ws), "--no-progress"],
+    return subprocess.Popen([sys.executable, "-m", "syncbench", *args, "--workspace", str(ws), "--no-progress"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=group)
 

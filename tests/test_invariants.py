@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from strategies.lightning_bridge import build_optimizer, capture_logs, training_loss
-from experiments.run import PreparedTask, build_simulation, prepare_task
-from experiments.sharding import ShardedBatches
-from strategies.tensors import flat_params
+from syncbench.strategies.lightning_bridge import build_optimizer, capture_logs, training_loss
+from syncbench.experiments.run import PreparedTask, build_simulation, prepare_task
+from syncbench.experiments.sharding import ShardedBatches
+from syncbench.strategies.tensors import flat_params
 
 SGD = "task.module_args={lr: 0.1, optimizer: sgd, hidden: 32}"
 MOMENTUM = "task.module_args={lr: 0.05, optimizer: sgd, momentum: 0.9, hidden: 32}"
@@ -139,8 +139,8 @@ def test_sync_waiting_grows_with_workers_and_backup_workers_cut_it(digits_config
 
 
 def test_straggler_models_are_seeded(digits_config):
-    from experiments.cluster_model import StragglerModel
-    from experiments.config import LognormalStragglers, PersistentStragglers
+    from syncbench.experiments.cluster_model import StragglerModel
+    from syncbench.experiments.config import LognormalStragglers, PersistentStragglers
 
     a = StragglerModel(LognormalStragglers(kind="lognormal", sigma=0.3), 4, seed=3)
     b = StragglerModel(LognormalStragglers(kind="lognormal", sigma=0.3), 4, seed=3)

@@ -13,12 +13,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from experiments.config import ConfigError, load_config
-from experiments.dist.launcher import execute_dist_run
-from experiments.run import build_simulation, execute_run, prepare_task, seed_everything
-from experiments.sharding import ShardedBatches
-from strategies.lightning_bridge import evaluate
-from strategies.tensors import flat_state
+from syncbench.experiments.config import ConfigError, load_config
+from syncbench.experiments.procs.launcher import execute_dist_run
+from syncbench.experiments.run import build_simulation, execute_run, prepare_task, seed_everything
+from syncbench.experiments.sharding import ShardedBatches
+from syncbench.strategies.lightning_bridge import evaluate
+from syncbench.strategies.tensors import flat_state
 from tests.conftest import CONFIGS
 
 M = "tests.conformance_modules"
@@ -204,7 +204,7 @@ def test_refusal_exits_2(tmp_path):
 
     from tests.conftest import REPO
 
-    out = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(CONFIGS / "digits_mlp.yaml"),
+    out = subprocess.run([sys.executable, "-m", "syncbench", "run", str(CONFIGS / "digits_mlp.yaml"),
                           "--set", f"task.module={M}:Manual", "--set", "task.module_args={lr: 0.1}", "--workspace", str(tmp_path / "ws")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]

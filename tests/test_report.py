@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.ui import wait_http_ok
+from syncbench.analysis.ui import wait_http_ok
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "experiments" / "configs" / "digits_mlp.yaml"
@@ -45,10 +45,10 @@ def build_sweep(workspace: Path, name: str, cells: list[dict], seeds: list[int],
     ``per_seed`` maps (cell index, seed) to extra overrides. Returns (tracking URI, parent run id)."""
     from mlflow.tracking import MlflowClient
 
-    from experiments.config import load_config
-    from experiments.recording import get_or_create_experiment
-    from experiments.run import execute_run
-    from experiments.workspace import artifacts_dir, default_tracking_uri
+    from syncbench.experiments.config import load_config
+    from syncbench.experiments.recording import get_or_create_experiment
+    from syncbench.experiments.run import execute_run
+    from syncbench.experiments.workspace import artifacts_dir, default_tracking_uri
 
     workspace.mkdir(parents=True, exist_ok=True)
     uri = default_tracking_uri(workspace)
@@ -73,7 +73,7 @@ def grid(strategies, workers) -> list[dict]:
 
 
 def report(workspace: Path, name: str, *extra: str) -> int:
-    from sweeps.cli import main
+    from syncbench.sweeps.cli import main
 
     return main(["report", name, "--workspace", str(workspace), *extra])
 

@@ -1,4 +1,4 @@
-"""Statistics with censoring (analysis.stats) and the claim decision rules on small,
+"""Statistics with censoring (syncbench.analysis.stats) and the claim decision rules on small,
 hand-checkable samples."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from analysis import stats
+from syncbench.analysis import stats
 
 INF = math.inf
 
@@ -73,7 +73,7 @@ def test_log_sd_lower_bound_places_censored_runs_at_the_budget():
 
 def rec(strategy: str, workers: int, seed: int, tta: float | None, *, budget: float = 1.0, variant: dict | None = None,
         metrics: dict | None = None, params: dict | None = None, tags: dict | None = None):
-    from analysis.reader import RunRecord
+    from syncbench.analysis.reader import RunRecord
 
     assignments = {"strategy.name": strategy, "cluster.workers": str(workers), **(variant or {})}
     m = {"clock_s": tta if tta is not None else budget, "samples": 1000.0, **(metrics or {})}
@@ -89,7 +89,7 @@ def rec(strategy: str, workers: int, seed: int, tta: float | None, *, budget: fl
 
 
 def sweep_of(runs):
-    from analysis.reader import SweepData
+    from syncbench.analysis.reader import SweepData
 
     return SweepData(name="t", tracking_uri="sqlite://", experiment_id="0", parent_run_id=None, parent_tags={},
                      runs=runs, tune_runs=[])
@@ -100,7 +100,7 @@ def wait_metrics(share: float) -> dict:
 
 
 def test_claim_a_supported_by_a_rising_wait_share_and_refuted_by_none_at_all():
-    from analysis.claims import claim_sync_wait
+    from syncbench.analysis.claims import claim_sync_wait
 
     rising = [rec("sync", n, s, 0.1, metrics=wait_metrics(0.05 * i + 0.01 * s))
               for i, n in enumerate([1, 2, 4, 8]) for s in range(3)]
@@ -113,7 +113,7 @@ def test_claim_a_supported_by_a_rising_wait_share_and_refuted_by_none_at_all():
 
 
 def test_claim_b_counts_censored_async_runs_as_slower_not_as_their_budget():
-    from analysis.claims import claim_async_faster
+    from syncbench.analysis.claims import claim_async_faster
 
     runs = [rec("sync", 4, s, 0.2 + 0.01 * s) for s in range(4)] + [rec("async", 4, s, None) for s in range(4)]
     claim = claim_async_faster(sweep_of(runs))
@@ -129,7 +129,7 @@ def test_claim_b_counts_censored_async_runs_as_slower_not_as_their_budget():
 
 
 def test_claim_b_mixed_settings_are_inconclusive():
-    from analysis.claims import claim_async_faster
+    from syncbench.analysis.claims import claim_async_faster
 
     runs = [rec("sync", 2, s, 0.2 + 0.01 * s) for s in range(4)] + [rec("async", 2, s, 0.1 + 0.01 * s)
                                                                       for s in range(4)]
@@ -141,7 +141,7 @@ def test_claim_b_mixed_settings_are_inconclusive():
 
 
 def test_claim_c_uses_censored_runs_only_as_a_lower_bound_on_spread():
-    from analysis.claims import claim_async_inconsistent
+    from syncbench.analysis.claims import claim_async_inconsistent
 
     sync = [rec("sync", 4, s, 0.200 + 0.001 * s) for s in range(6)]
     spread = [rec("async", 4, s, t) for s, t in enumerate([0.05, 0.4, 0.1, 0.8, 0.07, 0.5])]
@@ -156,8 +156,8 @@ def test_claim_c_uses_censored_runs_only_as_a_lower_bound_on_spread():
 def test_claim_d_tests_repeated_step_time_measurements_never_seeds_sharing_one_number():
     import json
 
-    from analysis.claims import claim_checkpointing
-    from analysis.threats import step_time_evidence
+    from syncbench.analysis.claims import claim_checkpointing
+    from syncbench.analysis.threats import step_time_evidence
 
     def runs(step_on: float, mem_on: float, source: str, samples: bool = True):
         out = []
@@ -192,7 +192,7 @@ def test_claim_d_tests_repeated_step_time_measurements_never_seeds_sharing_one_n
 
 
 def test_claim_d_on_the_dist_backend_tests_each_runs_measured_step_time():
-    from analysis.claims import claim_checkpointing
+    from syncbench.analysis.claims import claim_checkpointing
 
     def runs(seeds: int, step_on: float):
         out = []
@@ -211,7 +211,7 @@ def test_claim_d_on_the_dist_backend_tests_each_runs_measured_step_time():
 
 
 def test_cell_summary_with_censored_seeds():
-    from analysis.summary import summarize_cells
+    from syncbench.analysis.summary import summarize_cells
 
     runs = [rec("sync", 1, 0, 0.1), rec("sync", 1, 1, 0.3), rec("sync", 1, 2, None), rec("sync", 1, 3, None)]
     (cell,) = summarize_cells(sweep_of(runs))
@@ -255,7 +255,7 @@ BORDERLINE = {"async": [1.0, 2.0, 3.0, 10.0], "sync": [9.0, 11.0, 12.0, 13.0]}  
 def test_holm_adjustment_changes_a_borderline_verdict():
     from scipy import stats as sps
 
-    from analysis.claims import claim_async_faster
+    from syncbench.analysis.claims import claim_async_faster
 
     raw = sps.mannwhitneyu(BORDERLINE["async"], BORDERLINE["sync"], alternative="less", method="exact").pvalue
     assert raw <= 0.05 < 2 * raw  # significant alone, not after Holm over two settings
@@ -274,7 +274,7 @@ def test_holm_adjustment_changes_a_borderline_verdict():
 
 
 def test_claims_with_too_few_seeds_are_underpowered_not_inconclusive():
-    from analysis.claims import claim_async_faster, claim_async_inconsistent, claim_sync_wait
+    from syncbench.analysis.claims import claim_async_faster, claim_async_inconsistent, claim_sync_wait
 
     sync = [rec("sync", 4, s, 0.2 + 0.01 * s) for s in range(3)]
     fast = [rec("async", 4, s, 0.1 + 0.05 * s) for s in range(3)]
@@ -296,9 +296,9 @@ def test_claims_with_too_few_seeds_are_underpowered_not_inconclusive():
 
 
 def _threats(runs):
-    from analysis.claims import evaluate_claims
-    from analysis.summary import summarize_cells
-    from analysis.threats import compute_threats
+    from syncbench.analysis.claims import evaluate_claims
+    from syncbench.analysis.summary import summarize_cells
+    from syncbench.analysis.threats import compute_threats
 
     sweep = sweep_of(runs)
     cells = summarize_cells(sweep)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments.config import ConfigError
-from experiments.run import execute_run
-from experiments.workspace import default_tracking_uri
-from sweeps.cli import main as cli_main
+from syncbench.experiments.config import ConfigError
+from syncbench.experiments.run import execute_run
+from syncbench.experiments.workspace import default_tracking_uri
+from syncbench.sweeps.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments" / "configs" / "digits_mlp.yaml")
@@ -51,7 +51,7 @@ def test_each_strategy_reaches_digits_target_with_4_workers(workspace, digits_co
         assert m["staleness_mean"] > 0 and m["staleness_max"] >= m["staleness_mean"]
     params = run.data.params
     assert params["strategy.name"] == strategy and params["cluster.workers"] == "4" and params["backend"] == "sim"
-    assert params["task.module"] == "experiments.digits:MLP"
+    assert params["task.module"] == "syncbench.experiments.digits:MLP"
     for tag in ("syncbench.git_commit", "syncbench.torch", "syncbench.host"):
         assert run.data.tags[tag]
     artifacts = {a.path for a in client_for(workspace).list_artifacts(result.run_id)}
@@ -140,9 +140,9 @@ BAD_CONFIGS = [
     (["--set", "strategy.nmae=sync"], "strategy.nmae: unknown key"),
     (["--set", "cluster.workers=four"], "cluster.workers"),
     (["--set", "strategy.name=gossip"], "strategy.name"),
-    (["--set", "task.module=experiments.digits:Nope"], "task.module"),
+    (["--set", "task.module=syncbench.experiments.digits:Nope"], "task.module"),
     (["--set", "task.module=no_such_package.mod:X"], "task.module"),
-    (["--set", "task.module=experiments.digits"], "task.module"),
+    (["--set", "task.module=syncbench.experiments.digits"], "task.module"),
     (["--set", "target.metric=val_f1"], "target.metric"),
     (["--set", "task.module_args.lr=fast"], "configure_optimizers() failed"),
     (["--set", "task.module=tests.modules:SilentMLP"], "target.metric"),
@@ -171,7 +171,7 @@ def test_unreachable_tracking_store_exits_2(workspace, capsys):
 def test_command_line_run_prints_summary_and_records(tmp_path):
     ws = tmp_path / "ws"
     proc = subprocess.run(
-        [sys.executable, "-m", "sweeps.cli", "run", DIGITS, "--set", "strategy.name=local_sgd",
+        [sys.executable, "-m", "syncbench", "run", DIGITS, "--set", "strategy.name=local_sgd",
          "--set", "cluster.workers=8", "--workspace", str(ws)],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )
@@ -180,7 +180,7 @@ def test_command_line_run_prints_summary_and_records(tmp_path):
     assert line.startswith("outcome=reached") and "tta_s=" in line and "updates_to_target=" in line
     (run,) = all_runs(ws)
     assert run.data.params["cluster.workers"] == "8"
-    bad = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", DIGITS, "--set", "batch_size=big",
+    bad = subprocess.run([sys.executable, "-m", "syncbench", "run", DIGITS, "--set", "batch_size=big",
                           "--workspace", str(ws)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "batch_size" in bad.stderr
     assert len(all_runs(ws)) == 1
@@ -193,7 +193,7 @@ def test_interleaved_calibration_times_each_model_in_its_place(workspace, digits
     medians, step_s their least)."""
     import torch
 
-    from experiments.run import calibrate_step, calibrate_steps, one_thread, prepare_task
+    from syncbench.experiments.run import calibrate_step, calibrate_steps, one_thread, prepare_task
 
     small, large = digits_config("batch_size=4"), digits_config("batch_size=1024")
     with one_thread():

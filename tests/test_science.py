@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.run import build_simulation, prepare_task
-from strategies.tensors import flat_params
+from syncbench.experiments.run import build_simulation, prepare_task
+from syncbench.strategies.tensors import flat_params
 
 SGD = "task.module_args={lr: 0.1, optimizer: sgd, hidden: 32}"
 # hidden 32: 64*32 + 32 + 32*10 + 10 = 2410 float32 parameters = 9640 bytes
@@ -33,8 +33,8 @@ def test_ring_allreduce_and_point_to_point_closed_forms():
     """alpha = 1 ms, beta = 1e6 B/s, S = 1000 B, worked by hand:
     ring(N) = 2(N-1) alpha + 2(N-1)/N S/beta; bytes on the wire = 2(N-1) S (N workers each send
     2(N-1)/N S); push or pull = alpha + S/beta."""
-    from experiments.cluster_model import point_to_point_s, ring_allreduce_bytes, ring_allreduce_s
-    from experiments.config import NetworkConfig
+    from syncbench.experiments.cluster_model import point_to_point_s, ring_allreduce_bytes, ring_allreduce_s
+    from syncbench.experiments.config import NetworkConfig
 
     net = NetworkConfig(latency_s=0.001, bandwidth_gbps=0.008)
     assert net.bytes_per_s == pytest.approx(1e6)
@@ -140,7 +140,7 @@ def test_sim_evaluation_sees_exactly_the_updates_at_or_before_its_clock(digits_c
     every 0.5 s to a 1.9 s budget: at 0.5, 1.0, 1.5 (each coinciding with an update, which counts)
     and at the budget, 1.9 (7 updates: 2.0 is past it). Each evaluated model is the reference
     model after exactly that many steps."""
-    from experiments.run import execute_run
+    from syncbench.experiments.run import execute_run
 
     config = digits_config(SGD, "strategy.name=sync", "cluster.workers=1", "cluster.compute.step_s=0.25",
                            "eval.every_s=0.5", "budget.train_time_s=1.9", "target.value=1.01")
@@ -244,7 +244,7 @@ def test_backup_workers_keep_the_first_gradients_and_divide_by_their_count(digit
 
 def _server(lr: float, staleness_lr: str, max_staleness: int | None = None):
     """The async strategy's parameter server around a Linear(3, 1) and plain torch SGD."""
-    from strategies.async_ps import AsyncOptions, AsyncServer
+    from syncbench.strategies.async_ps import AsyncOptions, AsyncServer
 
     torch.manual_seed(0)
     module = torch.nn.Linear(3, 1)
@@ -296,8 +296,8 @@ def test_async_with_one_worker_is_plain_sgd_against_an_independent_loop(digits_c
 
 
 def test_lognormal_stragglers_have_mean_one_and_the_configured_spread():
-    from experiments.cluster_model import StragglerModel
-    from experiments.config import LognormalStragglers
+    from syncbench.experiments.cluster_model import StragglerModel
+    from syncbench.experiments.config import LognormalStragglers
 
     model = StragglerModel(LognormalStragglers(kind="lognormal", sigma=0.5), 2, seed=1)
     draws = np.array([model.factor(1) for _ in range(20000)])
@@ -309,8 +309,8 @@ def test_lognormal_stragglers_have_mean_one_and_the_configured_spread():
 def test_bimodal_stragglers_are_slow_with_probability_p():
     """{kind: bimodal, p: 0.2, slowdown: 10}: each step is 10x with probability 0.2, else 1x.
     20000 draws: the slow count is Binomial(20000, 0.2), SD ~ 57; allow 5 SD."""
-    from experiments.cluster_model import StragglerModel
-    from experiments.config import BimodalStragglers
+    from syncbench.experiments.cluster_model import StragglerModel
+    from syncbench.experiments.config import BimodalStragglers
 
     model = StragglerModel(BimodalStragglers(kind="bimodal", p=0.2, slowdown=10), 3, seed=0)
     draws = np.array([model.factor(2) for _ in range(20000)])

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.dist.launcher import execute_dist_run
-from experiments.run import prepare_task
+from syncbench.experiments.procs.launcher import execute_dist_run
+from syncbench.experiments.run import prepare_task
 from tests.test_science import SGD, plain_sgd_trajectory
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from analysis import stats
+from syncbench.analysis import stats
 
 
 def test_holm_matches_statsmodels(monkeypatch):
@@ -157,7 +157,7 @@ def test_min_p_spearman_is_reached_by_a_perfect_trend():
     """Runs at worker counts with these multiplicities: only the orderings that keep every larger N
     above every smaller one reach rho's maximum -- prod(c!) / n! of them, by hand: [1, 2] -> 2/6,
     [2, 2] -> 4/24; and a perfect trend's exact permutation p is exactly that."""
-    from analysis.claims import min_p_spearman
+    from syncbench.analysis.claims import min_p_spearman
 
     assert min_p_spearman([1, 2]) == pytest.approx(1 / 3)
     assert min_p_spearman([2, 2]) == pytest.approx(1 / 6)

@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from analysis.claims import claim_async_faster, claim_async_inconsistent, claim_sync_wait
-from analysis.summary import summarize_cells, summary_csv
+from syncbench.analysis.claims import claim_async_faster, claim_async_inconsistent, claim_sync_wait
+from syncbench.analysis.summary import summarize_cells, summary_csv
 from tests.test_report_stats import rec, sweep_of, wait_metrics
 
 
@@ -110,7 +110,7 @@ def test_claim_c_underpowered_with_three_seeds_and_not_testable_without_two_reac
     sync = [rec("sync", 4, s, t) for s, t in enumerate(TIGHT[:3])]
     asyn = [rec("async", 4, s, t) for s, t in enumerate(SPREAD[:3])]
     claim = claim_async_inconsistent(sweep_of(sync + asyn))
-    # Brown-Forsythe with 3 vs 3 cannot go below p = 0.116 (analysis.stats.min_p_brown_forsythe)
+    # Brown-Forsythe with 3 vs 3 cannot go below p = 0.116 (syncbench.analysis.stats.min_p_brown_forsythe)
     assert claim.verdict == "underpowered"
     one_reached = [rec("async", 4, 0, 0.1)] + [rec("async", 4, s, None) for s in (1, 2, 3, 4)]
     assert claim_async_inconsistent(sweep_of(sync + one_reached)).verdict == "not testable"

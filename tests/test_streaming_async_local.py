@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.config import ConfigError
-from experiments.dist.launcher import execute_dist_run
-from experiments.run import build_simulation, prepare_task
-from experiments.run_loop import train_to_target
-from strategies.lightning_bridge import evaluate
-from strategies.async_local_sgd import delayed_nesterov_step_, dynamic_local_steps
-from strategies.local_sgd import OuterConfig
-from strategies.streaming_diloco import fragment_bounds
-from strategies.tensors import flat_params, flat_state
+from syncbench.experiments.config import ConfigError
+from syncbench.experiments.procs.launcher import execute_dist_run
+from syncbench.experiments.run import build_simulation, prepare_task
+from syncbench.experiments.run_loop import train_to_target
+from syncbench.strategies.lightning_bridge import evaluate
+from syncbench.strategies.async_local_sgd import delayed_nesterov_step_, dynamic_local_steps
+from syncbench.strategies.local_sgd import OuterConfig
+from syncbench.strategies.streaming_diloco import fragment_bounds
+from syncbench.strategies.tensors import flat_params, flat_state
 
 SGD = "task.module_args={lr: 0.1, optimizer: sgd, hidden: 32}"
 NESTEROV = "strategy.outer={lr: 0.7, momentum: 0.9, nesterov: true}"
@@ -203,7 +203,7 @@ def test_bad_async_local_options_are_refused_naming_the_key(digits_config):
 def test_literature_spec_loads_and_names_each_method():
     """sweeps/specs/literature.yaml validates as written: every cell is one method as its paper
     runs it, crossed with two straggler models."""
-    from sweeps.spec import load_sweep
+    from syncbench.sweeps.spec import load_sweep
 
     sweep = load_sweep(Path(__file__).resolve().parents[1] / "sweeps" / "specs" / "literature.yaml")
     methods = {(c.config.strategy.name, c.config.strategy.local_steps, c.config.strategy.outer is not None,

@@ -157,12 +157,12 @@ def test_a_trial_that_keeps_killing_its_launcher_is_given_up_after_the_retry_cap
     """The retry cap holds across launches: a cell x seed whose trial kills its launcher every
     time runs 1 + MAX_STALE_RETRIES times in all, then every rerun leaves it alone (its runs
     KILLED, none RUNNING) while the sweep's other cells finish."""
-    from sweeps.launcher import MAX_STALE_RETRIES
+    from syncbench.sweeps.launcher import MAX_STALE_RETRIES
 
     for key, value in FAST_HEARTBEAT.items():
         monkeypatch.setenv(key, value)
     spec = write_spec(tmp_path / "poison.yaml", "poison", seeds=[0],
-                      grid={"task.module": ["tests.modules:SelfKillingMLP", "experiments.digits:MLP"]},
+                      grid={"task.module": ["tests.modules:SelfKillingMLP", "syncbench.experiments.digits:MLP"]},
                       set={"cluster.workers": 1, "cluster.compute.step_s": 0.001})
     deaths = 0
     for _ in range(MAX_STALE_RETRIES + 3):

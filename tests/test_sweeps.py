@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps.cli import main
+from syncbench.sweeps.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments" / "configs" / "digits_mlp.yaml")
@@ -45,8 +45,8 @@ def empty_stores(tmp_path_factory) -> Path:
     """A workspace whose mlflow.db and optuna.db hold the tables and nothing else."""
     import optuna
 
-    from experiments.recording import open_client
-    from sweeps.storage import use_wal
+    from syncbench.experiments.recording import open_client
+    from syncbench.sweeps.storage import use_wal
 
     ws = tmp_path_factory.mktemp("empty-stores")
     for name in ("mlflow.db", "optuna.db"):
@@ -85,7 +85,7 @@ def sweep(spec: str, ws: Path, *args: str) -> int:
 def launcher(spec: str, ws: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`syncbench sweep` as its own process, as a user would start it."""
     env = {**os.environ, **(env or {}), "SYNCBENCH_WORKSPACE": str(ws)}
-    return subprocess.Popen([sys.executable, "-m", "sweeps.cli", "sweep", spec, "--workspace", str(ws),
+    return subprocess.Popen([sys.executable, "-m", "syncbench", "sweep", spec, "--workspace", str(ws),
                              "--no-progress", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -283,8 +283,8 @@ def _run(cmd: list[str]) -> None:
 @pytest.mark.heavy
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
 def test_two_launchers_run_each_cell_and_seed_exactly_once(backend, ws, tmp_path, request):
-    from sweeps.launcher import LaunchOptions, run_sweep
-    from sweeps.spec import load_sweep
+    from syncbench.sweeps.launcher import LaunchOptions, run_sweep
+    from syncbench.sweeps.spec import load_sweep
 
     storage = request.getfixturevalue("postgres") if backend == "postgresql" else f"sqlite:///{ws / 'optuna.db'}"
     name = f"two-launchers-{backend}"
@@ -376,8 +376,8 @@ def test_race_pruner_stops_trials_that_cannot_win_and_never_the_best(ws, tmp_pat
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
-    from experiments.config import load_config
-    from experiments.run import execute_run
+    from syncbench.experiments.config import load_config
+    from syncbench.experiments.run import execute_run
 
     every, budget = 0.01, 2.0  # digits_mlp.yaml's eval.every_s; a short budget
     spec = write_spec(tmp_path / "race.yaml", "race", grid={"strategy.name": ["sync"], "cluster.workers": [2]},
@@ -496,7 +496,7 @@ BAD_SPECS = {
     "wrong value type": ({"grid": {"cluster.workers": ["two"]}}, "cluster.workers"),
     "empty seeds": ({"seeds": []}, "seeds"),
     "missing base": ({"base": "experiments/configs/nope.yaml"}, "base: no such file"),
-    "bad import path": ({"set": {"task.module": "experiments.nope:MLP"}}, "task.module: cannot import"),
+    "bad import path": ({"set": {"task.module": "syncbench.experiments.nope:MLP"}}, "task.module: cannot import"),
     "unknown tuned key": ({"tune": {"n_trials": 2, "params": {"strategy.local_stepz": {"choices": [2]}}}},
                           "strategy.local_stepz"),
     "invalid tuned value": ({"tune": {"n_trials": 2, "params": {"strategy.local_steps": {"choices": [0, 4]}}}},

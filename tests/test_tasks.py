@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.config import ConfigError, load_config
-from experiments.run import execute_run, prepare_task
+from syncbench.experiments.config import ConfigError, load_config
+from syncbench.experiments.run import execute_run, prepare_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 FASHION = Path("/usr/share/datasets/fashion-mnist")

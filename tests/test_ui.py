@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.ui import is_loopback, port_free, url_host, wait_http_ok
+from syncbench.analysis.ui import is_loopback, port_free, url_host, wait_http_ok
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_ARTIFACTS = REPO / "test-artifacts"
@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def ui(workspace: Path, *args: str, out: Path) -> subprocess.Popen:
     """`syncbench ui` in its own process group (it starts mlflow server as a child)."""
-    return subprocess.Popen([sys.executable, "-m", "sweeps.cli", "ui", "--workspace", str(workspace), *args],
+    return subprocess.Popen([sys.executable, "-m", "syncbench", "ui", "--workspace", str(workspace), *args],
                             cwd=REPO, stdout=open(out / "stdout", "w"), stderr=open(out / "stderr", "w"),
                             start_new_session=True)
 
@@ -77,7 +77,7 @@ def test_loopback_detection():
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "::"])
 def test_ui_refuses_a_non_loopback_bind_without_allow_remote(host, tmp_path, capsys):
-    from sweeps.cli import main
+    from syncbench.sweeps.cli import main
 
     port = free_port()
     assert main(["ui", "--host", host, "--port", str(port), "--workspace", str(tmp_path / "ws")]) == 2
@@ -88,7 +88,7 @@ def test_ui_refuses_a_non_loopback_bind_without_allow_remote(host, tmp_path, cap
 
 
 def test_ui_rejects_a_port_in_use_and_an_http_tracking_uri(tmp_path, capsys):
-    from sweeps.cli import main
+    from syncbench.sweeps.cli import main
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -151,7 +151,7 @@ def tiny_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui-sweep")
     spec = root / "tiny.yaml"
     spec.write_text(TINY_SWEEP.format(base=REPO / "experiments" / "configs" / "digits_mlp.yaml"))
-    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", str(spec), "--workspace", str(root / "ws"),
+    done = subprocess.run([sys.executable, "-m", "syncbench", "sweep", str(spec), "--workspace", str(root / "ws"),
                            "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     from mlflow.tracking import MlflowClient
@@ -226,7 +226,7 @@ def test_dashboard_serves_the_sweeps_study_over_http(tiny_sweep, tmp_path):
     import json
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "dashboard", "--workspace", str(tiny_sweep["ws"]),
+    proc = subprocess.Popen([sys.executable, "-m", "syncbench", "dashboard", "--workspace", str(tiny_sweep["ws"]),
                              "--port", str(port)], cwd=REPO, stdout=open(tmp_path / "stdout", "w"),
                             stderr=open(tmp_path / "stderr", "w"), start_new_session=True)
     try:
@@ -251,7 +251,7 @@ def test_dashboard_serves_the_sweeps_study_over_http(tiny_sweep, tmp_path):
 
 
 def test_dashboard_refuses_an_unknown_sweep(tiny_sweep, capsys):
-    from sweeps.cli import main
+    from syncbench.sweeps.cli import main
 
     assert main(["dashboard", "no-such-sweep", "--workspace", str(tiny_sweep["ws"]), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err

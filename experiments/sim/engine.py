@@ -2,7 +2,7 @@
 
 Each worker has its own replica of the user's module, its optimizer (the module's own
 ``configure_optimizers``) and its data shard, and runs the strategy's worker program
-(``strategies.program``). The engine resumes the programs in virtual-time order, the way
+(``syncbench.strategies.program``). The engine resumes the programs in virtual-time order, the way
 SimGrid's SMPI runs unmodified MPI programs on a simulated platform, and charges each
 operation on the clock:
 
@@ -11,7 +11,7 @@ operation on the clock:
 * ``ReduceGradients`` / ``ReduceState``: a ring all-reduce of the payload,
   2(N-1)*alpha + 2(N-1)/N * S/beta, starting when the last (or the quorum-th) worker arrives;
   the earlier arrivals wait. With a quorum, workers still computing abandon their step.
-* With a codec (``strategies.compression``), the N workers' exchanges run in lockstep: each
+* With a codec (``syncbench.strategies.compression``), the N workers' exchanges run in lockstep: each
   collective it asks for is charged in turn (ring all-reduce as above; ring all-gather of S
   bytes per worker: (N-1)*alpha + (N-1) * S/beta), plus the encode/decode compute,
   ``codec_s_per_mb`` x the payload's MB (pinned, or measured once at the first exchange).
@@ -38,11 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
 
-from experiments.cluster_model import (
+from syncbench.experiments.cluster_model import (
     NetworkConfig,
     ServerLink,
     StragglerModel,
@@ -51,8 +50,8 @@ from experiments.cluster_model import (
     ring_allreduce_bytes,
     ring_allreduce_s,
 )
-from experiments.sharding import ShardedBatches
-from strategies.lightning_bridge import (
+from syncbench.experiments.sharding import ShardedBatches
+from syncbench.strategies.lightning_bridge import (
     ModuleOptimizer,
     TrainerStandIn,
     build_module_optimizer,
@@ -60,7 +59,7 @@ from strategies.lightning_bridge import (
     is_finite,
     training_loss,
 )
-from strategies.program import (
+from syncbench.strategies.program import (
     Compute,
     Op,
     ParameterServer,
@@ -75,8 +74,8 @@ from strategies.program import (
     load_gradient_payload_,
     state_payload,
 )
-from strategies.tensors import copy_state_, load_flat_state_
-from strategies import compression
+from syncbench.strategies.tensors import copy_state_, load_flat_state_
+from syncbench.strategies import compression
 
 
 class EventQueue:
@@ -116,7 +115,7 @@ class TimeLedger:
 
 
 class SimWorker:
-    """One virtual worker: the ``strategies.program.Worker`` its program sees, plus the
+    """One virtual worker: the ``syncbench.strategies.program.Worker`` its program sees, plus the
     engine's bookkeeping (its generator, its computation in flight, its collective count).
 
     Its replica runs as under Lightning's Trainer: a trainer stand-in (``global_step`` = the
@@ -124,7 +123,7 @@ class SimWorker:
     the matching points, and ``optimizer`` = the module's optimizer with its LR schedulers,
     gradient clipping and ``on_before_optimizer_step`` (``ModuleOptimizer``)."""
 
-    def __init__(self, rank: int, world: int, batch_size: int, module: pl.LightningModule,
+    def __init__(self, rank: int, world: int, batch_size: int, module: LightningModuleLike,
                  batches: ShardedBatches, trainer_options: Any = None,
                  metrics: Callable[[], dict[str, float]] | None = None):
         self.rank, self.world, self.batch_size = rank, world, batch_size
@@ -187,9 +186,9 @@ class _Collective:
 
 class SimEngine:
     """Runs a strategy's programs for N virtual workers; the run loop reads the clock,
-    the counters and the global model from here (``experiments.run_loop``)."""
+    the counters and the global model from here (``syncbench.experiments.run_loop``)."""
 
-    def __init__(self, strategy: Strategy, module: pl.LightningModule, train_set: Dataset, collate: Callable,
+    def __init__(self, strategy: Strategy, module: LightningModuleLike, train_set: Dataset, collate: Callable,
                  *, workers: int, batch_size: int, seed: int, step_s: float, stragglers: Any,
                  network: NetworkConfig, lr_factor: float = 1.0, trainer_options: Any = None,
                  codec_s_per_mb: float | None = None):
@@ -265,7 +264,7 @@ class SimEngine:
     def counters(self) -> tuple[int, int]:
         return self.strategy.counters(self.programs, self.server)
 
-    def global_model(self) -> pl.LightningModule:
+    def global_model(self) -> LightningModuleLike:
         self.strategy.load_global(self.eval_module, self.programs, self.server)
         return self.eval_module
 

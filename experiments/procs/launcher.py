@@ -1,21 +1,21 @@
 """The dist backend: real worker processes, each running a Lightning Trainer with one of the
-strategy's worker program (``experiments.dist.worker.ProgramStrategy``), over torch.distributed (gloo on CPU, NCCL when the
+strategy's worker program (``syncbench.experiments.procs.worker.ProgramStrategy``), over torch.distributed (gloo on CPU, NCCL when the
 module runs on CUDA).
 
-Two ways in, one entry point (``execute_dist_run``, called by ``experiments.run.execute_run``
+Two ways in, one entry point (``execute_dist_run``, called by ``syncbench.experiments.run.execute_run``
 when ``cluster.backend == "dist"``):
 
 * **launcher** (``syncbench run CFG --set cluster.backend=dist --set cluster.workers=N``):
   this process validates the config and the task (bad input raises ``ConfigError`` before
   any MLflow run exists), creates the MLflow run, starts N worker processes in a process
-  group of their own (``python -m experiments.dist.launcher --worker SPEC --rank R``, loopback
+  group of their own (``python -m syncbench.experiments.procs.launcher --worker SPEC --rank R``, loopback
   rendezvous on a free port, one intra-op thread per core each worker owns) and watches them:
   a worker that dies (non-zero exit, a signal) or hangs (its heartbeat stops for
   ``cluster.collective_timeout_s``) ends the run ``failed`` with a message naming the rank;
   the whole process group is killed (workers also die with the launcher: PR_SET_PDEATHSIG),
   and the run is marked FAILED with tag ``outcome=failed``.
 * **torchrun** (``RANK``, ``WORLD_SIZE`` and ``MASTER_ADDR`` in the environment, e.g.
-  ``torchrun --nnodes 2 --nproc-per-node 4 -m sweeps.cli run CFG --set cluster.backend=dist``):
+  ``torchrun --nnodes 2 --nproc-per-node 4 -m syncbench.sweeps.cli run CFG --set cluster.backend=dist``):
   this process is one worker of that job. ``WORLD_SIZE`` is the number of workers
   (``cluster.workers`` is set to it). Rank 0 creates the MLflow run after validation and
   marks it FAILED itself when a peer fails (it learns from the collective timeout, or from
@@ -28,7 +28,7 @@ tag ``syncbench.backend=dist``), with compute / comm / wait aggregated over rank
 (``time_wait_s``) and max (``time_wait_max_s``).
 
 Emulation (``SYNCBENCH_DIST_EMULATE`` = ``all`` (default) | ``none`` | ``stragglers`` |
-``network``, or the ``emulate=`` argument): see ``experiments.dist.worker.Emulation``.
+``network``, or the ``emulate=`` argument): see ``syncbench.experiments.procs.worker.Emulation``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from experiments import signals
+from syncbench.experiments import signals
 
 ENV_WORKER = "SYNCBENCH_DIST_WORKER"
 ENV_EMULATE = "SYNCBENCH_DIST_EMULATE"
@@ -77,7 +77,7 @@ def parse_emulate(value: str | None) -> tuple[bool, bool]:
     value = (value or os.environ.get(ENV_EMULATE) or "all").strip().lower()
     parts = {p.strip() for p in value.split(",") if p.strip()}
     if not parts <= {"all", "none", "stragglers", "network"}:
-        from experiments.config import ConfigError
+        from syncbench.experiments.config import ConfigError
 
         raise ConfigError(f"{ENV_EMULATE}={value!r}: expected all, none, stragglers, network or a comma list")
     if "all" in parts:
@@ -217,8 +217,8 @@ class StoreHeartbeat:
 def validate_dist_config(config: Any) -> None:
     """What the strategy declares this backend cannot do (config validation checks it too;
     under torchrun the world size is known only here)."""
-    from experiments.config import ConfigError
-    from strategies import STRATEGIES
+    from syncbench.experiments.config import ConfigError
+    from syncbench.strategies import STRATEGIES
 
     reason = STRATEGIES[config.strategy.name].unsupported(config.strategy.options(), "dist", config.cluster.workers)
     if reason:
@@ -226,8 +226,8 @@ def validate_dist_config(config: Any) -> None:
 
 
 def check_shards(task: Any, config: Any, world: int) -> None:
-    from experiments.config import ConfigError
-    from experiments.sharding import ShardedBatches
+    from syncbench.experiments.config import ConfigError
+    from syncbench.experiments.sharding import ShardedBatches
 
     try:
         ShardedBatches(task.train_set, 0, world, config.batch_size, config.seed, task.collate)
@@ -245,11 +245,11 @@ def execute_dist_run(config: Any, *, workspace: Any = None, tracking_uri: str | 
                      max_steps: int | None = None) -> Any:
     """Run one config on real processes and record it (see the module docstring).
 
-    Returns ``experiments.run.RunResult``; raises ``ConfigError`` on bad input (no run is
+    Returns ``syncbench.experiments.run.RunResult``; raises ``ConfigError`` on bad input (no run is
     created) and ``DistRunFailed`` when a worker fails (the run is marked FAILED).
     ``max_steps`` caps every worker at that many training steps (tests compare the backends
     step for step; strategies whose workers meet at every round only)."""
-    from experiments.workspace import default_tracking_uri, workspace_dir
+    from syncbench.experiments.workspace import default_tracking_uri, workspace_dir
 
     ws = workspace_dir(workspace)
     tracking_uri = tracking_uri or default_tracking_uri(ws)
@@ -262,7 +262,7 @@ def execute_dist_run(config: Any, *, workspace: Any = None, tracking_uri: str | 
 
 def _run_tags(extra: dict[str, str] | None, launcher: str, emulate: tuple[bool, bool], comm_backend: str,
               world: int) -> dict[str, str]:
-    from experiments.recording import environment_tags
+    from syncbench.experiments.recording import environment_tags
 
     mode = ",".join(k for k, on in zip(("stragglers", "network"), emulate) if on) or "none"
     return {**environment_tags(), "syncbench.backend": "dist", "syncbench.dist.launcher": launcher,
@@ -280,15 +280,15 @@ def _comm_backend() -> str:
 def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, tags: dict[str, str] | None,
             parent_run_id: str | None, run_name: str | None, progress: bool, emulate: str | None,
             debug_dir: Any, max_steps: int | None = None) -> Any:
-    from experiments.recording import RunRecorder, get_or_create_experiment, open_client
-    from experiments.run import (
+    from syncbench.experiments.recording import RunRecorder, get_or_create_experiment, open_client
+    from syncbench.experiments.run import (
         check_initial_target,
         measure_activation_bytes,
         one_thread,
         prepare_task,
         record_stopped_run,
     )
-    from experiments.workspace import artifacts_dir
+    from syncbench.experiments.workspace import artifacts_dir
 
     wall0 = time.time()
     act_bytes: int | None = None
@@ -328,7 +328,7 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
                 continue
             break
         if outcome.get("ok"):
-            from experiments.run import RunResult
+            from syncbench.experiments.run import RunResult
 
             return _result_from_json(RunResult, json.loads((control / "result.json").read_text()))
         message = outcome["message"]
@@ -367,7 +367,7 @@ def _result_to_json(result: Any) -> dict[str, Any]:
 
 
 def _result_from_json(result_cls: type, data: dict[str, Any]) -> Any:
-    from experiments.run_loop import Evaluation
+    from syncbench.experiments.run_loop import Evaluation
 
     evaluations = [Evaluation(**ev) for ev in data.pop("evaluations", [])]
     return result_cls(**data, evaluations=evaluations)
@@ -381,8 +381,8 @@ def _attach_logs(recorder: Any, control: Path) -> None:
         pass
 
 
-PRELOAD = ["torch", "torch.distributed", "pytorch_lightning", "mlflow.tracking", "experiments.run",
-           "experiments.dist.worker"]
+PRELOAD = ["torch", "torch.distributed", "pytorch_lightning", "mlflow.tracking", "syncbench.experiments.run",
+           "syncbench.experiments.procs.worker"]
 
 
 def _forkserver_context(config: Any) -> Any:
@@ -483,7 +483,7 @@ def _stop_workers(procs: list[Any], signum: int, wait_s: float = STOP_WAIT_S) ->
     """Pass a stop signal on to every worker (each leads its own process group, out of the
     terminal's reach) and give them ``wait_s`` to end: rank 0 flushes its buffered metrics
     and records the run KILLED; the others just leave. A second signal to the launcher ends
-    it at once (``experiments.signals``), and the workers with it."""
+    it at once (``syncbench.experiments.signals``), and the workers with it."""
     deadline = time.monotonic() + wait_s
     next_send = 0.0
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -497,7 +497,7 @@ def _stop_workers(procs: list[Any], signum: int, wait_s: float = STOP_WAIT_S) ->
 
 
 class _PopenWorker:
-    """A worker started as ``python -m experiments.dist.launcher --worker SPEC --rank R``."""
+    """A worker started as ``python -m syncbench.experiments.procs.launcher --worker SPEC --rank R``."""
 
     def __init__(self, popen: Any, log: Any):
         self.popen, self.log = popen, log
@@ -532,7 +532,7 @@ def _spawn_worker(control: Path, rank: int, world: int, port: int, threads: int)
                PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
     env[ENV_WORKER] = "1"
     log = open(control / f"rank{rank}.log", "wb")
-    popen = subprocess.Popen([sys.executable, "-m", "experiments.dist.launcher", "--worker", str(control / "spec.json"),
+    popen = subprocess.Popen([sys.executable, "-m", "syncbench.experiments.procs.launcher", "--worker", str(control / "spec.json"),
                               "--rank", str(rank), "--threads", str(threads)],
                              env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              start_new_session=True)
@@ -694,8 +694,8 @@ class _LauncherProgress:
     def __init__(self, config: Any, control: Path):
         self.control, self.bar, self._last = control, None, 0.0
         try:
-            from experiments.run import _Progress
-            from experiments.run_loop import Evaluation
+            from syncbench.experiments.run import _Progress
+            from syncbench.experiments.run_loop import Evaluation
 
             self.Evaluation = Evaluation
             self.bar = _Progress(config, True).__enter__()
@@ -726,8 +726,8 @@ class _Terminated(Exception):
 
 def _join_torchrun(config: Any, ws: Path, tracking_uri: str, experiment: str | None, tags: dict[str, str] | None,
                    parent_run_id: str | None, run_name: str | None, emulate: str | None, debug_dir: Any) -> Any:
-    from experiments.recording import get_or_create_experiment, open_client
-    from experiments.workspace import artifacts_dir
+    from syncbench.experiments.recording import get_or_create_experiment, open_client
+    from syncbench.experiments.workspace import artifacts_dir
 
     wall0 = time.time()
     emulation = parse_emulate(emulate)
@@ -779,16 +779,16 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
     import logging
     import warnings
 
-    import pytorch_lightning as pl
     import torch
     import torch.distributed as dist
     from torch.utils.data import DataLoader, Dataset
 
-    from experiments.run import RunResult, measure_activation_bytes, prepare_task, record_stopped_run, seed_everything
-    from experiments.sharding import ShardedBatches
-    from experiments.dist.worker import Comm, Emulation, ProgramStrategy, TTAMonitor, WorkerFailure, WorkerState
-    from experiments.run import build_strategy
-    from experiments.sim.engine import lr_factor
+    from syncbench.experiments.run import RunResult, measure_activation_bytes, prepare_task, record_stopped_run, seed_everything
+    from syncbench.experiments.sharding import ShardedBatches
+    from syncbench.experiments.procs.worker import Comm, Emulation, TTAMonitor, WorkerFailure, WorkerState, program_strategy_class
+    from syncbench.strategies.lightning_flavour import flavour_of
+    from syncbench.experiments.run import build_strategy
+    from syncbench.experiments.sim.engine import lr_factor
 
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -802,7 +802,7 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
         activation_bytes = measure_activation_bytes(task, config)
     _warm_up(task, config, rank, world)
     if config.checkpointing.enabled:  # DeepSpeed made a one-process group for the steps above; it
-        from strategies.checkpointing import release_deepspeed_process_group  # joins the real one next
+        from syncbench.strategies.checkpointing import release_deepspeed_process_group  # joins the real one next
 
         release_deepspeed_process_group()
     seed_everything(config.seed)
@@ -852,7 +852,8 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
         emulation = Emulation(config, rank, world, *emulate, hold_core=hold_core)
         worker = WorkerState(config, comm, emulation, monitor, debug=bool(debug_dir))
         definition = build_strategy(config)
-        strategy = ProgramStrategy(worker, definition, lr_factor(definition, config.strategy.lr_scaling))
+        lightning = flavour_of(task.module)  # the module's own Lightning drives it
+        strategy = program_strategy_class(lightning)(worker, definition, lr_factor(definition, config.strategy.lr_scaling))
         batches = ShardedBatches(task.train_set, rank, world, config.batch_size, config.seed, task.collate)
 
         class _Stream(Dataset):  # one epoch = this rank's shard (Lightning counts epochs as the sim does)
@@ -864,7 +865,7 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
                     heartbeat.steps += 1
                 return next(batches)
 
-        trainer = pl.Trainer(
+        trainer = lightning.Trainer(
             accelerator="cuda" if device.type == "cuda" else "cpu", devices=[local_rank] if device.type == "cuda" else 1,
             strategy=strategy, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_epochs=-1, max_steps=max_steps or -1,
@@ -940,7 +941,7 @@ def _fail_orphaned_run(run_id: str, store_hb: "StoreHeartbeat | None", world: in
             return  # rank 0 is alive and marks its own run
     time.sleep(grace_s)
     with contextlib.suppress(Exception):
-        from experiments.recording import open_client
+        from syncbench.experiments.recording import open_client
 
         client = open_client(tracking_uri)
         if client.get_run(run_id).info.status == "RUNNING":
@@ -958,8 +959,8 @@ def _warm_up(task: Any, config: Any, rank: int, world: int, steps: int = 2) -> N
 
     import torch
 
-    from strategies.lightning_bridge import build_optimizer, take_logged, training_loss
-    from experiments.sharding import ShardedBatches
+    from syncbench.strategies.lightning_bridge import build_optimizer, take_logged, training_loss
+    from syncbench.experiments.sharding import ShardedBatches
 
     rng = torch.get_rng_state()
     module = copy.deepcopy(task.module)
@@ -983,7 +984,7 @@ def _failure_message(exc: BaseException, rank: int, store_hb: StoreHeartbeat | N
 
 
 def _open_recorder(attach: dict[str, Any] | None, create: dict[str, Any] | None) -> Any:
-    from experiments.recording import RunRecorder, open_client
+    from syncbench.experiments.recording import RunRecorder, open_client
 
     if create is not None:
         return RunRecorder(create["client"], create["experiment_id"], create["run_name"], tags=create["tags"],
@@ -993,7 +994,7 @@ def _open_recorder(attach: dict[str, Any] | None, create: dict[str, Any] | None)
 
 
 def _attached_recorder_class() -> type:
-    from experiments.recording import RunRecorder
+    from syncbench.experiments.recording import RunRecorder
 
     class _Attached(RunRecorder):
         """A ``RunRecorder`` on a run the launcher created (same buffering, names and timestamps)."""
@@ -1076,7 +1077,7 @@ def _final_outcome(worker: Any, comm: Any) -> str:
 
 def _record(config: Any, recorder: Any, monitor: Any, worker: Any, strategy: Any, rows: list[dict[str, float]],
             wall0: float, activation_bytes: int | None, RunResult: Any) -> Any:  # noqa: N803
-    from experiments.run import record_finished_run
+    from syncbench.experiments.run import record_finished_run
 
     res = monitor.result
     led = worker.ledger
@@ -1109,12 +1110,12 @@ def _dump_debug(directory: Path, rank: int, worker: Any, strategy: Any, rows: li
 
 
 # ------------------------------------------------------------------------------------------
-# `python -m experiments.dist.launcher --worker SPEC --rank R`: one worker started by the launcher
+# `python -m syncbench.experiments.procs.launcher --worker SPEC --rank R`: one worker started by the launcher
 # ------------------------------------------------------------------------------------------
 def _worker_main(argv: list[str]) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="experiments.dist.launcher")
+    parser = argparse.ArgumentParser(prog="syncbench.experiments.procs.launcher")
     parser.add_argument("--worker", required=True)
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)
@@ -1134,7 +1135,7 @@ def _worker_main(argv: list[str]) -> None:
         torch.set_num_threads(args.threads)
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
-        from experiments.config import RunConfig
+        from syncbench.experiments.config import RunConfig
 
         config = RunConfig.model_validate(spec["config"])
         run_worker(config, rank=args.rank, world=config.cluster.workers, local_world=config.cluster.workers,

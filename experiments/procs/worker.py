@@ -38,18 +38,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytorch_lightning as pl
+import functools
+
 import torch
 import torch.distributed as dist
-from pytorch_lightning.strategies import Strategy
 
-from experiments.cluster_model import StragglerModel, exchange_model_s, ring_allreduce_bytes, ring_allreduce_s
-from experiments.config import RunConfig
-from experiments.dist.buckets import GradBuckets
-from experiments.run_loop import Evaluation, TTATracker
-from experiments.sim.engine import scale_lr_
-from strategies.lightning_bridge import ModuleOptimizer, TrainerStandIn, build_module_optimizer, evaluate, is_finite
-from strategies.program import (
+from syncbench.experiments.cluster_model import StragglerModel, exchange_model_s, ring_allreduce_bytes, ring_allreduce_s
+from syncbench.experiments.config import RunConfig
+from syncbench.experiments.procs.buckets import GradBuckets
+from syncbench.experiments.run_loop import Evaluation, TTATracker
+from syncbench.experiments.sim.engine import scale_lr_
+from syncbench.strategies.lightning_bridge import LightningModuleLike, ModuleOptimizer, TrainerStandIn, build_module_optimizer, evaluate, is_finite
+from syncbench.strategies.program import (
     Compute,
     PushPull,
     ReduceGradients,
@@ -60,8 +60,8 @@ from strategies.program import (
     gradient_payload,
     load_gradient_payload_,
 )
-from strategies.program import Strategy as StrategyDef
-from strategies.tensors import flat_state, float_buffers, load_flat_state_, state_numel, trainable
+from syncbench.strategies.program import Strategy as StrategyDef
+from syncbench.strategies.tensors import flat_state, float_buffers, load_flat_state_, state_numel, trainable
 
 
 class WorkerFailure(RuntimeError):
@@ -220,7 +220,7 @@ class Emulation:
       communication time (the last arrival's blocked time), so the emulated transfer starts
       after the last arrival, as the sim charges it; a real network slower than the model is
       never sped up. Parameter-server transfers queue on one emulated link
-      (``experiments.dist.server.ServerLink``).
+      (``syncbench.experiments.procs.server.ServerLink``).
     """
 
     def __init__(self, config: RunConfig, rank: int, world: int, stragglers: bool, network: bool,
@@ -366,7 +366,7 @@ class TTAMonitor:
     produce it (and once the clock passes the budget); the TTA rules are the run loop's
     ``TTATracker``, the same in both backends."""
 
-    def __init__(self, config: RunConfig, eval_module: pl.LightningModule, val_batches: list[Any],
+    def __init__(self, config: RunConfig, eval_module: LightningModuleLike, val_batches: list[Any],
                  on_eval: Callable[[Evaluation], None] | None = None):
         self.config = config
         self.eval_module = eval_module
@@ -376,7 +376,7 @@ class TTAMonitor:
         self.eval_total = 0.0
         self.next_eval = config.eval.every_s
         self.tracker = TTATracker(config)
-        self.result = self.tracker.result  # experiments.run_loop.LoopResult
+        self.result = self.tracker.result  # syncbench.experiments.run_loop.LoopResult
 
     def start(self, now: float) -> None:
         if self.t0 is None:
@@ -391,7 +391,7 @@ class TTAMonitor:
         c = self.clock()
         return c >= self.next_eval or c >= self.config.budget.train_time_s
 
-    def evaluate(self, load: Callable[[pl.LightningModule], None], counters: dict[str, float],
+    def evaluate(self, load: Callable[[LightningModuleLike], None], counters: dict[str, float],
                  diverged: bool = False) -> tuple[str | None, float]:
         """Evaluate the global model (``load`` copies it into the evaluation module);
         returns (outcome or None, seconds spent, to be excluded from the clock)."""
@@ -521,7 +521,7 @@ class _Overlapped:
 
 
 class DistWorker:
-    """The ``strategies.program.Worker`` a program sees in a real process."""
+    """The ``syncbench.strategies.program.Worker`` a program sees in a real process."""
 
     def __init__(self, face: "ProgramStrategy", optimizer: torch.optim.Optimizer):
         comm = face.worker.comm
@@ -538,8 +538,9 @@ class DistWorker:
         return [emulation.model.expected_factor(r) if emulation.stragglers_on else 1.0 for r in range(self.world)]
 
 
-class ProgramStrategy(Strategy):
-    """Lightning sees a single process (rank 0 of 1); we run the strategy's worker program
+class ProgramStrategy:
+    """The Lightning ``Strategy`` of a worker, for either Lightning package: combined with that
+    package's ``Strategy`` base by ``program_strategy_class``. Lightning sees a single process (rank 0 of 1); we run the strategy's worker program
     over our own process groups (see the module docstring).
 
     Control rides with the program's own communication: strategies that reduce (sync, local
@@ -560,7 +561,7 @@ class ProgramStrategy(Strategy):
         self._step_begin = 0.0
         self._step_excluded = 0.0  # blocked / padding / evaluation seconds inside the current step
         self.program: WorkerProgram | None = None
-        self.server: Any = None  # experiments.dist.server.ServerThread on rank 0
+        self.server: Any = None  # syncbench.experiments.procs.server.ServerThread on rank 0
         self.pulled = 0
         self._round_done = False
         self._stop_flag = False
@@ -597,7 +598,7 @@ class ProgramStrategy(Strategy):
         return tensor
 
     @property
-    def module(self) -> pl.LightningModule:
+    def module(self) -> LightningModuleLike:
         assert self.lightning_module is not None
         return self.lightning_module
 
@@ -640,7 +641,7 @@ class ProgramStrategy(Strategy):
             import copy
             import sys
 
-            from experiments.dist.server import ServerThread
+            from syncbench.experiments.procs.server import ServerThread
 
             monitor = self.worker.monitor
             server_module = monitor.eval_module if monitor is not None else copy.deepcopy(self.module).cpu()
@@ -890,8 +891,8 @@ class ProgramStrategy(Strategy):
         """A ReduceGradients / ReduceState with a codec: the whole payload after backward (no
         bucket overlap), the codec's collectives on the main group, the exchange vector on
         the control group alongside."""
-        from experiments.dist.compressed import run_exchange
-        from strategies import compression
+        from syncbench.experiments.procs.compressed import run_exchange
+        from syncbench.strategies import compression
 
         comm, worker = self.worker.comm, self.worker
         payload = compression.op_payload(op, self.module)
@@ -1007,7 +1008,7 @@ class ProgramStrategy(Strategy):
         return self._push_pull_remote(payload)
 
     def _push_pull_remote(self, payload: torch.Tensor) -> bool:
-        from experiments.dist.server import R_APPLIED, R_QUEUE, R_STOP, R_VERSION, push_pull_remote
+        from syncbench.experiments.procs.server import R_APPLIED, R_QUEUE, R_STOP, R_VERSION, push_pull_remote
 
         worker = self.worker
         reply, state, blocked = push_pull_remote(worker, payload, self.pulled, self.n_state, self.dtype)
@@ -1026,7 +1027,7 @@ class ProgramStrategy(Strategy):
         return bool(reply[R_APPLIED] > 0)
 
     def _push_pull_local(self, payload: torch.Tensor) -> bool:
-        from experiments.dist.server import sleep_until
+        from syncbench.experiments.procs.server import sleep_until
 
         server, worker = self.server, self.worker
         loss_sum, loss_n = worker.take_losses()
@@ -1136,7 +1137,7 @@ class ProgramStrategy(Strategy):
         counters.update(self.definition.curve_metrics(self._programs(), self._server_state()))
         return counters
 
-    def _maybe_evaluate(self, load: Callable[[pl.LightningModule], None], counters: Callable[[], dict[str, float]],
+    def _maybe_evaluate(self, load: Callable[[LightningModuleLike], None], counters: Callable[[], dict[str, float]],
                         force: bool = False) -> str | None:
         """On rank 0, evaluate when due (or forced by divergence); returns the outcome once decided."""
         worker, monitor = self.worker, self.worker.monitor
@@ -1181,3 +1182,11 @@ class ProgramStrategy(Strategy):
             state["version"] = self.server.server.version
             state["staleness"] = dict(getattr(self.server.server, "staleness", {}))
         return state
+
+
+@functools.cache
+def program_strategy_class(flavour: Any) -> type:
+    """``ProgramStrategy`` on ``flavour.strategies.Strategy``: a module written against
+    ``lightning.pytorch`` is trained by that package's Trainer and needs its Strategy class
+    (the two packages' class hierarchies are separate; strategies/lightning_flavour.py)."""
+    return type("ProgramStrategy", (ProgramStrategy, flavour.strategies.Strategy), {"__module__": __name__})

@@ -1,5 +1,5 @@
 """The dist backend's compressed exchange: one worker's codec exchange
-(``strategies.compression``) carried out over torch.distributed.
+(``syncbench.strategies.compression``) carried out over torch.distributed.
 
 Each ``AllReduce`` is a real ``dist.all_reduce`` (sum) of the yielded tensor in its own dtype
 (fp16/bf16 travel as such), each ``AllGather`` a real ``dist.all_gather``; the sim backend
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from strategies import compression
+from syncbench.strategies import compression
 
 
 def run_exchange(exchange: compression.Exchange, group: Any, world: int) -> tuple[torch.Tensor, float,

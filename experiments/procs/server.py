@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from experiments.cluster_model import point_to_point_s
-from experiments.dist.worker import WorkerFailure
-from strategies.program import ParameterServer
-from strategies.tensors import flat_state, state_numel
+from syncbench.experiments.cluster_model import point_to_point_s
+from syncbench.experiments.procs.worker import WorkerFailure
+from syncbench.strategies.program import ParameterServer
+from syncbench.strategies.tensors import flat_state, state_numel
 
 if TYPE_CHECKING:
-    from experiments.dist.worker import WorkerState
+    from syncbench.experiments.procs.worker import WorkerState
 
 # push header (worker -> server), float64
 H_VERSION, H_LOSS_SUM, H_LOSS_N, H_DIVERGED, H_COMPUTE, H_COMM, H_WAIT, H_STEPS, H_SENT = range(9)

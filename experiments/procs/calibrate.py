@@ -163,7 +163,7 @@ def _net_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, o
 def transfer_times(sizes: list[int], world: int = 2, reps: int = 25) -> tuple[dict[int, float], dict[int, float]]:
     """(all-reduce seconds by size: the slowest rank's median; one-way point-to-point seconds
     by size) measured in ``world`` fresh gloo processes on this machine (``python -m
-    experiments.dist.calibrate --net-worker ...``: no dependence on the caller's main module)."""
+    syncbench.experiments.procs.calibrate --net-worker ...``: no dependence on the caller's main module)."""
     import json
     import subprocess
     import sys
@@ -176,7 +176,7 @@ def transfer_times(sizes: list[int], world: int = 2, reps: int = 25) -> tuple[di
     env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     with tempfile.TemporaryDirectory(prefix="syncbench-net-") as tmp:
         outs = [Path(tmp) / f"rank{r}.json" for r in range(world)]
-        procs = [subprocess.Popen([sys.executable, "-m", "experiments.dist.calibrate", "--net-worker", str(r),
+        procs = [subprocess.Popen([sys.executable, "-m", "syncbench.experiments.procs.calibrate", "--net-worker", str(r),
                                    str(world), str(port), ",".join(map(str, sizes)), str(reps), str(outs[r])],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for r in range(world)]
@@ -231,7 +231,7 @@ def measurement_config(config: Any, workers: int, budget_s: float, strategy: str
     """A measurement run: the task as configured, N dist workers, no stragglers, an unreachable
     target, ``budget_s`` of training clock. ``strategy``: ``compute`` = local SGD that never
     synchronises (no communication at all), ``sync`` or ``async`` = that strategy's rounds."""
-    from experiments.config import apply_overrides, validate_config
+    from syncbench.experiments.config import apply_overrides, validate_config
 
     raw = config.model_dump(mode="json")
     unreachable = 1e30 if config.target.mode == "max" else -1e30
@@ -248,7 +248,7 @@ def measurement_config(config: Any, workers: int, budget_s: float, strategy: str
 
 
 def _dist_run(cfg: Any, tmp: Path, tag: str, debug: bool) -> tuple[Any, Path]:
-    from experiments.dist.launcher import execute_dist_run
+    from syncbench.experiments.procs.launcher import execute_dist_run
 
     ws, debug_dir = tmp / "ws", tmp / f"debug-{tag}"
     result = execute_dist_run(cfg, workspace=ws, tracking_uri=f"sqlite:///{ws / 'mlflow.db'}",
@@ -266,7 +266,7 @@ def measure_loop(config: Any, workers: int, strategy: str = "compute", budget_s:
     slowest rank's; ``clock_per_update_s`` as the run records it."""
     import torch
 
-    from experiments.dist.launcher import under_torchrun
+    from syncbench.experiments.procs.launcher import under_torchrun
 
     cfg = measurement_config(config, workers, budget_s, strategy)
     with tempfile.TemporaryDirectory(prefix="syncbench-calibrate-") as tmp:
@@ -306,8 +306,8 @@ def measure_compute(config: Any, workers: int, budget_s: float = 3.0) -> dict[st
 def payload_sizes(config: Any) -> dict[str, int]:
     """Bytes the strategies move for this task: gradients (sync, async push) and the whole
     float state (local SGD's average, async's pull)."""
-    from experiments.run import one_thread, prepare_task
-    from strategies.tensors import flat_state, trainable
+    from syncbench.experiments.run import one_thread, prepare_task
+    from syncbench.strategies.tensors import flat_state, trainable
 
     with one_thread():
         task = prepare_task(config)
@@ -363,7 +363,7 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
         raise ValueError(f"repeats {repeats}: must be at least 1")
     import torch
 
-    from experiments.dist.launcher import under_torchrun
+    from syncbench.experiments.procs.launcher import under_torchrun
 
     say = log or (lambda msg: None)
     torchrun = under_torchrun()
@@ -429,9 +429,9 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
 
     # With stragglers whose factors go below 1 (lognormal), the dist backend's emulation pads
     # each step to f x a base step that fast steps can still reach: the measured step over the
-    # factors' 1st percentile (experiments.dist.worker.Emulation). The sim must be timed on
+    # factors' 1st percentile (syncbench.experiments.procs.worker.Emulation). The sim must be timed on
     # that same base for the two clocks to describe one cluster.
-    from experiments.cluster_model import StragglerModel
+    from syncbench.experiments.cluster_model import StragglerModel
 
     low = StragglerModel(config.cluster.stragglers, workers, config.seed).low_factor()
     profile_step_s = step_s / low
@@ -505,7 +505,7 @@ def load_profile(path: str | os.PathLike) -> dict[str, Any]:
     """The profile's config keys as ``{dotted key: value}`` (metadata stripped). Raises
     ``ConfigError`` naming the key for anything but known ``cluster.compute`` /
     ``cluster.network`` keys, and for values of the wrong type."""
-    from experiments.config import ClusterConfig, ConfigError, ComputeConfig, NetworkConfig, flatten, read_yaml
+    from syncbench.experiments.config import ClusterConfig, ConfigError, ComputeConfig, NetworkConfig, flatten, read_yaml
     from pydantic import ValidationError
 
     raw = read_yaml(path)
@@ -539,7 +539,7 @@ def profile_overrides(path: str | os.PathLike) -> list[str]:
     read back identically), to go before the user's own ``--set`` items so that those win."""
     import yaml
 
-    from experiments.config import parse_override
+    from syncbench.experiments.config import parse_override
 
     items = []
     for key, value in load_profile(path).items():
@@ -552,7 +552,7 @@ def profile_overrides(path: str | os.PathLike) -> list[str]:
 
 def check_writable(path: str | os.PathLike) -> Path:
     """``--out``: refuse (``ConfigError``) a path that cannot be written, before measuring."""
-    from experiments.config import ConfigError
+    from syncbench.experiments.config import ConfigError
 
     out = Path(path).expanduser().resolve()
     if out.is_dir():

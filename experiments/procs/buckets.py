@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from strategies.tensors import trainable
+from syncbench.strategies.tensors import trainable
 
 
 @dataclass
