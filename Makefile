@@ -8,10 +8,11 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# torch is pinned to the CPU wheel on local disk first: a bare `torch` would pull a CUDA build.
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+# Every version comes from constraints.txt (today's tested set; pyproject.toml has ranges). torch
+# first, pinned to the CPU wheel on local disk: a bare `torch` would pull a CUDA build.
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,7 +24,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q -rs -m timing tests
 
 demo: setup
-	$(VENV)/bin/syncbench sweep sweeps/specs/demo.yaml --jobs 2
+	$(VENV)/bin/syncbench sweep demo --jobs 2
 	$(VENV)/bin/syncbench report demo
 
 clean:

@@ -19,9 +19,11 @@ from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from syncbench.analysis.reader import SweepData, strategy_sort_key, variant_label, variant_sort_key  # noqa: E402
 from syncbench.analysis.summary import CellSummary  # noqa: E402
+from syncbench.strategies.registry import flat_options, traits  # noqa: E402 - torch-free: options models declare them
 
-STRATEGY_COLORS = {"sync": "#1f77b4", "local_sgd": "#2ca02c", "async": "#d62728"}
-EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+# for a strategy that declares no display_color (or one no longer registered): the first of
+# these that no shipped strategy declares
+EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e", "#aec7e8"]
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "D", "v", "P", "X"]
 PART_COLORS = {"compute": "#4c72b0", "comm": "#dd8452", "wait": "#c44e52"}
@@ -31,10 +33,15 @@ STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fo
 
 
 def strategy_color(name: str, _extra: dict[str, str] = {}) -> str:  # noqa: B006 - deliberate memo
-    if name in STRATEGY_COLORS:
-        return STRATEGY_COLORS[name]
+    """The strategy's declared ``display_color``; else one of the spare colours, the same for a
+    name throughout."""
+    declared = traits(name).display_color
+    if declared:
+        return declared
     if name not in _extra:
-        _extra[name] = EXTRA_COLORS[len(_extra) % len(EXTRA_COLORS)]
+        taken = {m.traits.display_color for m in flat_options().values()}  # no strategy file imported
+        spare = [c for c in EXTRA_COLORS if c not in taken] or EXTRA_COLORS
+        _extra[name] = spare[len(_extra) % len(spare)]
     return _extra[name]
 
 
@@ -276,15 +283,21 @@ def plot_sync_breakdown(sweep: SweepData, cells: list[CellSummary], out_dir: Pat
 
 
 def plot_staleness(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> Plot | None:
-    async_cells = [c for c in cells if c.strategy == "async" and any(r.run_id in sweep.staleness for r in c.usable)]
-    if not async_cells:
+    """One panel per strategy with a parameter server (and variant): every such strategy
+    records the staleness of the pushes its server applies."""
+    server_cells = [c for c in cells if traits(c.strategy).has_parameter_server
+                    and any(r.run_id in sweep.staleness for r in c.usable)]
+    if not server_cells:
         return None
-    variants = sorted({c.variant for c in async_cells}, key=variant_sort_key)
-    fig, axes = plt.subplots(1, len(variants), figsize=(min(10.0, 7.0 * len(variants) ** 0.8), 4.2), squeeze=False)
-    all_n = sorted({c.workers for c in async_cells})
+    panels = sorted({(c.strategy, c.variant) for c in server_cells},
+                    key=lambda p: (strategy_sort_key(p[0]), variant_sort_key(p[1])))
+    fig, axes = plt.subplots(1, len(panels), figsize=(min(10.0, 7.0 * len(panels) ** 0.8), 4.2), squeeze=False)
+    all_n = sorted({c.workers for c in server_cells})
     cmap = plt.get_cmap("viridis")
-    for ax, variant in zip(axes.flat, variants):
-        for c in sorted((c for c in async_cells if c.variant == variant), key=lambda c: c.workers):
+    many_strategies = len({strategy for strategy, _ in panels}) > 1
+    for ax, (strategy, variant) in zip(axes.flat, panels):
+        for c in sorted((c for c in server_cells if c.strategy == strategy and c.variant == variant),
+                        key=lambda c: c.workers):
             total: dict[int, int] = defaultdict(int)
             seeds = 0
             for r in c.usable:
@@ -305,17 +318,18 @@ def plot_staleness(sweep: SweepData, cells: list[CellSummary], out_dir: Path) ->
             ax.axvline(mean, color=color, ls=":", lw=1)
         ax.set_xlabel("staleness (updates applied between pull and push)")
         ax.set_ylabel("share of updates")
-        if len(variants) > 1:
-            ax.set_title(_variant_label(variant))
+        if len(panels) > 1:
+            ax.set_title(_series_label(strategy, variant, True) if many_strategies else _variant_label(variant))
         ax.grid(True, alpha=0.25)
         ax.legend(framealpha=0.9)
-    fig.suptitle("Asynchronous SGD: staleness distribution per worker count")
+    names = sorted({strategy for strategy, _ in panels}, key=strategy_sort_key)
+    fig.suptitle(f"Parameter server ({', '.join(names)}): staleness distribution per worker count")
     fig.tight_layout()
     _save(fig, out_dir, "staleness.png")
-    return Plot("staleness.png", "Async staleness distribution",
-                "Distribution of the staleness of applied gradients, pooled over seeds (staleness.json of each "
-                "async run); dotted lines mark the means. With homogeneous workers the mean is close to N − 1; "
-                "stragglers and a congested server link widen the distribution.")
+    return Plot("staleness.png", "Staleness distribution on the parameter server",
+                "Distribution of the staleness of the updates a parameter server applied, pooled over seeds "
+                f"(staleness.json of each run of {', '.join(names)}); dotted lines mark the means. With homogeneous "
+                "workers the mean is close to N − 1; stragglers and a congested server link widen the distribution.")
 
 
 def plot_memory(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> Plot | None:
@@ -407,7 +421,8 @@ def make_plots(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> tup
         (plot_curves, "no metric history could be read"),
         (plot_efficiency, "the sweep has a single worker count"),
         (plot_sync_breakdown, "the sweep has no finished sync runs"),
-        (plot_staleness, "the sweep has no async runs with a staleness.json artifact"),
+        (plot_staleness, "the sweep has no runs of a strategy with a parameter server with a staleness.json "
+                         "artifact"),
         (plot_memory, "the sweep has no runs with checkpointing.enabled=true"),
     ]
     for maker, why_not in makers:

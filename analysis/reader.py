@@ -1,6 +1,6 @@
 """Reading a sweep back from MLflow (any tracking URI).
 
-Conventions (sweeps/, DESIGN.md): one MLflow experiment per sweep, named after it; a parent
+Conventions (docs/metrics.md, "A sweep"): one MLflow experiment per sweep, named after it; a parent
 run tagged ``syncbench.sweep=<name>``, ``syncbench.role=parent``; one child run per trial
 tagged ``syncbench.role=trial``, ``syncbench.cell="k=v,k=v"``, ``syncbench.seed`` and
 ``syncbench.phase=eval|tune``. The report uses ``phase=eval`` runs; tune trials are
@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 
 from syncbench.experiments.config import ConfigError
+from syncbench.strategies.registry import traits  # torch-free: each strategy's options model declares them
 
-STRATEGY_ORDER = ("sync", "local_sgd", "async")
 CENSORED_OUTCOMES = ("budget", "diverged")
 USABLE_OUTCOMES = ("reached", *CENSORED_OUTCOMES)
 AXIS_KEYS = ("strategy.name", "cluster.workers")  # the table's rows; the rest of a cell is its "variant"
 MAX_READ_THREADS = 8
-STEP_SAMPLES_TAG = "syncbench.step_time_samples"  # syncbench.experiments.run.STEP_SAMPLES_TAG
-MEMORY_LIMIT_TAG = "syncbench.memory_limit_bytes"  # syncbench.sweeps.launcher.MEMORY_LIMIT_TAG
+STEP_SAMPLES_TAG = "syncbench.step_time_samples"  # syncbench.experiments.sim.calibration.STEP_SAMPLES_TAG
+MEMORY_LIMIT_TAG = "syncbench.memory_limit_bytes"  # syncbench.sweeps.coordinator.MEMORY_LIMIT_TAG
 
 
 def parse_cell(cell: str) -> dict[str, str]:
@@ -251,7 +251,8 @@ def variant_sort_key(variant: tuple[tuple[str, str], ...]) -> tuple:
 
 
 def strategy_sort_key(name: str) -> tuple[int, str]:
-    return (STRATEGY_ORDER.index(name) if name in STRATEGY_ORDER else len(STRATEGY_ORDER), name)
+    """Tables and legends list strategies by their declared ``display_order``, then by name."""
+    return (traits(name).display_order, name)
 
 
 def _record(run) -> RunRecord:
@@ -338,7 +339,8 @@ def load_sweep(client, name: str, tracking_uri: str, *, curves: bool = True) -> 
                      superseded=superseded, unfinished=unfinished)
     if curves:
         data.curves = read_curves(client, [r.run_id for r in data.usable_runs], data.target_metric)
-    data.staleness = read_staleness(client, [r for r in data.usable_runs if r.strategy == "async"])
+    # every strategy with a parameter server records its staleness histogram (staleness.json)
+    data.staleness = read_staleness(client, [r for r in data.usable_runs if traits(r.strategy).has_parameter_server])
     return data
 
 

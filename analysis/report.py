@@ -22,19 +22,20 @@ from urllib.parse import urlsplit, urlunsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from syncbench.analysis.claims import COMBINE_RULE, NOT_TESTABLE, Claim, evaluate_claims
+from syncbench.analysis.claims import evaluate_claims
 from syncbench.analysis.plots import Plot, make_plots
 from syncbench.analysis.reader import SweepData, load_sweep, resolve_tracking_uri, short_key, strategy_sort_key
 from syncbench.analysis.stats import ALPHA, CONFIDENCE, N_BOOT, N_PERM
 from syncbench.analysis.summary import CellSummary, summarize_cells, summary_csv
 from syncbench.analysis.threats import Threat, compute_threats
+from syncbench.analysis.verdicts import COMBINE_RULE, NOT_TESTABLE, Claim
 from syncbench.experiments.config import ConfigError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 REPORT_FILES = ("report.html", "report.md", "summary.csv", "claims.json", "threats.json")
 STEP_SOURCES = {"pinned": "pinned in the config", "calibrated": "calibrated by each run on its machine",
                 "sweep": "calibrated once per task by the sweep"}
-EVAL_RESOLUTION_LIMIT = 0.05  # DESIGN.md: the eval interval should be <= 5% of the 1-worker TTA
+EVAL_RESOLUTION_LIMIT = 0.05  # docs/claims.md: the eval interval should be <= 5% of the 1-worker TTA
 
 
 @dataclass

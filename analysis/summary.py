@@ -1,6 +1,6 @@
 """The summary table: one row per cell (strategy x workers, and any other grid key).
 
-Per cell, over its seeds (DESIGN.md "Time-to-accuracy rules"):
+Per cell, over its seeds (docs/metrics.md; README.md, "What gets measured"):
 - TTA: median and min–max; with >= 5 seeds also the MLPerf mean (drop fastest and slowest).
   Censored runs count as slower than every run that reached the target; a median that
   falls on a censored run is reported as "> budget", and a cell with fewer than 2 seeds

@@ -1,4 +1,4 @@
-"""Threats to validity, computed from a sweep's runs (DESIGN.md "Sweep spec").
+"""Threats to validity, computed from a sweep's runs (docs/claims.md).
 
 Each threat names what could make a verdict or a number wrong, with the evidence from this
 sweep, and whether it is *inherent* to a simulated cluster (it would remain in any sim
@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from syncbench.analysis.claims import Claim
-from syncbench.analysis.reader import SweepData
+from syncbench.analysis.reader import SweepData, strategy_sort_key
 from syncbench.analysis.summary import CellSummary
+from syncbench.analysis.verdicts import Claim
 
-EVAL_RESOLUTION_LIMIT = 0.05  # DESIGN.md: the eval interval should be <= 5% of the TTA it resolves
+EVAL_RESOLUTION_LIMIT = 0.05  # docs/claims.md: the eval interval should be <= 5% of the TTA it resolves
 TUNED_TAG = "syncbench.tuned_from"
 
 
@@ -53,7 +53,7 @@ def untuned_cross_n(sweep: SweepData, cells: list[CellSummary]) -> Threat | None
     scaling = sorted({r.params.get("strategy.lr_scaling", "none") for r in runs} - {"none", "None"})
     if scaling:
         detail += f" strategy.lr_scaling={', '.join(scaling)} rescales the learning rate by rule; it is not tuned."
-    for strategy in ("sync", "local_sgd", "async"):
+    for strategy in sorted({c.strategy for c in cells}, key=strategy_sort_key):
         have = sorted((c for c in cells if c.strategy == strategy and c.samples_to_target_median is not None),
                       key=lambda c: c.workers)
         if len(have) >= 2 and have[-1].samples_to_target_median > 1.5 * have[0].samples_to_target_median:

@@ -141,7 +141,7 @@ def timed_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, st
 
 def _raw_worker(kind: str, rank: int, world: int, port: int, steps: int, warmup: int, queue: Any,
                 stat: str = "median") -> None:
-    from syncbench.experiments.procs.launcher import threads_per_worker
+    from syncbench.experiments.procs.environment import threads_per_worker
 
     # the intra-op threads our dist workers get on this machine: a baseline with fewer threads
     # than the program it is compared with would measure the thread count, not the harness

@@ -1,8 +1,9 @@
 """Fidelity of the simulator: with a profile from `syncbench calibrate` at N=2, is the sim
-backend's training clock per update within ±20% of the dist backend's, for sync, local SGD
-(H=8) and async, on digits_mlp and mnist1d_cnn, without stragglers and with lognormal sigma 0.3?
+backend's training clock per update within ±20% of the dist backend's, for every registered
+strategy with its default options (sync, local SGD with H=8, async, ...), on digits_mlp and
+mnist1d_cnn, without stragglers and with lognormal sigma 0.3?
 
-    python -m benchmarks.dist_fidelity [--budget 3] [--tasks digits_mlp,mnist1d_cnn]
+    python -m benchmarks.dist_fidelity [--budget 3] [--tasks digits_mlp,mnist1d_cnn] [--strategies sync,async]
 
 For each task: ``syncbench.experiments.procs.calibrate.calibrate`` at N=2 (the dist backend's own loop
 without communication for ``step_s``; gloo all-reduce timings fitted to the ring model for
@@ -21,7 +22,7 @@ disagree.
 Straggler cells use the profile `syncbench calibrate` writes for a straggler config: step_s =
 the compute-only step divided by the factor distribution's 1st percentile (about 2.1x the real
 step at sigma 0.3, so that fast steps can be padded too); the sim times steps around it and the
-dist backend's emulation pads around it (syncbench.experiments.procs.worker.Emulation). Known causes of disagreement
+dist backend's emulation pads around it (syncbench.experiments.procs.emulation.Emulation). Known causes of disagreement
 (docs/backends.md): on a small shared machine the load of other processes changes between the
 calibration and each run (one launch can run 20% off the next); in the sync straggler cells
 the fast rank waits inside gloo, and on this machine a core that waited runs the next step
@@ -42,9 +43,6 @@ from benchmarks.dist_common import load_note
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {"digits_mlp": "experiments/configs/digits_mlp.yaml", "mnist1d_cnn": "experiments/configs/mnist1d_cnn.yaml"}
-STRATEGIES = {"sync": {"strategy.name": "sync"},
-              "local_sgd(H=8)": {"strategy.name": "local_sgd", "strategy.local_steps": 8},
-              "async": {"strategy.name": "async"}}
 STRAGGLERS = {"none": {"cluster.stragglers": {"kind": "none"}},
               "lognormal(0.3)": {"cluster.stragglers": {"kind": "lognormal", "sigma": 0.3}}}
 TARGET_LO, TARGET_HI = 0.8, 1.2
@@ -65,7 +63,7 @@ def per_update(result: Any) -> dict[str, float]:
     last = result.evaluations[-1]
     updates = max(1, last.updates)
     m = last.metrics
-    return {"clock": result.clock_s / updates, "updates": last.updates,
+    return {"clock": result.clock_s / updates, "updates": last.updates, "samples": last.samples,
             **{k: m.get(f"time_{k}_s", math.nan) / updates for k in ("compute", "comm", "wait")}}
 
 
@@ -76,7 +74,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="dist runs per cell, interleaved over the cells; "
                         "the ratio uses their median (one launch can run 20%% off the next on a shared machine)")
     parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--strategies", default=None, help="comma-separated registry names (default: every "
+                        "registered strategy, with its default options)")
     args = parser.parse_args()
+    from syncbench.strategies.registry import OPTIONS
+
+    strategies = args.strategies.split(",") if args.strategies else list(OPTIONS)
+    unknown = [s for s in strategies if s not in OPTIONS]
+    if unknown:
+        parser.error(f"--strategies: not registered: {', '.join(unknown)} (registered: {', '.join(OPTIONS)})")
     from syncbench.experiments.procs.calibrate import calibrate, load_profile, profile_yaml
     from syncbench.experiments.config import load_config
     from syncbench.experiments.run import execute_run
@@ -104,7 +110,7 @@ def main() -> None:
               f"{merged['cluster.network.server_latency_s'] * 1e6:.1f} us (point-to-point fit "
               f"{meta['point_to_point_fit']['latency_s'] * 1e6:.1f} us), server bandwidth "
               f"{merged['cluster.network.server_bandwidth_gbps']:.3g} Gbit/s", flush=True)
-        cells = [(sname, gname, {**scell, **gcell}) for sname, scell in STRATEGIES.items()
+        cells = [(sname, gname, {"strategy.name": sname, **gcell}) for sname in strategies
                  for gname, gcell in STRAGGLERS.items()]
 
         def profile_for(cell: dict[str, Any]) -> dict[str, Any]:
@@ -136,7 +142,8 @@ def main() -> None:
             # where they disagree: the dist backend's compute per worker step (straggler padding
             # included) against the cell's step_s -- load from other processes since the
             # calibration, or a sync step's all-reduce work inside backward
-            steps_per_worker = dist["updates"] / (2 if sname == "async" else 1)
+            batch = cell_config(path, profile, "dist", args.budget, cell).batch_size
+            steps_per_worker = dist["samples"] / (2 * batch)  # every strategy counts the samples it trained on
             dist_step = dist["compute"] * dist["updates"] / max(1.0, steps_per_worker)
             extra = (f" | dist compute/worker step {dist_step * 1e3:.2f} ms = "
                      f"{dist_step / profile['cluster.compute.step_s']:.2f}x the cell's step_s")

@@ -14,6 +14,7 @@ import tempfile
 
 from syncbench.experiments.config import load_config
 from syncbench.experiments.run import execute_run
+from syncbench.strategies.registry import OPTIONS
 
 
 def main() -> None:
@@ -24,12 +25,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as ws:
         # a first run creates the store (schema migrations): not part of any run's logging cost
         execute_run(load_config(args.config, ["cluster.workers=1", "budget.train_time_s=0.2"]), workspace=ws)
-        print(f"{'strategy':<10} {'wall s':>8} {'mlflow s':>9} {'fraction':>9} {'evals':>6}")
-        for name in ("sync", "local_sgd", "async"):
+        print(f"{'strategy':<16} {'wall s':>8} {'mlflow s':>9} {'fraction':>9} {'evals':>6}")
+        for name in OPTIONS:  # every registered strategy, with its default options
             config = load_config(args.config, [f"strategy.name={name}", f"cluster.workers={args.workers}"])
             result = execute_run(config, workspace=ws)
             evals = round(result.clock_s / config.eval.every_s)
-            print(f"{name:<10} {result.wall_s:>8.2f} {result.mlflow_log_s:>9.3f} "
+            print(f"{name:<16} {result.wall_s:>8.2f} {result.mlflow_log_s:>9.3f} "
                   f"{result.mlflow_log_s / result.wall_s:>9.2%} {evals:>6}")
 
 

@@ -9,7 +9,7 @@ unique, a collection error, or a timeout is an error, never a kill. It prints a 
 "killed K/N" and exits non-zero unless K == N.
 
     python -m benchmarks.mutation_check            # all mutants (~6 min on 2 cores)
-    python -m benchmarks.mutation_check --list     # the mutants, nothing run
+    python -m benchmarks.mutation_check --list     # the mutants and their anchors checked, nothing run
     python -m benchmarks.mutation_check --only ring_ignores_n,eval_future
 
 The list is also in docs/testing.md. Keep anchors short: they are re-checked on every run.
@@ -46,10 +46,10 @@ class Mutant:
 MUTANTS: list[Mutant] = [
     # -- the five of issue 15 ------------------------------------------------------------------
     Mutant("dist_sync_sums", "dist sync sums the ranks' gradients instead of averaging them",
-           "experiments/procs/worker.py", "p.grad.div_(comm.world)", "p.grad.div_(1)",
+           "experiments/procs/collectives.py", "p.grad.div_(comm.world)", "p.grad.div_(1)",
            ("tests/test_science_dist.py::test_dist_sync_is_plain_sgd_at_n_times_the_batch_and_evaluations_are_causal",)),
     Mutant("dist_local_sgd_sums", "dist local SGD sums the replicas instead of averaging them",
-           "experiments/procs/worker.py", "load_flat_state_(self.module, flat.div_(comm.world))",
+           "experiments/procs/collectives.py", "load_flat_state_(self.module, flat.div_(comm.world))",
            "load_flat_state_(self.module, flat)",
            ("tests/test_dist.py::test_local_sgd_reaches_target_and_average_is_the_mean",)),
     Mutant("diloco_no_momentum", "DiLoCo's outer step ignores momentum and Nesterov (update = delta)",
@@ -63,7 +63,7 @@ MUTANTS: list[Mutant] = [
            "return 2 * net.latency_s + nbytes / 2 / net.bytes_per_s",
            (SCI + "test_ring_allreduce_and_point_to_point_closed_forms",)),
     Mutant("eval_future", "the run loop evaluates half an interval in the future",
-           "experiments/run_loop.py", "if t_next <= min(k * every, budget):",
+           "experiments/sim/run_loop.py", "if t_next <= min(k * every, budget):",
            "if t_next <= min((k + 0.5) * every, budget):",
            (SCI + "test_sim_evaluation_sees_exactly_the_updates_at_or_before_its_clock",)),
     Mutant("bootstrap_90", "bootstrap intervals computed at 90% and labelled 95%",
@@ -108,10 +108,10 @@ MUTANTS: list[Mutant] = [
            (SCI + "test_ring_allreduce_and_point_to_point_closed_forms",)),
     # -- the clock and the budget -----------------------------------------------------------------
     Mutant("eval_after_budget", "the run loop processes events past the budget before its last evaluation",
-           "experiments/run_loop.py", "if t_next <= min(k * every, budget):", "if t_next <= k * every:",
+           "experiments/sim/run_loop.py", "if t_next <= min(k * every, budget):", "if t_next <= k * every:",
            (SCI + "test_sim_evaluation_sees_exactly_the_updates_at_or_before_its_clock",)),
     Mutant("target_after_budget", "a target met after the budget counts as reached",
-           "experiments/run_loop.py", "elif ev.clock_s > self.budget:", "elif ev.clock_s > self.budget + 1.0:",
+           "experiments/tta.py", "elif ev.clock_s > self.budget:", "elif ev.clock_s > self.budget + 1.0:",
            ("tests/test_backend_agreement.py::test_a_target_met_only_after_the_budget_is_not_reached",)),
     # -- data and stragglers ----------------------------------------------------------------------
     Mutant("shard_off_by_one", "worker w reads the shard of worker w + 1",
@@ -217,10 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(markdown_table(chosen), end="")
         return 0
-    if args.list:
+    if args.list:  # and every anchor checked (a moved file or edited line shows here, in a second)
+        missing = 0
         for m in chosen:
-            print(f"{m.id:26s} {m.file:32s} {m.what}")
-        return 0
+            why = check_anchor(REPO, m)
+            missing += why is not None
+            print(f"{m.id:26s} {m.file:32s} {m.what}" + (f"\n{'':26s} ERROR {why}" if why else ""))
+        return 1 if missing else 0
 
     errors = {m.id: why for m in chosen if (why := check_anchor(REPO, m))}
     started = time.monotonic()

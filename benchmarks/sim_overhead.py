@@ -19,8 +19,10 @@ import torch
 
 from syncbench.experiments.config import load_config
 from syncbench.strategies.lightning_bridge import build_optimizer, training_loss
-from syncbench.experiments.run import build_simulation, one_thread, prepare_task
+from syncbench.experiments.sim.driver import build_simulation
+from syncbench.experiments.task import one_thread, prepare_task
 from syncbench.experiments.sharding import ShardedBatches
+from syncbench.strategies.registry import OPTIONS
 
 
 def plain_steps_per_s(task, config, steps: int) -> float:
@@ -59,9 +61,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{args.config}: {args.workers} workers, {args.steps} worker-steps per repetition, "
           f"median of {args.reps} interleaved repetitions, one thread")
-    print(f"{'strategy':<10} {'plain steps/s':>14} {'sim steps/s':>12} {'ratio':>7}")
+    print(f"{'strategy':<16} {'plain steps/s':>14} {'sim steps/s':>12} {'ratio':>7}")
     with one_thread():
-        for name in ("sync", "local_sgd", "async"):
+        for name in OPTIONS:  # every registered strategy, with its default options
             config = load_config(args.config, [f"strategy.name={name}", f"cluster.workers={args.workers}"])
             task = prepare_task(config)
             plain_steps_per_s(task, config, 50)  # warm-up
@@ -70,7 +72,7 @@ def main() -> None:
                 plain.append(plain_steps_per_s(task, config, args.steps))
                 sim.append(sim_worker_steps_per_s(task, config, args.steps))
             p, s = statistics.median(plain), statistics.median(sim)
-            print(f"{name:<10} {p:>14.1f} {s:>12.1f} {s / p:>7.3f}")
+            print(f"{name:<16} {p:>14.1f} {s:>12.1f} {s / p:>7.3f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The run config of DESIGN.md: one pydantic model per section, validated at load.
+"""The run config (docs/config.md): one pydantic model per section, validated at load.
 
 Unknown keys and wrong types are rejected with their dotted key path; ``--set`` overrides
 are applied to the raw mapping before validation so that they are checked the same way.
@@ -9,15 +9,14 @@ from __future__ import annotations
 import copy
 import importlib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from syncbench.strategies.checkpointing import CheckpointingConfig
-from syncbench.strategies.local_sgd import OuterConfig
-from syncbench.strategies.program import ConfigError
-from syncbench.strategies.registry import STRATEGIES
+# the options models, not the strategies: validating a config imports no torch (CLI start-up time)
+from syncbench.strategies.options import CheckpointingConfig, ConfigError, OuterConfig
+from syncbench.strategies.registry import ALIASES, OPTIONS, flat_options, has_own_section
 
 __all__ = ["CheckpointingConfig", "ConfigError", "OuterConfig", "RunConfig", "StrategyConfig", "TrainerConfig"]
 
@@ -70,10 +69,11 @@ class EvalConfig(_Strict):
 
 
 def _strategy_fields() -> dict[str, Any]:
-    """Every registered strategy's options, composed into one flat ``strategy:`` section."""
+    """The shipped strategies' options, composed into one flat ``strategy:`` section (a strategy
+    registered with its options as "module:Class" has a section of its own: ``_StrategyBase``)."""
     fields: dict[str, Any] = {}
-    for strategy in STRATEGIES.values():
-        for key, info in strategy.options_model.model_fields.items():
+    for options_model in flat_options().values():
+        for key, info in options_model.model_fields.items():
             # a strategy may share another's option by reusing its field (pydantic copies it): same repr
             assert key not in fields or repr(fields[key][1]) == repr(info), \
                 f"strategy option {key} defined twice, differently"
@@ -82,23 +82,61 @@ def _strategy_fields() -> dict[str, Any]:
 
 
 class _StrategyBase(_Strict):
+    # keys beyond the fields: only the own sections (strategy.<name>: {...}) of the strategies
+    # registered with their options as "module:Class", each validated by its model in
+    # ``_own_sections``; any other key is refused there as unknown, as everywhere else
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     name: str = Field(default="sync", description="The strategy, by its name in the registry "
                       "(docs/strategies.md)")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
         default="none", description="Scale the module's learning rate by (effective batch / one worker's) "
-        "(linear, Goyal et al. 2017) or its square root (sqrt): sync's effective batch is N workers' batches, "
+        "(linear, Goyal et al. 2017) or its square root (sqrt): sync's effective batch is the N - backup_workers kept workers' batches, "
         "local SGD's and async's one worker's")
 
     @field_validator("name")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        if value not in STRATEGIES:
-            raise ValueError(f"unknown strategy {value!r}; choose one of {sorted(STRATEGIES)}")
+        if value not in OPTIONS:
+            guess = ALIASES.get(value.lower().replace("-", "_")) or closest(value, OPTIONS)
+            hint = f" -- did you mean {guess}?" if guess else ""
+            raise ValueError(f"unknown strategy {value!r}{hint} (the strategies: {', '.join(sorted(OPTIONS))}; "
+                             f"docs/strategies.md)")
         return value
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _own_sections(cls, data: Any, handler: Any) -> Any:
+        """``strategy.<name>: {...}`` of a strategy with a section of its own: validated by its
+        options model (imported now), and filled with its defaults when the config names that
+        strategy without one; any other key that is not a field is an unknown key."""
+        if not isinstance(data, dict):
+            return handler(data)
+        errors: list[dict[str, Any]] = []
+        sections: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in cls.model_fields:
+                continue
+            if key not in OPTIONS or not has_own_section(key):
+                errors.append({"type": "extra_forbidden", "loc": (key,), "input": value})
+                continue
+            try:
+                sections[key] = OPTIONS[key].model_validate({} if value is None else value)
+            except ValidationError as exc:
+                errors += [{"type": e["type"], "loc": (key, *e["loc"]), "input": e["input"], "ctx": e.get("ctx", {})}
+                           for e in exc.errors()]
+        name = data.get("name")
+        if isinstance(name, str) and name in OPTIONS and has_own_section(name) and name not in data:
+            sections[name] = OPTIONS[name]()
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)  # type: ignore[arg-type]
+        return handler({**data, **sections})
+
     def options(self) -> Any:
-        """The options model of the named strategy, filled from this section."""
-        model = STRATEGIES[self.name].options_model
+        """The options model of the named strategy, filled from this section (or its own)."""
+        if has_own_section(self.name):
+            return getattr(self, self.name)
+        model = OPTIONS[self.name]
         return model.model_validate({k: getattr(self, k) for k in model.model_fields})
 
 
@@ -218,8 +256,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
-        reason = STRATEGIES[self.strategy.name].unsupported(self.strategy.options(), self.cluster.backend,
-                                                            self.cluster.workers)
+        reason = self.strategy.options().unsupported(self.cluster.backend, self.cluster.workers)
         if reason:
             raise ValueError(reason)
         if self.eval.every_s > self.budget.train_time_s:
@@ -285,18 +322,87 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str] |
     return tree
 
 
+def closest(word: str, choices: Any) -> str | None:
+    """The choice closest to ``word`` (case and ``-``/``_`` aside), for a did-you-mean, or None."""
+    import difflib
+
+    norm = {str(c).lower().replace("-", "_"): str(c) for c in choices}
+    close = difflib.get_close_matches(str(word).lower().replace("-", "_"), list(norm), n=1, cutoff=0.6)
+    return norm[close[0]] if close else None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation holds (through ``X | None``, unions, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def keys_at(loc: tuple[Any, ...], root: type[BaseModel] | None = None) -> list[str]:
+    """The keys ``root`` (the run config) accepts in the mapping at ``loc``, an error's
+    location (union tags and the keys of free mappings such as ``tune.params`` included)."""
+    models: list[type[BaseModel]] = [root or RunConfig]
+    for part in loc:
+        if _is_union_tag(part):  # a discriminated union's variant: keep the one of that kind
+            models = [m for m in models if "kind" in m.model_fields
+                      and part in get_args(m.model_fields["kind"].annotation)] or models
+        elif any(part in m.model_fields for m in models):
+            models = [inner for m in models if part in m.model_fields
+                      for inner in _models_in(m.model_fields[part].annotation)]
+        elif any(issubclass(m, _StrategyBase) for m in models) and part in OPTIONS and has_own_section(part):
+            models = [OPTIONS[part]]  # strategy.<name>: the own section of that strategy
+        # else: a key of a mapping (dict[str, Model]): its values are the models already held
+    return sorted({k for m in models for k in m.model_fields})
+
+
+def _all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the run config (every variant of a union)."""
+    keys = []
+    for name, info in (model or RunConfig).model_fields.items():
+        keys.append(prefix + name)
+        for inner in _models_in(info.annotation):
+            keys += _all_keys(inner, f"{prefix}{name}.")
+    return list(dict.fromkeys(keys))
+
+
+def _unknown_key_hint(loc: tuple[Any, ...]) -> str:
+    """Did-you-mean for an unknown key: a close key of the same mapping, else a key of that
+    name (or close to it) elsewhere in the config (``workers`` -> ``cluster.workers``)."""
+    if not loc or not isinstance(loc[-1], str):
+        return ""
+    key, parent = loc[-1], loc[:-1]
+    sibling = closest(key, keys_at(parent))
+    if sibling:
+        prefix = "".join(f"{p}." for p in parent if not _is_union_tag(p))
+        return f"; did you mean {prefix}{sibling}?"
+    by_leaf: dict[str, list[str]] = {}
+    for k in _all_keys():
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    leaf = key if key in by_leaf else closest(key, by_leaf)
+    guesses = by_leaf[leaf] if leaf else []
+    # lr, hidden, ...: most likely the module's own argument (not strategy.outer.lr), unless a
+    # section holds that key directly (workers: cluster.workers)
+    if parent in ((), ("task",)) and not any(k.count(".") == 1 for k in by_leaf.get(key, [])):
+        guesses = [f"task.module_args.{key} (an argument of your module)", *guesses]
+    return f"; did you mean {' or '.join(guesses)}?" if guesses else ""
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem, each naming its dotted key path, in our words (pydantic's own
+    wording -- "Extra inputs are not permitted", links to its docs -- stays out)."""
     lines = []
-    for err in exc.errors():
+    for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _unknown_key_hint(err["loc"])
         elif err["type"] == "missing":
             msg = "required key is missing"
-        # a cross-key check fails at the root, where the "input" is the whole config
-        got = "" if err["type"] in ("extra_forbidden", "missing") or not loc else f" (got {err.get('input')!r})"
-        lines.append(f"  {loc}: {msg}{got}" if loc else f"  {msg.removeprefix('Value error, ')}")
+        # a cross-key check fails at the root, where the "input" is the whole config; a value
+        # error's message already names the value
+        quiet = err["type"] in ("extra_forbidden", "missing", "value_error") or not loc
+        got = "" if quiet else f" (got {err.get('input')!r})"
+        lines.append(f"  {loc}: {msg}{got}" if loc else f"  {msg}")
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
@@ -336,7 +442,29 @@ def import_object(path: str, key: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's path
-        raise ConfigError(f"{key}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+        missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+        if not missing or not (module_name == missing or module_name.startswith(missing + ".")):
+            raise ConfigError(f"{key}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+        # the user's own module (or a package above it) was not found: say where it was looked for
+        import os
+        import sys
+
+        parent, _, leaf = missing.rpartition(".")
+        found = sys.modules.get(parent) if parent else None
+        where = list(getattr(found, "__path__", None) or []) if found is not None else []
+        installed = tuple(os.path.abspath(p) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
+        tried = [os.path.abspath(p or ".") for p in (where or sys.path)]
+        user = list(dict.fromkeys(p for p in tried if not p.startswith(installed)))
+        rest = len(tried) - len(user)
+        searched = ", ".join(user) or "none outside the Python installation"
+        if where:
+            what = f"package {parent!r} (from {searched}) has no module {leaf!r}"
+        else:
+            what = (f"no module {missing!r} in the sys.path entries tried: {searched}"
+                    + (f" (and {rest} of the Python installation)" if rest else ""))
+        raise ConfigError(f"{key}: cannot import module {module_name!r}: {what}. Give it as 'package.module:Class' "
+                          "importable from the config's directory or the current directory, or add its "
+                          "directory to PYTHONPATH") from None
     try:
         return getattr(module, attr)
     except AttributeError:

@@ -41,6 +41,7 @@ class MNIST1DData(ArrayDataModule):
     def load_arrays(self):
         cache = data_dir(self.root) / f"mnist1d-{self.num_samples}.npz"
         if not cache.exists():
+            # only to build the cache: the package imports scipy and matplotlib
             from mnist1d.data import get_dataset_args, make_dataset
 
             args = get_dataset_args()

@@ -7,6 +7,7 @@ a small model's training step, so metrics are buffered and written with ``log_ba
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -16,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from syncbench.experiments.config import ConfigError
+from syncbench.experiments.workspace import corrupt_store_message, is_corrupt_store, is_disk_full, release_reserve
+
+# MLflow takes seconds to import, torch too, and a store's driver is needed only for that kind
+# of store: each is imported by the function that needs it, so that importing this module
+# (every backend does; the report and the UI read runs with it, without torch) stays fast
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -32,7 +38,7 @@ def git_commit() -> str:
 
 
 def environment_tags() -> dict[str, str]:
-    import torch
+    import torch  # lazy: see the imports
 
     return {"syncbench.git_commit": git_commit(), "syncbench.torch": torch.__version__, "syncbench.host": socket.gethostname()}
 
@@ -43,7 +49,7 @@ def probe_store(tracking_uri: str, timeout_s: float = 5.0) -> None:
     if scheme == "sqlite":
         Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     elif scheme in ("postgresql", "mysql", "mssql"):
-        import sqlalchemy
+        import sqlalchemy  # lazy: see the imports
 
         engine = sqlalchemy.create_engine(tracking_uri, connect_args={"connect_timeout": int(timeout_s)})
         try:
@@ -52,16 +58,14 @@ def probe_store(tracking_uri: str, timeout_s: float = 5.0) -> None:
         finally:
             engine.dispose()
     elif scheme in ("http", "https"):
-        import requests
+        import requests  # lazy: see the imports
 
         requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
 
 
 def open_client(tracking_uri: str):
     """An MlflowClient on a store that answers; an unreachable store is bad input (exit 2)."""
-    import logging
-
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: see the imports
 
     # MLflow logs each failed SQL statement with its traceback before raising it; syncbench
     # reports the raised error itself, in one paragraph (a full disk, a corrupt store)
@@ -72,8 +76,6 @@ def open_client(tracking_uri: str):
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
-        from syncbench.experiments.workspace import corrupt_store_message, is_corrupt_store
-
         if is_corrupt_store(exc):
             raise ConfigError(corrupt_store_message("--tracking-uri", tracking_uri, exc)) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -90,7 +92,7 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
     """Experiment id by name; creation races between concurrent launchers are benign.
     The experiment is marked as a training experiment (EXPERIMENT_KIND_TAG)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: see the imports
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -112,7 +114,7 @@ class RunRecorder:
 
     def __init__(self, client, experiment_id: str, run_name: str, tags: dict[str, str] | None = None,
                  parent_run_id: str | None = None):
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param, RunTag  # lazy: see the imports
 
         self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
         self.client = client
@@ -146,7 +148,7 @@ class RunRecorder:
             self._timed(self.client.log_batch, self.run_id, tags=items[i : i + MAX_PARAMS_PER_BATCH])
 
     def metric(self, key: str, value: float, step: int = 0, clock_s: float | None = None) -> None:
-        """Buffer one value; ``timestamp`` = run start + training clock (DESIGN.md)."""
+        """Buffer one value; ``timestamp`` = run start + training clock (docs/metrics.md)."""
         ts = self.start_ms + int(round((clock_s or 0.0) * 1000))
         self._metrics.append(self._Metric(key, float(value), ts, int(step)))
         if len(self._metrics) >= FLUSH_EVERY:
@@ -189,8 +191,6 @@ class RunRecorder:
         the disk is full, the workspace's reserve (``syncbench.experiments.workspace.SpaceReserve``,
         held by ``run`` and ``sweep``) is given up to record it, rather than leave the run
         RUNNING."""
-        from syncbench.experiments.workspace import is_disk_full, release_reserve
-
         message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         for attempt in range(2):
             try:

@@ -1,9 +1,13 @@
-"""Where the embedded defaults live: one workspace directory (DESIGN.md "Commands")."""
+"""Where the embedded defaults live: one workspace directory (docs/scaling-out.md; README.md, "Commands")."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_WORKSPACE = "syncbench-runs"
 
@@ -14,12 +18,59 @@ def workspace_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(raw).expanduser().resolve()
 
 
-def default_tracking_uri(workspace: Path) -> str:
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable
+STORAGE_ENV = "SYNCBENCH_STORAGE"
+TRACKING_URI_HELP = (f"MLflow tracking URI where runs are recorded (sqlite:///FILE, postgresql://..., http://server); "
+                     f"precedence: this option, then ${TRACKING_URI_ENV}, then the workspace's mlflow.db")
+STORAGE_HELP = (f"Optuna storage URL of the sweep's studies (sqlite:///FILE, postgresql://...); precedence: this "
+                f"option, then ${STORAGE_ENV}, then the workspace's optuna.db")
+
+
+def workspace_tracking_uri(workspace: Path) -> str:
+    """The workspace's own MLflow store (SQLite)."""
     return f"sqlite:///{workspace / 'mlflow.db'}"
 
 
+def default_tracking_uri(workspace: Path) -> str:
+    """Where runs are recorded when no ``--tracking-uri`` is given, by MLflow's convention:
+    ``$MLFLOW_TRACKING_URI``, else the workspace's SQLite store. Every command (run, sweep,
+    report, ui) and ``execute_run`` choose their default here."""
+    return os.environ.get(TRACKING_URI_ENV) or workspace_tracking_uri(workspace)
+
+
 def default_optuna_storage(workspace: Path) -> str:
-    return f"sqlite:///{workspace / 'optuna.db'}"
+    """The Optuna storage when no ``--storage`` is given: ``$SYNCBENCH_STORAGE``, else the
+    workspace's SQLite file."""
+    return os.environ.get(STORAGE_ENV) or f"sqlite:///{workspace / 'optuna.db'}"
+
+
+def redact_uri(uri: str) -> str:
+    """A tracking URI or storage URL without its password, for messages."""
+    try:
+        parts = urlsplit(uri)
+        if parts.password is None:
+            return uri
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparseable URI>"
+
+
+def ui_link(tracking_uri: str, run_id: str | None = None, experiment_id: str | None = None,
+            workspace: str | os.PathLike | None = None) -> str:
+    """How to look at a run: the tracking server's page for it when the URI is http(s), else
+    the ``syncbench ui`` command line that serves this store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        base = redact_uri(tracking_uri).rstrip("/")
+        if run_id and experiment_id:
+            return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+        return base
+    ws = workspace_dir(workspace)
+    if tracking_uri == workspace_tracking_uri(ws):
+        explicit = workspace or os.environ.get("SYNCBENCH_WORKSPACE")
+        return "syncbench ui" + (f" --workspace {ws}" if explicit else "")
+    return f"syncbench ui --tracking-uri {redact_uri(tracking_uri)}"
 
 
 def artifacts_dir(workspace: Path) -> Path:
@@ -47,10 +98,7 @@ def check_workspace(override: str | os.PathLike | None = None, min_free: int = M
     else is bad input (``ConfigError``, exit 2) with one paragraph naming the path, within
     seconds -- instead of a traceback from the storage lock, or MLflow retrying a read-only
     database for minutes."""
-    import errno
-    import shutil
-    import tempfile
-
+    # the config module (pydantic models) only here: `syncbench --help` reads this module's help texts
     from syncbench.experiments.config import ConfigError
 
     ws = workspace_dir(override)
@@ -105,8 +153,6 @@ def is_disk_full(exc: BaseException | None) -> bool:
     """Whether an exception (or one it was raised from) says the disk or quota is full:
     ENOSPC/EDQUOT from the OS, or SQLite's "database or disk is full" through SQLAlchemy,
     MLflow or Optuna."""
-    import errno
-
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))

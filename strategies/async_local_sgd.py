@@ -23,42 +23,24 @@ parameters follow DiLoCo's outer parameters exactly.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from typing import Any
 
 import torch
-from pydantic import Field
 
-from syncbench.strategies.async_ps import staleness_artifact, staleness_curve, staleness_summary
-from syncbench.strategies.local_sgd import LocalSGDOptions, OuterConfig, apply_pseudo_gradient_
+from syncbench.strategies.local_sgd import apply_pseudo_gradient_
+# the options models live apart from torch (config validation does not import it)
+from syncbench.strategies.options import AsyncLocalSGDOptions, OuterConfig
 from syncbench.strategies.program import (
     Compute,
-    Options,
     ParameterServer,
     Program,
     PushPull,
-    Strategy,
     WorkerProgram,
 )
+from syncbench.strategies.server_strategy import ServerStrategy
 from syncbench.strategies.tensors import flat_params, flat_state, load_flat_state_
-
-_SHARED = LocalSGDOptions.model_fields  # H and the outer optimizer mean what they mean for DiLoCo
-
-
-class AsyncLocalSGDOptions(Options):
-    local_steps: int = _SHARED["local_steps"]
-    outer: OuterConfig | None = _SHARED["outer"]
-    delayed_nesterov: int | None = Field(default=None, ge=1, description="async_local_sgd: DN (Liu et al. 2024): "
-                                         "the outer momentum is updated once every this many pushes, from their "
-                                         "average, with plain SGD steps of lr / N in between; needs outer with "
-                                         "momentum > 0; null = the momentum on every push")
-    dynamic_local_updates: bool = Field(default=False, description="async_local_sgd: DyLU (Liu et al. 2024): "
-                                        "worker i takes max(1, floor(local_steps * v_i / max v)) local steps per "
-                                        "push, v = 1 / its expected compute-time factor under cluster.stragglers "
-                                        "(so only persistent stragglers differ)")
-
 
 def dynamic_local_steps(h: int, factors: list[float]) -> list[int]:
     """DyLU's local steps per worker: H for the fastest, proportionally fewer (at least 1) for
@@ -98,7 +80,6 @@ class AsyncLocalSGDServer(ParameterServer):
         self.n_params = params.numel()
         self.momentum = torch.zeros_like(params)
         self.pending = torch.zeros_like(params) if options.delayed_nesterov else None
-        self.staleness: Counter = Counter()
         self.pushes_by_rank: Counter = Counter()
 
     @torch.no_grad()
@@ -153,27 +134,13 @@ class AsyncLocalSGDProgram(WorkerProgram):
         return self.since_push == 0
 
 
-class AsyncLocalSGD(Strategy):
+class AsyncLocalSGD(ServerStrategy):
     name = "async_local_sgd"
     options_model = AsyncLocalSGDOptions
     program_class = AsyncLocalSGDProgram
-    server_based = True
-
-    @classmethod
-    def unsupported(cls, options: Any, backend: str, world: int) -> str | None:
-        if options.delayed_nesterov is not None and (options.outer is None or options.outer.momentum == 0):
-            return ("strategy.delayed_nesterov delays the outer momentum: set strategy.outer with momentum > 0 "
-                    "(e.g. {lr: 0.7, momentum: 0.9, nesterov: true}) or strategy.delayed_nesterov=null")
-        return None
 
     def server(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> AsyncLocalSGDServer:
         return AsyncLocalSGDServer(module, optimizer, self.options, self.world)
-
-    def load_global(self, target: torch.nn.Module, programs: list[WorkerProgram],
-                    server: ParameterServer | None) -> None:
-        assert server is not None
-        if target is not server.module:
-            load_flat_state_(target, flat_state(server.module).to("cpu"))
 
     def counters(self, programs: list[WorkerProgram], server: ParameterServer | None) -> tuple[int, int]:
         """(pushes applied: the server's updates, the samples they carry: H_i per push of worker i,
@@ -182,16 +149,7 @@ class AsyncLocalSGD(Strategy):
         steps = programs[0].steps_per_push  # type: ignore[attr-defined]
         return server.version, self.batch_size * sum(n * steps[r] for r, n in server.pushes_by_rank.items())
 
-    def curve_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
-        assert isinstance(server, AsyncLocalSGDServer)
-        return staleness_curve(server.staleness)
-
     def summary_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
-        assert isinstance(server, AsyncLocalSGDServer)
         steps = programs[0].steps_per_push  # type: ignore[attr-defined]
-        return {**staleness_summary(server.staleness), "local_steps_min": float(min(steps)),
+        return {**super().summary_metrics(programs, server), "local_steps_min": float(min(steps)),
                 "local_steps_max": float(max(steps))}
-
-    def artifacts(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, str]:
-        assert isinstance(server, AsyncLocalSGDServer)
-        return staleness_artifact(server.staleness)

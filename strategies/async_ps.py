@@ -11,35 +11,23 @@ so the recorded staleness never exceeds s.
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
-import numpy as np
 import torch
-from pydantic import Field
 
 from syncbench.strategies.lightning_bridge import scaled_lr
+# the options models live apart from torch (config validation does not import it)
+from syncbench.strategies.options import AsyncOptions
 from syncbench.strategies.program import (
     Compute,
-    Options,
     ParameterServer,
     Program,
     PushPull,
-    Strategy,
     WorkerProgram,
     load_gradient_payload_,
 )
-from syncbench.strategies.tensors import flat_state, load_flat_state_
-
-
-class AsyncOptions(Options):
-    max_staleness: int | None = Field(default=None, ge=0, description="async: bound on a gradient's staleness "
-                                      "(server version at apply − version it was computed on): a staler push is "
-                                      "refused and the worker recomputes on fresh parameters (bounded delay, Li et "
-                                      "al. 2014); null = unbounded")
-    staleness_lr: Literal["none", "inverse"] = Field(default="none", description="async: none, or inverse = "
-                                                     "scale each gradient's lr by 1 / (1 + staleness)")
+from syncbench.strategies.server_strategy import ServerStrategy
 
 
 def staleness_lr_scale(staleness: int, mode: str) -> float:
@@ -63,37 +51,12 @@ def apply_gradient_(optimizer: Any, lr_scale: float) -> None:
         optimizer.step()
 
 
-def staleness_summary(counts: Counter) -> dict[str, float]:
-    if not counts:
-        return {}
-    values = np.repeat(np.array(list(counts.keys())), list(counts.values()))
-    return {
-        "staleness_mean": float(values.mean()),
-        "staleness_max": float(values.max()),
-        "staleness_p50": float(np.percentile(values, 50)),
-        "staleness_p90": float(np.percentile(values, 90)),
-    }
-
-
-def staleness_curve(counts: Counter) -> dict[str, float]:
-    """The staleness so far, as a curve point: mean and max (0 before any push)."""
-    total = sum(counts.values())
-    return {"staleness_mean": float(sum(s * c for s, c in counts.items()) / total) if total else 0.0,
-            "staleness_max": float(max(counts)) if counts else 0.0}
-
-
-def staleness_artifact(counts: Counter) -> dict[str, str]:
-    """``staleness.json``: the histogram, staleness -> applied pushes."""
-    return {"staleness.json": json.dumps({int(k): int(v) for k, v in sorted(counts.items())})}
-
-
 class AsyncServer(ParameterServer):
     """theta, the module's own optimizer, the version and the staleness histogram."""
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, options: AsyncOptions,
                  world: int):
         super().__init__(module, optimizer, options, world)
-        self.staleness: Counter = Counter()
         self.refused = 0
 
     def apply(self, rank: int, payload: torch.Tensor, pulled_version: int) -> bool:
@@ -121,20 +84,22 @@ class AsyncProgram(WorkerProgram):
         self.pushed += 1
 
 
-class Async(Strategy):
+class Async(ServerStrategy):
     name = "async"
     options_model = AsyncOptions
     program_class = AsyncProgram
-    server_based = True
+
+    @classmethod
+    def clock_per_update(cls, options: Any, workers: int, step_s: float, latency_s: float, bytes_per_s: float,
+                         payload: Mapping[str, int]) -> float | None:
+        """A worker's cycle (a step + a push + a pull) / N, but never less than the server link's
+        time per update (push and pull occupy it, first come first served: at steady state with
+        equal steps the sim settles on the larger of the two)."""
+        link = 2 * latency_s + (payload["gradient_bytes"] + payload["state_bytes"]) / bytes_per_s
+        return max((step_s + link) / workers, link)
 
     def server(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> AsyncServer:
         return AsyncServer(module, optimizer, self.options, self.world)
-
-    def load_global(self, target: torch.nn.Module, programs: list[WorkerProgram],
-                    server: ParameterServer | None) -> None:
-        assert server is not None
-        if target is not server.module:
-            load_flat_state_(target, flat_state(server.module).to("cpu"))
 
     def counters(self, programs: list[WorkerProgram], server: ParameterServer | None) -> tuple[int, int]:
         assert server is not None
@@ -142,12 +107,8 @@ class Async(Strategy):
 
     def curve_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
         assert isinstance(server, AsyncServer)
-        return {**staleness_curve(server.staleness), "refused_pushes": float(server.refused)}
+        return {**super().curve_metrics(programs, server), "refused_pushes": float(server.refused)}
 
     def summary_metrics(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, float]:
         assert isinstance(server, AsyncServer)
-        return {**staleness_summary(server.staleness), "refused_pushes": float(server.refused)}
-
-    def artifacts(self, programs: list[WorkerProgram], server: ParameterServer | None) -> dict[str, str]:
-        assert isinstance(server, AsyncServer)
-        return staleness_artifact(server.staleness)
+        return {**super().summary_metrics(programs, server), "refused_pushes": float(server.refused)}

@@ -56,31 +56,18 @@ import resource
 import sys
 import weakref
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from pydantic import Field
-
 from syncbench.strategies.lightning_bridge import LightningModuleLike, training_loss
-from syncbench.strategies.program import ConfigError, Options
+# the options models live apart from torch (config validation does not import it)
+from syncbench.strategies.options import CheckpointingConfig
+from syncbench.strategies.program import ConfigError
 
 # Options DeepSpeed's checkpointing module was last configured with in this process
 # (``deepspeed.checkpointing.configure`` sets module globals: once per process).
-
-
-class CheckpointingConfig(Options):
-    """Activation checkpointing of every k-th block (``checkpointing:`` in a run config)."""
-
-    enabled: bool = Field(default=False, description="Checkpoint the module's checkpoint_blocks()")
-    every: int = Field(default=1, ge=1, description="Wrap blocks 0, k, 2k, ... (1 = every block)")
-    impl: Literal["deepspeed", "torch"] = Field(default="deepspeed", description="deepspeed.checkpointing or "
-                                                "torch.utils.checkpoint (the reference)")
-    partition_activations: bool = Field(default=False, description="DeepSpeed option, passed through")
-    cpu_checkpointing: bool = Field(default=False, description="DeepSpeed option, passed through")
-
-
 _ds_options: tuple[bool, bool] | None = None
 _own_group = False  # whether we created the default process group (world size 1)
 _DS_MODULE = "deepspeed.runtime.activation_checkpointing.checkpointing"  # = deepspeed.checkpointing

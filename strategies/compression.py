@@ -35,30 +35,15 @@ import abc
 import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from syncbench.strategies.program import Options, ReduceGradients, ReduceState
+# the options models live apart from torch (config validation does not import it)
+from syncbench.strategies.options import CodecName, CompressionOptions  # noqa: F401 - re-exported
+from syncbench.strategies.program import ReduceGradients, ReduceState
 from syncbench.strategies.tensors import float_buffers, flat_state, load_flat_state_, trainable
-
-CodecName = Literal["none", "fp16", "bf16", "int8", "topk", "powersgd"]
-
-
-class CompressionOptions(Options):
-    """The compression options ``sync`` and ``local_sgd`` share (one definition: the flat
-    ``strategy:`` section accepts a key defined by two strategies only if it is identical)."""
-
-    compression: CodecName = Field(default="none", description="sync, local_sgd: what the averaging puts on the "
-                                   "wire: none | fp16 | bf16 (cast all-reduce) | int8 (per-tensor quantised, "
-                                   "all-gathered) | topk (error feedback) | powersgd (Vogels et al. 2019); "
-                                   "local_sgd compresses the pseudo-gradient (state − last synchronised state); "
-                                   "docs/strategies.md")
-    topk_ratio: float = Field(default=0.01, gt=0, le=1, description="compression=topk: fraction of the "
-                              "gradient's entries sent per exchange (k = ceil(ratio × n))")
-    powersgd_rank: int = Field(default=1, ge=1, description="compression=powersgd: rank r of the approximation")
 
 
 # ------------------------------------------------------------------------------------------

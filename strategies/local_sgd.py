@@ -10,43 +10,25 @@ step sees only the local steps after it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from pydantic import Field
 
-from syncbench.strategies.compression import CompressionOptions, make_codec, param_shapes
+from syncbench.strategies.compression import make_codec, param_shapes
+# the options models live apart from torch (config validation does not import it)
+from syncbench.strategies.options import LocalSGDOptions, OuterConfig
 from syncbench.strategies.program import (
     Compute,
-    Options,
     ParameterServer,
     Program,
     ReduceGradients,
     ReduceState,
     Strategy,
     WorkerProgram,
+    ring_allreduce_time,
 )
 from syncbench.strategies.tensors import flat_params, flat_state, load_flat_params_, load_flat_state_
-
-
-class OuterConfig(Options):
-    """DiLoCo outer optimizer (Douillard et al. 2023): SGD on the pseudo-gradient."""
-
-    lr: float = Field(gt=0, description="Outer learning rate applied to the pseudo-gradient")
-    momentum: float = Field(default=0.0, ge=0, lt=1, description="Outer SGD momentum")
-    nesterov: bool = Field(default=False, description="Nesterov momentum for the outer step (DiLoCo uses it)")
-
-
-class LocalSGDOptions(CompressionOptions):
-    local_steps: int = Field(default=8, ge=1, description="local_sgd, streaming_diloco, async_local_sgd: H local "
-                             "optimizer steps per worker between averages (between pushes, async_local_sgd)")
-    warmup_sync_updates: int = Field(default=0, ge=0, description="local_sgd: run this many synchronous "
-                                     "updates first, then local SGD (post-local SGD, Lin et al. 2020); with outer, "
-                                     "the outer model follows the synchronised one through the warm-up")
-    outer: OuterConfig | None = Field(default=None, description="local_sgd, streaming_diloco: an outer SGD on the "
-                                      "pseudo-gradient θ_global − mean(θ_i) (DiLoCo); async_local_sgd: the server's "
-                                      "outer SGD on each pushed pseudo-gradient; null = plain averaging (async_local_sgd: "
-                                      "lr 1, no momentum)")
 
 
 @torch.no_grad()
@@ -148,6 +130,12 @@ class LocalSGD(Strategy):
     name = "local_sgd"
     options_model = LocalSGDOptions
     program_class = LocalSGDProgram
+
+    @classmethod
+    def clock_per_update(cls, options: Any, workers: int, step_s: float, latency_s: float, bytes_per_s: float,
+                         payload: Mapping[str, int]) -> float | None:
+        """A step + a ring all-reduce of the state every H steps (warm-up and outer step aside)."""
+        return step_s + ring_allreduce_time(workers, latency_s, bytes_per_s, payload["state_bytes"]) / options.local_steps
 
     def load_global(self, target: torch.nn.Module, programs: list[WorkerProgram],
                     server: ParameterServer | None) -> None:

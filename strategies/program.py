@@ -11,8 +11,12 @@ training step and which communication it asks for, by yielding operations:
   keeps BatchNorm statistics in step) become their mean over the workers -- over the first
   ``quorum`` to arrive when a quorum is given (backup workers, Chen et al. 2016). With a
   ``codec`` (``syncbench.strategies.compression``), the mean of the workers' decoded compressed gradients.
+  Resumes with ``None``: the mean is in the replica's ``.grad`` (the program then steps).
 * ``ReduceState()``: the replica's parameters and floating-point buffers become their mean;
-  with a ``codec``, reference + the compressed mean of (state − ``reference``).
+  with a ``codec``, reference + the compressed mean of (state − ``reference``). Resumes with
+  ``None`` on both backends: the result is in the replica, the replica's own values are gone
+  (a program that needs them, or the mean of something else, copies them first or averages a
+  vector of its own with ``StartReduce`` / ``WaitReduce``).
 * ``PushPull(payload=None)``: the replica's gradient goes to the parameter server, which applies
   it on arrival (``ParameterServer.apply``), then the server's state comes back into the replica.
   Resumes with whether the gradient was applied. A ``payload`` (``state_payload``'s layout)
@@ -20,8 +24,15 @@ training step and which communication it asks for, by yielding operations:
 * ``StartReduce(payload)``: begin averaging ``payload`` over the workers without blocking (a
   fragment of Streaming DiLoCo); resumes at once with a handle, and the worker keeps
   computing while the reduction crosses the network.
-* ``WaitReduce(handle)``: block until that reduction has arrived; resumes with the mean. Every
-  worker starts and waits on its reductions in the same order, one at a time.
+* ``WaitReduce(handle)``: block until that reduction has arrived; resumes with the mean (on the
+  payload's device; it may reuse the memory of the payload, which the program handed over; the
+  replica is untouched). Every worker starts and waits on its reductions in the same order, one
+  at a time.
+
+``ReduceGradients``, ``ReduceState`` and ``WaitReduce`` are *rounds*: the dist backend's control
+values (rank 0's stop and evaluate-now decisions) ride along with them, and without a parameter
+server rank 0 evaluates the global model only at the end of a step that completed one, where
+its program must be at a sync point (``WorkerProgram.at_sync_point``).
 
 Both backends run these programs unchanged, the way SimGrid's SMPI runs unmodified MPI code on
 a simulated platform: the sim backend resumes N programs in virtual-time order and charges
@@ -34,13 +45,15 @@ before anything runs (``Strategy.unsupported``).
 from __future__ import annotations
 
 import abc
-from collections.abc import Generator
+from collections import Counter
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
+# the options models and ConfigError live apart from torch (config validation does not import it)
+from syncbench.strategies.options import ConfigError, Options, Traits  # noqa: F401 - ConfigError: re-exported
 from syncbench.strategies.tensors import (
     copy_gradients_,
     flat_state,
@@ -49,16 +62,6 @@ from syncbench.strategies.tensors import (
     load_params_then_buffers_,
     trainable,
 )
-
-
-class ConfigError(ValueError):
-    """Bad user input (config, spec, override, store): the CLI exits with code 2."""
-
-
-class Options(BaseModel):
-    """Base of every strategy's options: unknown keys and wrong types are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -143,7 +146,15 @@ class WorkerProgram(abc.ABC):
         return False
 
     def at_sync_point(self) -> bool:
-        """Whether this worker's replica holds the global model right now (dist evaluation)."""
+        """Whether this one program can give the global model and the counters right now, as
+        ``Strategy.load_global`` and ``counters`` read them from ``programs`` = [this program]
+        * N (the dist backend's view, rank 0's program repeated). For a strategy without a
+        server the dist backend evaluates only at the end of a step that completed a round
+        (the last evaluation at the stop included) and asserts this before each evaluation
+        pause; the sim backend, which holds every program, never asks. True (the default)
+        when the global model is the program's own copy or the server's; a program whose
+        replicas drift apart between rounds returns whether it has just synchronised (local
+        SGD: no local step since the last average)."""
         return True
 
 
@@ -182,6 +193,9 @@ class ParameterServer(abc.ABC):
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, options: Any, world: int):
         self.module, self.optimizer, self.options, self.world = module, optimizer, options, world
         self.version = 0
+        # staleness (version at apply - version the push was computed on) -> applied pushes:
+        # ``apply`` counts each push it applies here; ``ServerStrategy`` records it
+        self.staleness: Counter = Counter()
 
     @abc.abstractmethod
     def apply(self, rank: int, payload: torch.Tensor | torch.nn.Module, pulled_version: int) -> bool:
@@ -192,24 +206,54 @@ class ParameterServer(abc.ABC):
 # ------------------------------------------------------------------------------------------
 # the strategy: registry entry, global model, counters
 # ------------------------------------------------------------------------------------------
+def ring_allreduce_time(workers: int, latency_s: float, bytes_per_s: float, nbytes: float) -> float:
+    """Seconds of a ring all-reduce of ``nbytes`` on the alpha-beta model (what the sim charges):
+    2(N-1)·α + 2(N-1)/N · S/β; for ``Strategy.clock_per_update``."""
+    n = workers
+    return 2 * (n - 1) * latency_s + 2 * (n - 1) / n * nbytes / bytes_per_s
+
+
 class Strategy(abc.ABC):
     """A registered strategy: its name, options model and program, and the views the run
     needs of a set of workers (global model, counters, metrics). ``programs`` holds every
     worker's program in the sim backend and rank 0's, repeated, in the dist backend, where
-    the global model and counters are read only at a sync point (``at_sync_point``)."""
+    the global model and counters are read only at a sync point (``at_sync_point``).
+
+    What the strategy *is* -- plain SGD at one worker, identical replicas, a parameter server,
+    its colour and place in the report -- is ``traits``: its options model's ``Traits``
+    (``syncbench.strategies.options``), declared there so that the report and config
+    validation read it without importing this file's torch."""
 
     name: ClassVar[str]
     options_model: ClassVar[type[Options]]
     program_class: ClassVar[type[WorkerProgram]]
-    server_based: ClassVar[bool] = False  # its programs PushPull to a parameter server
+    traits: ClassVar[Traits]  # = options_model.traits, set for every subclass that names its options model
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        options_model = getattr(cls, "options_model", None)
+        if options_model is not None:
+            cls.traits = options_model.traits
 
     def __init__(self, options: Any, world: int, batch_size: int):
         self.options, self.world, self.batch_size = options, world, batch_size
 
     @classmethod
-    def unsupported(cls, options: Any, backend: str, world: int) -> str | None:
-        """Why this backend cannot run these options (the config is refused), or None."""
+    def clock_per_update(cls, options: Any, workers: int, step_s: float, latency_s: float, bytes_per_s: float,
+                         payload: Mapping[str, int]) -> float | None:
+        """The sim's training clock per global update without stragglers, in closed form, or
+        None: no closed form (``syncbench calibrate`` then skips this strategy, saying so).
+        ``latency_s`` and ``bytes_per_s`` are the alpha and beta of the link the strategy's
+        communication crosses: the all-reduce's, or the parameter server's for a strategy that
+        has one; ``payload`` holds the task's ``gradient_bytes`` and ``state_bytes``."""
         return None
+
+    @classmethod
+    def unsupported(cls, options: Any, backend: str, world: int) -> str | None:
+        """Why this backend cannot run these options (the config is refused), or None: the
+        options model's own ``unsupported`` (``strategies/options.py``), which config
+        validation asks without importing torch."""
+        return options.unsupported(backend, world)
 
     @classmethod
     def unsupported_module(cls, options: Any, module: torch.nn.Module) -> str | None:
@@ -224,13 +268,15 @@ class Strategy(abc.ABC):
         return self.program_class(worker, self.options)
 
     def server(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ParameterServer | None:
-        """The parameter server, for strategies that push and pull."""
+        """The parameter server, for strategies that push and pull (``Traits.has_parameter_server``;
+        derive from ``syncbench.strategies.server_strategy.ServerStrategy``)."""
         return None
 
     @abc.abstractmethod
     def load_global(self, target: torch.nn.Module, programs: list[WorkerProgram],
                     server: ParameterServer | None) -> None:
-        """Copy the global model (DESIGN.md "Strategy semantics") into ``target``."""
+        """Copy the global model (docs/strategies.md: the model evaluated for time-to-accuracy)
+        into ``target``."""
 
     @abc.abstractmethod
     def counters(self, programs: list[WorkerProgram], server: ParameterServer | None) -> tuple[int, int]:

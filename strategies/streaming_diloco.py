@@ -3,7 +3,8 @@ Towards a Distributed Free Lunch").
 
 DiLoCo (``syncbench.strategies.local_sgd`` with ``outer``) synchronises the whole model every H local
 steps, and every worker stands still while it crosses the network. Streaming DiLoCo splits the
-parameters into P fragments (contiguous groups of parameter tensors, balanced by size) and
+parameters into P fragments (contiguous slices of the flat parameter vector of equal size, cut at
+layer boundaries where those balance: ``fragment_bounds``) and
 synchronises one fragment at a time, staggered H/P steps apart, so that each fragment is still
 synchronised every H steps but the traffic of a round is 1/P of the model. Each fragment's
 reduction overlaps with ``overlap_steps`` (tau) inner steps: it starts, the worker keeps
@@ -18,7 +19,7 @@ program is DiLoCo's, operation for operation: the same parameters bit for bit.
 
 The global model (evaluated for time-to-accuracy): with ``outer``, the outer parameters, each
 fragment as of its last synchronisation; without, the mean of the workers' current
-parameters, as for local SGD (DESIGN.md).
+parameters, as for local SGD (docs/strategies.md).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from syncbench.strategies.local_sgd import LocalSGDOptions, OuterConfig, apply_outer_step, mean_state_
+from syncbench.strategies.local_sgd import apply_outer_step, mean_state_
+# the options models live apart from torch (config validation does not import it)
+from syncbench.strategies.options import StreamingDiLoCoOptions
 from syncbench.strategies.program import (
     Compute,
     ConfigError,
-    Options,
     ParameterServer,
     Program,
     StartReduce,
@@ -43,39 +44,33 @@ from syncbench.strategies.program import (
 )
 from syncbench.strategies.tensors import flat_state, load_flat_state_, trainable
 
-_SHARED = LocalSGDOptions.model_fields  # H and the outer optimizer mean what they mean for DiLoCo
-
-
-class StreamingDiLoCoOptions(Options):
-    local_steps: int = _SHARED["local_steps"]
-    outer: OuterConfig | None = _SHARED["outer"]
-    fragments: int = Field(default=2, ge=1, description="streaming_diloco: P fragments of the parameters "
-                           "(contiguous groups of parameter tensors, balanced by size), each synchronised every "
-                           "local_steps steps, staggered local_steps / P steps apart; local_steps must be a multiple")
-    overlap_steps: int = Field(default=0, ge=0, description="streaming_diloco: tau, inner steps a fragment's "
-                               "reduction overlaps: it starts, the worker computes tau more steps, then the average "
-                               "is applied; must be smaller than local_steps / fragments (the paper uses 1-5)")
-    mixing_alpha: float = Field(default=1.0, gt=0, le=1, description="streaming_diloco: theta_local <- alpha * "
-                                "theta_outer + (1 - alpha) * theta_local for the arriving fragment; 1 = take the "
-                                "outer result, as DiLoCo (the paper's alpha is 1 - this; it uses 0.5)")
+BALANCE_TOLERANCE = 0.05  # a cut may sit this share of model/P off the even point (fragments within 10%)
 
 
 def fragment_bounds(sizes: list[int], parts: int) -> list[tuple[int, int]]:
-    """Split tensors of ``sizes`` (in order) into ``parts`` contiguous non-empty groups whose
-    element counts are as even as the tensor boundaries allow; returns each group's element
-    range [start, stop) in the flat parameter vector. Each cut is the tensor boundary closest
-    to k/parts of the elements (a tie goes to the earlier boundary)."""
-    if not 1 <= parts <= len(sizes):
-        raise ConfigError(f"strategy.fragments ({parts}) must be between 1 and the module's number of parameter "
-                          f"tensors ({len(sizes)}): a fragment is a group of whole tensors")
-    cum = np.concatenate([[0], np.cumsum(sizes)])
+    """Split the flat parameter vector (tensors of ``sizes``, in order) into ``parts``
+    contiguous fragments of equal size: returns each fragment's element range [start, stop).
+
+    Each cut is the tensor boundary closest to the even point k/parts of the elements when that
+    boundary lies within ``BALANCE_TOLERANCE`` x model/parts of it (whole layers, as the paper
+    assigns them, where they balance); otherwise the cut falls inside a tensor, at the even point
+    itself. Every fragment therefore holds model/parts within 10%, so each synchronisation carries
+    1/P of the model: the paper's P-fold cut in peak bandwidth, whatever the layer sizes (a
+    model with one big layer and small ones included)."""
+    total = int(sum(sizes))
+    if not 1 <= parts <= total:
+        raise ConfigError(f"strategy.fragments ({parts}) must be between 1 and the module's number of parameters "
+                          f"({total})")
+    edges = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    share = total / parts
     cuts = [0]
     for k in range(1, parts):
-        target = cum[-1] * k / parts
-        lo, hi = cuts[-1] + 1, len(sizes) - (parts - k)  # leave at least one tensor per later fragment
-        cuts.append(min(range(lo, hi + 1), key=lambda j: abs(cum[j] - target)))
-    cuts.append(len(sizes))
-    return [(int(cum[a]), int(cum[b])) for a, b in zip(cuts, cuts[1:])]
+        even = total * k / parts
+        nearest = int(edges[np.argmin(np.abs(edges - even))])
+        cut = nearest if abs(nearest - even) <= BALANCE_TOLERANCE * share else int(round(even))
+        cuts.append(max(cut, cuts[-1] + 1))  # non-empty (parts <= total keeps the last one non-empty too)
+    cuts.append(total)
+    return list(zip(cuts, cuts[1:]))
 
 
 @torch.no_grad()
@@ -168,22 +163,11 @@ class StreamingDiLoCo(Strategy):
     program_class = StreamingDiLoCoProgram
 
     @classmethod
-    def unsupported(cls, options: Any, backend: str, world: int) -> str | None:
-        h, p, tau = options.local_steps, options.fragments, options.overlap_steps
-        if h % p:
-            return (f"strategy.fragments ({p}) must divide strategy.local_steps ({h}): the fragments are "
-                    "synchronised local_steps / fragments steps apart")
-        if tau >= h // p:
-            return (f"strategy.overlap_steps ({tau}) must be smaller than strategy.local_steps / strategy.fragments "
-                    f"({h // p}): one fragment's reduction arrives before the next one starts")
-        return None
-
-    @classmethod
     def unsupported_module(cls, options: Any, module: torch.nn.Module) -> str | None:
-        tensors = len(trainable(module))
-        if options.fragments > tensors:
-            return (f"strategy.fragments ({options.fragments}) is more than the module's {tensors} parameter "
-                    "tensors: a fragment is a group of whole tensors")
+        numel = sum(p.numel() for p in trainable(module))
+        if options.fragments > numel:
+            return (f"strategy.fragments ({options.fragments}) is more than the module's {numel} parameters: "
+                    "every fragment holds at least one")
         return None
 
     def load_global(self, target: torch.nn.Module, programs: list[WorkerProgram],

@@ -8,12 +8,14 @@ workers is the same optimisation as one worker at batch N*b.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from pydantic import Field
 
-from syncbench.strategies.compression import CompressionOptions, make_codec, param_shapes
+from syncbench.strategies.compression import make_codec, param_shapes
+# the options models live apart from torch (config validation does not import it)
+from syncbench.strategies.options import SyncOptions
 from syncbench.strategies.program import (
     Compute,
     ParameterServer,
@@ -21,14 +23,9 @@ from syncbench.strategies.program import (
     ReduceGradients,
     Strategy,
     WorkerProgram,
+    ring_allreduce_time,
 )
 from syncbench.strategies.tensors import flat_state, load_flat_state_
-
-
-class SyncOptions(CompressionOptions):
-    backup_workers: int = Field(default=0, ge=0, description="sync: each update uses the first N-k gradients "
-                                "to arrive and drops the rest (Chen et al. 2016); must be < cluster.workers; "
-                                "sim backend only")
 
 
 class SyncProgram(WorkerProgram):
@@ -56,21 +53,14 @@ class Sync(Strategy):
     program_class = SyncProgram
 
     @classmethod
-    def unsupported(cls, options: Any, backend: str, world: int) -> str | None:
-        if options.backup_workers >= world:
-            return (f"strategy.backup_workers ({options.backup_workers}) must be smaller than "
-                    f"cluster.workers ({world})")
-        if options.backup_workers > 0 and options.compression != "none":
-            return ("strategy.compression: a compressed exchange needs every worker (its codec state "
-                    "advances at every exchange); set strategy.backup_workers=0 or strategy.compression=none")
-        if backend == "dist" and options.backup_workers > 0:
-            return ("strategy.backup_workers: backup workers are not supported by cluster.backend=dist "
-                    "(dropping the slowest gradients needs a non-blocking reduction that a gloo/NCCL "
-                    "all-reduce is not); use cluster.backend=sim or set strategy.backup_workers=0")
-        return None
+    def clock_per_update(cls, options: Any, workers: int, step_s: float, latency_s: float, bytes_per_s: float,
+                         payload: Mapping[str, int]) -> float | None:
+        """A step + a ring all-reduce of the gradients."""
+        return step_s + ring_allreduce_time(workers, latency_s, bytes_per_s, payload["gradient_bytes"])
 
     def lr_batch_factor(self) -> float:
-        return float(self.world)
+        # an update averages the first N - k gradients (backup workers): its batch is (N - k) b
+        return float(self.world - self.options.backup_workers)
 
     def load_global(self, target: torch.nn.Module, programs: list[WorkerProgram],
                     server: ParameterServer | None) -> None:

@@ -2,6 +2,10 @@
 
 Exit codes: 0 when the work completed whatever its outcome, 1 when a run failed,
 2 on bad input (with a one-paragraph message, before any run is created).
+
+Bad input is answered fast: nothing on the way from the command line to a validated config
+imports torch, Lightning, MLflow or DeepSpeed (each command imports them after validation;
+benchmarks/first_error.py measures it). Keep it so: CLI start-up time.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace", help="workspace directory (default ./syncbench-runs or $SYNCBENCH_WORKSPACE)")
 
 
+CONFIG_HELP = "a run config: a YAML file, or the name of a shipped config (`syncbench examples`, e.g. digits_mlp)"
+SPEC_HELP = "a sweep spec: a YAML file, or the name of a shipped spec (`syncbench examples`, e.g. demo)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from syncbench.experiments.workspace import STORAGE_HELP, TRACKING_URI_HELP
+
     parser = argparse.ArgumentParser(prog="syncbench", description=__doc__.splitlines()[0].split(": ", 1)[1],
                                      epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"syncbench {version()}")
@@ -43,19 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("dir", help="directory to write into (created; existing files are never overwritten)")
 
     run = sub.add_parser("run", help="train one config to its target and record it in MLflow", epilog=EPILOG)
-    run.add_argument("config", help="run config YAML (keys: docs/config.md or `syncbench config --reference`)")
+    run.add_argument("config", help=f"{CONFIG_HELP} (keys: docs/config.md or `syncbench config --reference`)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
-    run.add_argument("--tracking-uri")
-    run.add_argument("--experiment")
+    run.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
+    run.add_argument("--experiment", help="MLflow experiment to record the run in (default: the config's name)")
     run.add_argument("--no-progress", action="store_true")
     _profile_option(run)
     _common(run)
 
     sweep = sub.add_parser("sweep", help="run a sweep spec with Optuna (resumable)", epilog=EPILOG)
-    sweep.add_argument("spec", help="sweep spec YAML (keys: docs/config.md, section 'Sweep spec')")
+    sweep.add_argument("spec", help=f"{SPEC_HELP} (keys: docs/config.md, section 'Sweep spec')")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base-config key")
-    sweep.add_argument("--storage", help="Optuna storage URL (default: SQLite optuna.db in the workspace)")
-    sweep.add_argument("--tracking-uri")
+    sweep.add_argument("--storage", help=STORAGE_HELP)
+    sweep.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     sweep.add_argument("--jobs", type=int, default=1, help="trials run at once, in worker processes")
     sweep.add_argument("--no-progress", action="store_true")
     _profile_option(sweep)
@@ -63,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="measure compute per step and the network on real processes; write "
                          "a cluster profile for --profile", epilog=EPILOG)
-    cal.add_argument("config", help="run config YAML: the task (module, data, batch size) to time")
+    cal.add_argument("config", help=f"{CONFIG_HELP}: the task (module, data, batch size) to time")
     cal.add_argument("--workers", type=int, help="processes running at once (default: the config's "
                      "cluster.workers; under torchrun: the job's WORLD_SIZE)")
     cal.add_argument("--out", help="profile YAML to write (default: <config name>.profile.yaml here)")
@@ -74,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write the analysis report of a sweep")
     report.add_argument("sweep_name")
-    report.add_argument("--tracking-uri")
+    report.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     report.add_argument("--out")
     _common(report)
 
@@ -83,23 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --allow-remote")
     ui.add_argument("--allow-remote", action="store_true")
-    ui.add_argument("--tracking-uri")
+    ui.add_argument("--tracking-uri", help=f"serve this database store instead; {TRACKING_URI_HELP}")
     _common(ui)
 
     dash = sub.add_parser("dashboard", help="optuna-dashboard over the sweeps' Optuna studies, on 127.0.0.1",
                           epilog=EPILOG)
     dash.add_argument("sweep_name", nargs="?", help="print this sweep's study page (default: the most recent sweep)")
     dash.add_argument("--port", type=int, default=8080)
-    dash.add_argument("--storage", help="Optuna storage URL (default: SQLite optuna.db in the workspace)")
+    dash.add_argument("--storage", help=STORAGE_HELP)
     _common(dash)
 
     config = sub.add_parser("config", help="print a config with its defaults, the config reference or its "
                             "JSON Schema", epilog=EPILOG)
-    config.add_argument("config", nargs="?", help="a run config to validate and print with every default")
+    config.add_argument("config", nargs="?", help=f"{CONFIG_HELP}, or a sweep spec (a file or a shipped spec's "
+                        f"name), to validate and print with every default")
     config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
     config.add_argument("--schema", choices=["run", "sweep"], help="print the JSON Schema of a run config or a sweep spec")
     config.add_argument("--reference", action="store_true", help="print the Markdown reference of every key "
                         "(docs/config.md)")
+
+    sub.add_parser("examples", help="list the shipped run configs and sweep specs, usable by name "
+                   "(syncbench run digits_mlp, syncbench sweep demo)", epilog=EPILOG)
     return parser
 
 
@@ -129,14 +143,23 @@ def add_import_paths(*dirs: str | os.PathLike) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*env, *wanted]))
 
 
+def example(arg: str, kind: str) -> str:
+    """A CONFIG ("config") or SPEC ("spec") argument as a file path: the file given, else the
+    shipped example of that name (bad input otherwise, listing the shipped names)."""
+    from syncbench.sweeps.spec import resolve_example
+
+    return str(resolve_example(arg, kind))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from syncbench.experiments.config import load_config
     from syncbench.experiments.workspace import SpaceReserve, check_workspace, is_disk_full, workspace_dir
 
+    args.config = example(args.config, "config")
     add_import_paths(os.path.dirname(os.path.abspath(args.config)))
+    config = load_config(args.config, _with_profile(args))  # before torch is imported: bad input answers fast
     from syncbench.experiments.run import execute_run
 
-    config = load_config(args.config, _with_profile(args))
     # under torchrun every rank runs this command: rank 0 owns the workspace checks and reserve
     rank0 = os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ
     if rank0:
@@ -167,10 +190,28 @@ def cmd_run(args: argparse.Namespace) -> int:
             reserve.release()
     if result.run_id is not None or os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
         print(result.summary_line())
+        if result.run_id is not None:
+            print(recorded_where(args.tracking_uri, result.run_id, args.workspace))
     return EXIT_OK
 
 
+def recorded_where(tracking_uri: str | None, run_id: str, workspace: str | None) -> str:
+    """The run's last words: the store it is recorded in (no password), its id and how to see
+    it (the tracking server's page, or the `syncbench ui` command line)."""
+    from syncbench.experiments.workspace import default_tracking_uri, redact_uri, ui_link, workspace_dir
+
+    uri = tracking_uri or default_tracking_uri(workspace_dir(workspace))
+    experiment_id = None
+    if uri.startswith(("http://", "https://")):  # the server's page for the run needs its experiment
+        with contextlib.suppress(Exception):
+            from mlflow.tracking import MlflowClient
+
+            experiment_id = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+    return f"MLflow: run {run_id} in {redact_uri(uri)}; view it: {ui_link(uri, run_id, experiment_id, workspace)}"
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
+    args.spec = example(args.spec, "spec")
     from syncbench.sweeps.launcher import run_sweep_command
 
     add_import_paths(os.path.dirname(os.path.abspath(args.spec)))
@@ -189,6 +230,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budget {args.budget}: must be positive")
     if args.repeats < 1:
         raise ConfigError(f"--repeats {args.repeats}: must be at least 1")
+    args.config = example(args.config, "config")
     add_import_paths(os.path.dirname(os.path.abspath(args.config)))
     config = load_config(args.config, args.set)
     from syncbench.experiments.procs.calibrate import calibrate, check_writable, profile_yaml
@@ -251,7 +293,34 @@ def cmd_config(args: argparse.Namespace) -> int:
     elif args.reference:
         sys.stdout.write(reference.markdown())
     else:
-        sys.stdout.write(load_config(args.config, args.set).to_yaml())
+        from syncbench.experiments.config import read_yaml
+        from syncbench.sweeps.spec import example_name, load_sweep, shipped
+
+        named_spec = not os.path.isfile(args.config) and example_name(args.config) in shipped("spec")
+        path = example(args.config, "spec" if named_spec else "config")
+        raw = read_yaml(path)
+        if named_spec or {"base", "seeds"} <= set(raw):  # a sweep spec: validated completely, with defaults
+            import yaml
+
+            sweep = load_sweep(path, args.set)
+            sys.stdout.write(f"# sweep spec {path}: {len(sweep.cells)} cells, {sweep.total_trials()} trials; "
+                             f"base {sweep.base_path}\n")
+            sys.stdout.write(yaml.safe_dump(sweep.spec.model_dump(mode="json"), sort_keys=False))
+        else:
+            sys.stdout.write(load_config(path, args.set).to_yaml())
+    return EXIT_OK
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    from syncbench.sweeps.spec import describe_example, shipped
+
+    for kind, title in (("config", "Run configs (syncbench run NAME, syncbench config NAME)"),
+                        ("spec", "Sweep specs (syncbench sweep NAME, syncbench config NAME)")):
+        examples = shipped(kind)
+        width = max(map(len, examples), default=0)
+        print(f"{title}:")
+        for name, path in examples.items():
+            print(f"  {name:<{width}}  {describe_example(path)}")
     return EXIT_OK
 
 
@@ -266,7 +335,20 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "calibrate": cmd_calibrate, "report": cmd_report, "ui": cmd_ui,
-            "dashboard": cmd_dashboard, "config": cmd_config, "init": cmd_init}
+            "dashboard": cmd_dashboard, "config": cmd_config, "init": cmd_init, "examples": cmd_examples}
+
+
+def stores_from_environment(args: argparse.Namespace) -> None:
+    """MLflow's convention for where runs are recorded: ``--tracking-uri``, else
+    ``$MLFLOW_TRACKING_URI``, else the workspace store; Optuna's storage likewise: ``--storage``,
+    else ``$SYNCBENCH_STORAGE``, else the workspace's. The defaults themselves are chosen in one
+    place (``syncbench.experiments.workspace``); a variable that is set is made the option here, so
+    that every command (ui and report check an explicit store) treats it as if it were given."""
+    from syncbench.experiments.workspace import STORAGE_ENV, TRACKING_URI_ENV
+
+    for option, variable in (("tracking_uri", TRACKING_URI_ENV), ("storage", STORAGE_ENV)):
+        if hasattr(args, option) and not getattr(args, option) and os.environ.get(variable):
+            setattr(args, option, os.environ[variable])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "workspace", None):
         os.environ["SYNCBENCH_WORKSPACE"] = os.path.abspath(args.workspace)
+    stores_from_environment(args)
     if args.command == "run":  # stop wherever the run is; the run records itself KILLED
         handling = signals.handling(armed=True)
     elif args.command == "sweep":  # the launcher polls; trials arm themselves

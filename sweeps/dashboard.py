@@ -6,14 +6,13 @@ import importlib.util
 
 from syncbench.analysis.ui import dashboard_command, port_free, serve, sweep_studies
 from syncbench.experiments.config import ConfigError
+from syncbench.experiments.workspace import default_optuna_storage, workspace_dir
 from syncbench.sweeps.storage import normalize_url, redact
 
 
 def run_dashboard_command(args) -> int:
     """`syncbench dashboard [SWEEP]`: optuna-dashboard over the workspace's study storage
     (or --storage), bound to 127.0.0.1; prints the sweep's study page."""
-    from syncbench.experiments.workspace import default_optuna_storage, workspace_dir
-
 
     if importlib.util.find_spec("optuna_dashboard") is None:  # a dependency; fail clearly if missing
         raise ConfigError("syncbench dashboard needs optuna-dashboard: pip install optuna-dashboard")

@@ -21,7 +21,7 @@ def init_project(directory: str | Path) -> list[Path]:
         raise ConfigError(f"syncbench init {directory}: {', '.join(clashes)} already exist(s); "
                           f"choose an empty directory (nothing was written)")
     root.mkdir(parents=True, exist_ok=True)
-    templates = resources.files("sweeps") / "templates"
+    templates = resources.files("syncbench.sweeps") / "templates"
     written = []
     for name, template in FILES.items():
         text = (templates / template).read_text()

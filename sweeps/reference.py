@@ -16,14 +16,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from syncbench.experiments.config import RunConfig
+from syncbench.strategies.registry import OPTIONS, has_own_section
+from syncbench.sweeps.spec import SweepSpec
+
 REGENERATE = "syncbench config --reference > docs/config.md"
 
 
 def models() -> dict[str, Any]:
     """The documented models: the run config and the sweep spec."""
-    from syncbench.experiments.config import RunConfig
-    from syncbench.sweeps.spec import SweepSpec
-
     return {"run": RunConfig, "sweep": SweepSpec}
 
 
@@ -185,9 +186,23 @@ def _cell(text: str) -> str:
 
 
 def rows(kind: str) -> tuple[list[Row], list[str]]:
-    """The reference rows of one model and the keys that have no description."""
+    """The reference rows of one model and the keys that have no description; a run config's
+    include the own sections of strategies registered with them (``strategy.<name>.KEY``),
+    after the flat ``strategy.`` keys."""
     walker = _Walker(json_schema(kind))
     walker.model(walker.resolve(json_schema(kind)), "")
+    if kind != "run":
+        return walker.rows, walker.undocumented
+    at = max((i + 1 for i, r in enumerate(walker.rows) if r.key.startswith("strategy.")), default=len(walker.rows))
+    for name in (n for n in OPTIONS if has_own_section(n)):
+        schema = OPTIONS[name].model_json_schema()
+        own = _Walker(schema)
+        own.rows.append(Row(f"strategy.{name}", "section", "see keys below",
+                            f"the options of strategy.name={name}, its own section"))
+        own.model(own.resolve(schema), f"strategy.{name}.")
+        walker.rows[at:at] = own.rows
+        at += len(own.rows)
+        walker.undocumented += own.undocumented
     return walker.rows, walker.undocumented
 
 

@@ -1,4 +1,4 @@
-"""Sweep specs (DESIGN.md "Sweep spec"): load, validate and expand into grid cells.
+"""Sweep specs (docs/config.md, "Sweep spec"): load, validate and expand into grid cells.
 
 A spec is checked completely before anything is created: every grid cell's run config
 is validated, every tuned parameter is validated with sample values on every cell it
@@ -7,7 +7,7 @@ cell. Any problem raises :class:`~syncbench.experiments.config.ConfigError` nami
 
 ```yaml
 name: workers-scaling                    # the MLflow experiment and the Optuna study
-base: experiments/configs/mnist1d_cnn.yaml
+base: mnist1d_cnn                        # a path, or a shipped config's name (`syncbench examples`)
 set: {budget.train_time_s: 30}           # optional overrides of the base, for every cell
 grid:                                    # every combination is a cell
   strategy.name: [sync, local_sgd, async]
@@ -30,23 +30,33 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import syncbench.experiments
 from syncbench.experiments.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
+    closest,
     flatten,
+    keys_at,
     parse_override,
     read_yaml,
     validate_config,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The shipped examples, found inside the installed package (a wheel's as a clone's):
+# `syncbench run NAME`, `syncbench sweep NAME`, `syncbench examples`.
+CONFIGS_DIR = Path(syncbench.experiments.__file__).resolve().parent / "configs"
+SPECS_DIR = Path(__file__).resolve().parent / "specs"
+EXAMPLES = {"config": (CONFIGS_DIR, "run config", "syncbench run"), "spec": (SPECS_DIR, "sweep spec", "syncbench sweep")}
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 Scalar = bool | int | float | str | None  # what Optuna can store as a categorical choice
 
@@ -140,7 +150,7 @@ class SweepSpec(_Strict):
                       "Optuna study")
     description: str = Field(default="", description="Free text about the sweep")
     base: str = Field(description="The base run config: a path as written, else relative to the spec, else "
-                      "to the installed project")
+                      "the name of a shipped config (`syncbench examples`, e.g. digits_mlp)")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted-key overrides of the base, for every cell")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values; every "
                                        "combination is a cell")
@@ -242,12 +252,75 @@ def task_key(config: RunConfig) -> str:
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def shipped(kind: str) -> dict[str, Path]:
+    """The shipped examples of a kind ("config" or "spec") by name: the file's stem."""
+    return {p.stem: p for p in sorted(EXAMPLES[kind][0].glob("*.yaml"))}
+
+
+def example_name(arg: str | Path) -> str | None:
+    """The name a CONFIG or SPEC argument gives a shipped example (``digits_mlp`` or
+    ``digits_mlp.yaml``), or None when it is a path (has a directory part)."""
+    text = str(arg)
+    if not text or "/" in text or "\\" in text:
+        return None
+    return text[:-len(".yaml")] if text.endswith(".yaml") else text
+
+
+def resolve_example(arg: str | Path, kind: str) -> Path:
+    """A CONFIG (kind "config") or SPEC ("spec") argument: an existing file as given, else a
+    shipped example of that name, with or without ``.yaml``. Anything else is bad input: the
+    message lists the shipped names, with a did-you-mean."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    _, what, command = EXAMPLES[kind]
+    names = shipped(kind)
+    name = example_name(arg)
+    if name in names:
+        return names[name]
+    if name is None:  # a path that is not there
+        stem = path.name.removesuffix(".yaml")
+        hint = f"; the shipped {what} {stem!r} is named without a path: {command} {stem}" if stem in names else ""
+        raise ConfigError(f"{arg}: no such file{hint}")
+    for other, (_, other_what, other_command) in EXAMPLES.items():
+        if other != kind and name in shipped(other):
+            raise ConfigError(f"{arg}: a shipped {other_what}, not a {what}: {other_command} {name}")
+    guess = closest(name, names)
+    hint = f" (did you mean {guess}?)" if guess else ""
+    raise ConfigError(f"{arg}: no such file, and no shipped {what} of that name{hint}. Shipped {what}s: "
+                      f"{', '.join(names)} (`syncbench examples` describes them)")
+
+
+def describe_example(path: Path) -> str:
+    """One line about a shipped example: its ``description:``, else the first sentence of its
+    leading comment (less a leading ``NAME:``), else its ``name:``."""
+    text = path.read_text()
+    raw = yaml.safe_load(text) or {}
+    if isinstance(raw, dict) and raw.get("description"):
+        return " ".join(str(raw["description"]).split())
+    comment = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line.lstrip("#").strip()
+        if not body:
+            if comment:
+                break
+            continue
+        comment.append(body)
+    if comment:
+        first = re.split(r"(?<!\bal\.)(?<!e\.g\.)(?<!i\.e\.)(?<=[.?!])\s+", " ".join(comment), maxsplit=1)[0]
+        return first.removeprefix(f"{path.stem}:").strip()
+    return str(raw.get("name", "")) if isinstance(raw, dict) else ""
+
+
 def load_sweep(path: str | Path, cli_overrides: list[str] | None = None,
                profile_overrides: list[str] | None = None) -> Sweep:
-    """Read and fully validate a spec; raises ConfigError naming the offending key.
-    ``cli_overrides`` (``--set``) may not touch a key the grid or the tuned parameters set
-    (the grid would silently win); ``profile_overrides`` (``--profile``) come first and may."""
-    path = Path(path)
+    """Read and fully validate a spec (a path, or a shipped spec's name); raises ConfigError
+    naming the offending key. ``cli_overrides`` (``--set``) may not touch a key the grid or
+    the tuned parameters set (the grid would silently win); ``profile_overrides``
+    (``--profile``) come first and may."""
+    path = resolve_example(path, "spec")
     raw = read_yaml(path)
     try:
         spec = SweepSpec.model_validate(raw)
@@ -279,14 +352,24 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None,
 
 
 def _resolve_base(base: str, spec_path: Path) -> Path:
-    """`base` as written (relative to the current directory), else next to the spec, else
-    relative to the repository root: specs are usually run from the root."""
-    candidates = [Path(base), spec_path.parent / base, REPO_ROOT / base]
+    """`base` as written (relative to the current directory), else next to the spec, else the
+    name of a shipped config (``digits_mlp``); a path inside the installed package
+    (``experiments/configs/digits_mlp.yaml``, as specs once named the shipped configs) also works."""
+    candidates = [Path(base), spec_path.parent / base]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    configs = shipped("config")
+    name = example_name(base)
+    if name in configs:
+        return configs[name]
+    if (REPO_ROOT / base).is_file():
+        return REPO_ROOT / base
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
-    raise ConfigError(f"sweep spec {spec_path}: base: no such file {base!r} (tried {tried})")
+    guess = closest(name or Path(base).name.removesuffix(".yaml"), configs)
+    hint = f" (did you mean {guess}?)" if guess else ""
+    raise ConfigError(f"sweep spec {spec_path}: base: no such file {base!r} (tried {tried}), and no shipped config "
+                      f"of that name{hint}. Shipped configs: {', '.join(configs)}")
 
 
 def _check_key_overlaps(spec: SweepSpec, path: Path) -> None:
@@ -359,10 +442,13 @@ def _under(key: str, prefix: str) -> bool:
 
 def _format_spec_error(exc: ValidationError, path: Path) -> str:
     lines = []
-    for err in exc.errors():
+    for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(err["type"], err["msg"])
         msg = msg.removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            guess = closest(str(err["loc"][-1]), keys_at(err["loc"][:-1], SweepSpec))
+            msg += f"; did you mean {'.'.join(map(str, (*err['loc'][:-1], guess)))}?" if guess else ""
         shown = repr(err.get("input"))
         quiet = err["type"] in ("extra_forbidden", "missing", "value_error") or len(shown) > 80
         got = "" if quiet else f" (got {shown})"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import sqlite3
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -27,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from syncbench.experiments.config import ConfigError
+from syncbench.experiments.workspace import corrupt_store_message, is_corrupt_store
+
+# SQLAlchemy and Optuna are imported by the functions that open a store: `syncbench sweep`
+# imports this module before it validates the spec (CLI start-up time); psycopg is optional
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +40,9 @@ ADVISORY_LOCK_KEY = zlib.crc32(b"syncbench.sweeps.launcher")  # one lock per Pos
 
 
 def normalize_url(url: str) -> str:
-    """Bare ``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; the project ships psycopg2."""
-    from sqlalchemy.engine import make_url
+    """Bare ``postgresql://`` means psycopg 3 to SQLAlchemy 2.1 (the driver syncbench depends on); where only
+    psycopg2 is installed, the URL is given that driver."""
+    from sqlalchemy.engine import make_url  # lazy: see the imports
 
     try:
         parsed = make_url(url)
@@ -44,7 +50,7 @@ def normalize_url(url: str) -> str:
         raise ConfigError(f"--storage {url!r}: not a database URL ({exc})") from None
     if parsed.drivername == "postgresql":
         try:
-            import psycopg  # noqa: F401
+            import psycopg  # noqa: F401 - optional: which PostgreSQL driver is installed
         except ImportError:
             parsed = parsed.set(drivername="postgresql+psycopg2")
     backend = parsed.get_backend_name()
@@ -58,7 +64,7 @@ def normalize_url(url: str) -> str:
 def redact(url: str) -> str:
     """The URL without its password, for messages and MLflow params."""
     try:
-        from sqlalchemy.engine import make_url
+        from sqlalchemy.engine import make_url  # lazy: see the imports
 
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001
@@ -70,7 +76,7 @@ def is_sqlite(url: str) -> bool:
 
 
 def sqlite_path(url: str) -> Path:
-    from sqlalchemy.engine import make_url
+    from sqlalchemy.engine import make_url  # lazy: see the imports
 
     return Path(make_url(url).database).expanduser().resolve()
 
@@ -117,7 +123,7 @@ class StorageLock:
             self._advisory("SELECT pg_advisory_unlock(:k)")
 
     def _advisory(self, sql: str) -> None:
-        from sqlalchemy import text
+        from sqlalchemy import text  # lazy: see the imports
 
         self._conn.execute(text(sql), {"k": ADVISORY_LOCK_KEY})
         self._conn.commit()  # end the implicit transaction: session-level locks outlive it
@@ -130,7 +136,7 @@ class StorageLock:
 
 
 def _advisory_connection(url: str):
-    import sqlalchemy
+    import sqlalchemy  # lazy: see the imports
     from sqlalchemy.pool import NullPool
 
     try:
@@ -148,16 +154,12 @@ def use_wal(url: str) -> None:
     effort: a file busy in another mode keeps it. Not for network filesystems."""
     if not is_sqlite(url):
         return
-    import sqlite3
-
     path = sqlite_path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)) as con:
             con.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as exc:
-        from syncbench.experiments.workspace import corrupt_store_message, is_corrupt_store
-
         if is_corrupt_store(exc):
             raise ConfigError(corrupt_store_message("store", str(path), exc)) from None
         log.warning("could not switch %s to WAL mode: %s", path, exc)
@@ -167,7 +169,7 @@ def open_storage(url: str, *, heartbeat_s: int, grace_s: int,
                  stale_callback: Callable[[Any, Any], None]):
     """An ``RDBStorage`` with heartbeats, a busy timeout on SQLite and our stale-trial hook.
     Call it under ``StorageLock``: two launchers creating the tables at once would race."""
-    import optuna
+    import optuna  # lazy: see the imports
 
     engine_kwargs: dict[str, Any] = {}
     if is_sqlite(url):
@@ -178,8 +180,6 @@ def open_storage(url: str, *, heartbeat_s: int, grace_s: int,
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
                                              grace_period=grace_s, heartbeat_stale_trial_callback=stale_callback)
     except Exception as exc:  # noqa: BLE001
-        from syncbench.experiments.workspace import corrupt_store_message, is_corrupt_store
-
         if is_corrupt_store(exc):
             raise ConfigError(corrupt_store_message("--storage", redact(url), exc)) from None
         raise ConfigError(f"--storage {redact(url)}: cannot open the Optuna storage ({_first_line(exc)})") from None
@@ -192,7 +192,7 @@ def _relax_sqlite_sync(engine) -> None:
     """``synchronous=NORMAL`` on every connection: in WAL mode a commit then needs no fsync
     (a launcher's ~10 writes per trial cost ~10 ms each with one). A power cut may lose the
     last commits but never corrupts the file; a lost claim or result is simply rerun."""
-    from sqlalchemy import event
+    from sqlalchemy import event  # lazy: see the imports
 
     @event.listens_for(engine, "connect")
     def _pragma(dbapi_connection, _record) -> None:

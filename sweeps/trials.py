@@ -23,6 +23,8 @@ pruned run ends with outcome ``pruned`` (MLflow tag), the launcher tells Optuna 
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import math
 import multiprocessing
 import os
@@ -31,6 +33,14 @@ import traceback
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from syncbench.experiments import signals
+from syncbench.experiments.workspace import is_disk_full
+
+# Optuna, the config (and the stores' module, which imports it), the run and MLflow are
+# imported inside the functions that use them: a pool worker imports this module before
+# ``_init_worker`` installs its signal handlers, and a signal must not find it in the middle
+# of those imports (the heavy ones come after)
 
 REFRESH_EVERY = 10  # race: re-read the cell's best TTA every this many evaluations
 BUDGET_PENALTY = 2.0
@@ -84,10 +94,8 @@ class TrialReport:
 def run_trial_job(job: TrialJob) -> TrialReport:
     """Validate and run one trial; an exception becomes a ``failed`` report (the MLflow run,
     if one was created, is already marked FAILED by ``execute_run``)."""
-    from syncbench.experiments import signals
-    from syncbench.experiments.config import validate_config
+    from syncbench.experiments.config import validate_config  # after the handlers: see the imports
     from syncbench.experiments.run import execute_run
-    from syncbench.experiments.workspace import is_disk_full
 
     try:
         with signals.armed_section():  # a signal stops the run where it is; it records itself KILLED
@@ -120,7 +128,7 @@ def _hook_storage(url: str, mode: str):
     hook uses it; the launcher's own handle is untouched."""
     key = (url, mode)
     if key not in _STORAGES:
-        from optuna.storages import RDBStorage
+        from optuna.storages import RDBStorage  # after the handlers: see the imports
         from optuna.study import StudyDirection
 
         from syncbench.sweeps.storage import SQLITE_BUSY_TIMEOUT_S, _relax_sqlite_sync, is_sqlite
@@ -137,7 +145,7 @@ def _hook_storage(url: str, mode: str):
 
 def make_pruner(name: str, n_trials: int):
     """Optuna's pruner for ``tune.pruner`` (None for race and none, decided by TuneHook)."""
-    import optuna
+    import optuna  # after the handlers: see the imports
 
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=max(1, min(5, n_trials // 4)), n_warmup_steps=2)
@@ -161,7 +169,7 @@ class TuneHook:
     """
 
     def __init__(self, ctx: TuneContext):
-        import optuna
+        import optuna  # after the handlers: see the imports
 
         self.ctx = ctx
         pruner = make_pruner(ctx.pruner, ctx.n_trials)
@@ -181,7 +189,7 @@ class TuneHook:
     def _refresh_best(self) -> None:
         """With --jobs K, trials of one cell run side by side: a sibling that finished since
         this one started may have set a better TTA."""
-        from optuna.trial import TrialState
+        from optuna.trial import TrialState  # after the handlers: see the imports
 
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if t.user_attrs.get("outcome") == "reached" and t.value is not None:
@@ -206,7 +214,7 @@ class TuneHook:
 def warm_up(tracking_uri: str) -> None:
     """A pool worker's one-time costs (the MLflow store's engine and schema check, ~1.5 s),
     paid while the launcher is still setting up rather than in the first trial."""
-    from syncbench.experiments.recording import open_client
+    from syncbench.experiments.recording import open_client  # after the handlers: see the imports
 
     open_client(tracking_uri)
 
@@ -253,8 +261,6 @@ def _init_worker(launcher_pid: int, preload: list[str]) -> None:
     record a second run of a cell × seed that the resumed sweep retries anyway. Then import
     what every trial needs, once."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         # PR_SET_PDEATHSIG: SIGKILL when the thread that spawned us (the launcher's main
         # thread, which submits every trial) ends
@@ -263,14 +269,10 @@ def _init_worker(launcher_pid: int, preload: list[str]) -> None:
         pass
     if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
         os._exit(1)
-    from syncbench.experiments import signals
-
     # SIGTERM/SIGINT (from the launcher, or Ctrl-C to the whole terminal group) stop the trial
     # in flight, which records its run KILLED; between trials they only mark the worker
     # stopped. The launcher started us with them ignored (signals.shielded) until now.
     signals.install(armed=False, second_exits=False)
     signals.unblock()
-    import importlib
-
     for module in ["syncbench.experiments.run", *preload]:
         importlib.import_module(module)

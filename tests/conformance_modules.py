@@ -1,5 +1,5 @@
 """Small LightningModules as people write them, one per item of "The user's module, as
-Lightning runs it" (DESIGN.md): LR schedules in Lightning's return forms, torchmetrics,
+Lightning runs it" (docs/lightning-modules.md): LR schedules in Lightning's return forms, torchmetrics,
 BatchNorm, hooks, and the refused ones. Each records the lr of every optimizer step it takes
 (``on_before_optimizer_step``), so a run can be compared with Lightning's Trainer."""
 
@@ -178,3 +178,119 @@ class BatchNormEpochLR(BatchNorm):
     """BatchNorm with a per-epoch StepLR and a per-step ExponentialLR (two-worker comparisons)."""
 
     configure_optimizers = EpochStepLR.configure_optimizers
+
+
+# ------------------------------------------------------------------------------------------
+# one module written both ways: with pytorch_lightning and with `import lightning as L`
+# ------------------------------------------------------------------------------------------
+def written_with(L):
+    """A module and its data, the same source written against ``L`` (``pytorch_lightning`` or
+    ``lightning.pytorch``: separate class hierarchies, each driven by its own Trainer). It
+    combines what the classes above test one by one: a per-epoch StepLR (every 2nd epoch) and a
+    per-step ExponentialLR, BatchNorm, a torchmetrics object, the fit hooks it sees and what it
+    reads of the Trainer."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    class Flavoured(L.LightningModule):
+        def __init__(self, lr: float = 0.1, hidden: int = 16):
+            super().__init__()
+            self.lr = lr
+            self.net = nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 10))
+            self.val_accuracy = MulticlassAccuracy(num_classes=10)
+            self.lrs: list[float] = []
+            self.calls: list[tuple] = []
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self(x)
+            self.log("val_loss", F.cross_entropy(logits, y))
+            self.log("val_acc", (logits.argmax(dim=1) == y).float().mean())
+            self.val_accuracy(logits.argmax(dim=1), y)
+            self.log("val_accuracy", self.val_accuracy, on_epoch=True)
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+            return [opt], [{"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5), "frequency": 2},
+                           {"scheduler": torch.optim.lr_scheduler.ExponentialLR(opt, 0.97), "interval": "step"}]
+
+        # the fit hooks (training only: the Trainer validates this module, the harness a copy)
+        def _rec(self, name, *extra):
+            self.calls.append((name, self.global_step, self.current_epoch, *extra))
+
+        def on_fit_start(self):
+            self._rec("on_fit_start", str(self.device), self.trainer.world_size, self.trainer.is_global_zero)
+
+        def on_train_start(self):
+            self._rec("on_train_start", self.trainer.num_training_batches)
+
+        def on_train_epoch_start(self):
+            self._rec("on_train_epoch_start")
+
+        def on_train_epoch_end(self):
+            self._rec("on_train_epoch_end")
+
+        def on_train_batch_start(self, batch, batch_idx):
+            self._rec("on_train_batch_start", batch_idx)
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            self._rec("on_train_batch_end", batch_idx, sorted(outputs) if isinstance(outputs, dict) else None)
+
+        def on_before_backward(self, loss):
+            self._rec("on_before_backward")
+
+        def on_after_backward(self):
+            self._rec("on_after_backward")
+
+        def on_before_optimizer_step(self, optimizer):
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+            self._rec("on_before_optimizer_step")
+
+        def on_train_end(self):
+            self._rec("on_train_end")
+
+    class FlavouredDigits(L.LightningDataModule):
+        """SmallDigits, on ``L``."""
+
+        def __init__(self):
+            super().__init__()
+            self.train_set = self.val_set = None
+
+        def setup(self, stage=None):
+            if self.train_set is None:
+                x_tr, y_tr, x_va, y_va = SmallDigits().load_arrays()
+                self.train_set = torch.utils.data.TensorDataset(torch.as_tensor(x_tr), torch.as_tensor(y_tr))
+                self.val_set = torch.utils.data.TensorDataset(torch.as_tensor(x_va), torch.as_tensor(y_va))
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(self.train_set, batch_size=64, shuffle=True)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(self.val_set, batch_size=64)
+
+    return Flavoured, FlavouredDigits
+
+
+def _named(prefix: str, classes: tuple[type, ...]) -> tuple[type, ...]:
+    for cls in classes:  # importable (and picklable) by name from this module
+        cls.__name__ = cls.__qualname__ = prefix + cls.__name__
+        cls.__module__ = __name__
+    return classes
+
+
+def _flavour_classes():
+    import lightning.pytorch
+    import pytorch_lightning
+
+    return (_named("PL", written_with(pytorch_lightning)), _named("L", written_with(lightning.pytorch)))
+
+
+(PLFlavoured, PLFlavouredDigits), (LFlavoured, LFlavouredDigits) = _flavour_classes()

@@ -13,9 +13,9 @@ import torch
 
 from syncbench.experiments.config import LognormalStragglers, RunConfig
 from syncbench.experiments.procs.launcher import execute_dist_run
-from syncbench.experiments.procs.worker import Emulation
+from syncbench.experiments.procs.emulation import Emulation
 from syncbench.experiments.run import execute_run
-from syncbench.experiments.run_loop import Evaluation, TTATracker
+from syncbench.experiments.tta import Evaluation, TTATracker
 
 
 def test_a_target_met_only_after_the_budget_is_not_reached(digits_config):
@@ -46,7 +46,8 @@ def test_warmup_beyond_the_target_is_exactly_sync(digits_config, tmp_path, outer
 def test_diloco_outer_model_follows_the_warmup(digits_config):
     """Through the warm-up the outer model is the synchronised model, so the first outer step
     sees only the local steps after it (it used to apply the whole warm-up as one step)."""
-    from syncbench.experiments.run import build_simulation, prepare_task
+    from syncbench.experiments.sim.driver import build_simulation
+    from syncbench.experiments.task import prepare_task
     from syncbench.strategies.tensors import flat_params
 
     config = digits_config("strategy.name=local_sgd", "cluster.workers=2", "strategy.local_steps=3",
@@ -89,7 +90,7 @@ def test_straggler_emulation_has_mean_one_factors():
     config: RunConfig = load_config(CONFIGS / "digits_mlp.yaml", ["cluster.stragglers={kind: lognormal, sigma: 0.5}",
                                                                  "cluster.compute.step_s=null"])
     emulation = Emulation(config, rank=0, world=2, stragglers=True, network=False)
-    from syncbench.experiments.procs.worker import WARM_STEPS
+    from syncbench.experiments.procs.emulation import WARM_STEPS
 
     warm = [0.0012, 0.0009, 0.0010, 0.0030, 0.0011, 0.0008, 0.0010, 0.0013, 0.0009]
     assert len(warm) == WARM_STEPS

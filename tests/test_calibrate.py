@@ -75,6 +75,35 @@ def test_fit_latency_recovers_the_alpha_of_the_closed_form():
     assert fit_latency("sync", step / 2, 2, step, beta, payload) is None
 
 
+def test_the_closed_form_is_the_strategys_own_and_one_without_it_is_skipped():
+    """calibrate reads each strategy's closed form from its class (Strategy.clock_per_update),
+    with the strategy's options; a strategy that declares none predicts None and fits no alpha
+    instead of raising."""
+    from syncbench.strategies import STRATEGIES
+    from syncbench.strategies.program import Strategy
+
+    payload = {"gradient_bytes": 20000, "state_bytes": 40000}
+    step, alpha, beta = 0.004, 1e-4, 1.25e9
+    ring_state = 2 * alpha + 40000 / beta  # N = 2: 2(N-1)·α + 2(N-1)/N · S/β
+    local_sgd = STRATEGIES["local_sgd"].options_model(local_steps=4)
+    assert predicted_per_update("local_sgd", 2, step, alpha, beta, payload, local_sgd) == \
+        pytest.approx(step + ring_state / 4)
+    # the strategies' ring formula is the sim's (strategies/ cannot import experiments/)
+    from syncbench.experiments.cluster_model import ring_allreduce_s
+    from syncbench.experiments.config import NetworkConfig
+    from syncbench.strategies.program import ring_allreduce_time
+
+    net = NetworkConfig(latency_s=alpha, bandwidth_gbps=beta * 8 / 1e9)
+    for n in (2, 3, 8):
+        assert ring_allreduce_time(n, alpha, beta, 40000) == pytest.approx(ring_allreduce_s(n, 40000, net))
+    no_closed_form = [n for n in STRATEGIES
+                      if STRATEGIES[n].clock_per_update.__func__ is Strategy.clock_per_update.__func__]
+    assert no_closed_form, "every shipped strategy has a closed form: pick another case for this test"
+    for name in no_closed_form:
+        assert predicted_per_update(name, 2, step, alpha, beta, payload) is None
+        assert fit_latency(name, 0.01, 2, step, beta, payload) is None
+
+
 @pytest.mark.parametrize("latency_s", [1e-4, 3e-3])
 def test_async_closed_form_matches_the_sim_below_and_at_the_link_bound(workspace, latency_s):
     """predicted_per_update's async form (the worker cycle / N, or the server link's time per

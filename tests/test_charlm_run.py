@@ -193,7 +193,8 @@ def test_dist_run_trains_and_measures_the_checkpointed_model(tmp_path):
     """Two real processes train charlm with DeepSpeed checkpointing (DeepSpeed joins the run's
     process group after the warm-up), and the run records the checkpointed model's
     activation bytes, probed on the task as prepared for training."""
-    from syncbench.experiments.run import build_task, execute_run, measure_activation_bytes, one_thread
+    from syncbench.experiments.run import execute_run
+    from syncbench.experiments.task import build_task, measure_activation_bytes, one_thread
     from syncbench.strategies.checkpointing import release_deepspeed_process_group
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

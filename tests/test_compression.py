@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from syncbench.experiments.run import build_simulation, execute_run, prepare_task
+from syncbench.experiments.run import execute_run
+from syncbench.experiments.sim.driver import build_simulation
+from syncbench.experiments.task import prepare_task
 from syncbench.strategies import compression
 from syncbench.strategies.compression import CastCodec, Int8Codec, PowerSGDCodec, TopKCodec, run_lockstep
 from syncbench.strategies.tensors import flat_params

@@ -4,7 +4,10 @@ A new strategy file plus its registration line is tested here without a line of 
 one worker is plain SGD (against a plain PyTorch loop written here), the digits target is
 reached, the required metrics and artifacts are recorded, communication is counted when
 N > 1, sim runs are bit-reproducible, and both backends hold the same parameters after the
-same straggler-free steps.
+same straggler-free steps. Which of these apply is the strategy's own declaration (its
+``Traits``: plain SGD at one worker, identical replicas, a parameter server), never its name.
+Each test runs a ``check_*`` function that takes the strategy's name, so that a strategy
+registered at run time is checked the same way (tests/test_adding_a_strategy.py).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from syncbench.experiments.procs.launcher import execute_dist_run
-from syncbench.experiments.run import build_simulation, execute_run, prepare_task
+from syncbench.experiments.run import execute_run
+from syncbench.experiments.sim.driver import build_simulation
+from syncbench.experiments.task import prepare_task
 from syncbench.experiments.sharding import ShardedBatches
-from syncbench.strategies import STRATEGIES
+from syncbench.strategies import STRATEGIES, traits
 from syncbench.strategies.tensors import flat_params
 
 NAMES = sorted(STRATEGIES)
@@ -54,20 +59,47 @@ def run_sim_steps(config, steps: int):
     return engine, initial, task
 
 
+def skip_unless_plain_sgd_at_one_worker(name: str) -> None:
+    declared = traits(name)
+    if not declared.equals_sgd_at_one_worker:
+        pytest.skip(f"{name} declares it is not plain SGD at one worker: {declared.not_sgd_at_one_worker_because}")
+
+
+def lockstep(name: str) -> bool:
+    """Workers that meet at every round run the same arithmetic in the same order on both
+    backends; an asynchronous server applies pushes in arrival order, which real processes do
+    not fix, so a strategy with one is compared with one worker instead."""
+    return not traits(name).has_parameter_server
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_one_worker_is_plain_sgd_on_sim(digits_config, name):
+    check_one_worker_is_plain_sgd_on_sim(digits_config, name)
+
+
+def check_one_worker_is_plain_sgd_on_sim(digits_config, name: str) -> None:
+    """One worker is plain SGD -- or, for a strategy that declares it is not, is not: the
+    declaration is checked too, so that it cannot merely switch the check off."""
     config = digits_config(SGD, f"strategy.name={name}", "cluster.workers=1")
     # 2H steps (H = local_steps, 8): a strategy whose global model is its last push's
     # (asynchronous local SGD's server) holds every step here
     steps = 2 * config.strategy.local_steps
     engine, initial, task = run_sim_steps(config, steps)
     expected = plain_sgd_params(initial, task.train_set, config.batch_size, config.seed, steps, lr=0.1)
-    torch.testing.assert_close(flat_params(engine.global_model()), expected, atol=1e-6, rtol=0)
     assert not torch.equal(expected, flat_params(initial))
+    if traits(name).equals_sgd_at_one_worker:
+        torch.testing.assert_close(flat_params(engine.global_model()), expected, atol=1e-6, rtol=0)
+    else:
+        assert not torch.allclose(flat_params(engine.global_model()), expected, atol=1e-6, rtol=0), \
+            f"{name} declares it is not plain SGD at one worker, but it is: equals_sgd_at_one_worker=True"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sim_runs_are_bit_reproducible(digits_config, name, tmp_path):
+    check_sim_runs_are_bit_reproducible(digits_config, name, tmp_path)
+
+
+def check_sim_runs_are_bit_reproducible(digits_config, name: str, tmp_path: Path) -> None:
     config = digits_config(f"strategy.name={name}", "cluster.workers=4", "budget.train_time_s=0.3",
                            "cluster.stragglers={kind: lognormal, sigma: 0.5}")
     results = [execute_run(config, workspace=tmp_path / f"ws{i}") for i in range(2)]
@@ -101,6 +133,10 @@ def _check_recorded(workspace: Path, result, backend: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_reaches_target_and_records_everything_on_sim(digits_config, name, tmp_path):
+    check_reaches_target_and_records_everything_on_sim(digits_config, name, tmp_path)
+
+
+def check_reaches_target_and_records_everything_on_sim(digits_config, name: str, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     result = execute_run(digits_config(f"strategy.name={name}", "cluster.workers=2"), workspace=ws)
     _check_recorded(ws, result, "sim")
@@ -109,6 +145,10 @@ def test_reaches_target_and_records_everything_on_sim(digits_config, name, tmp_p
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", NAMES)
 def test_reaches_target_and_records_everything_on_dist(digits_config, name, tmp_path):
+    check_reaches_target_and_records_everything_on_dist(digits_config, name, tmp_path)
+
+
+def check_reaches_target_and_records_everything_on_dist(digits_config, name: str, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     config = digits_config(f"strategy.name={name}", "cluster.workers=2", "cluster.backend=dist",
                            "budget.train_time_s=20", "eval.every_s=0.02")
@@ -126,6 +166,11 @@ def _dist_finals(config, tmp_path: Path, steps: int) -> list[torch.Tensor]:
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", NAMES)
 def test_one_worker_is_plain_sgd_on_dist(digits_config, name, tmp_path):
+    check_one_worker_is_plain_sgd_on_dist(digits_config, name, tmp_path)
+
+
+def check_one_worker_is_plain_sgd_on_dist(digits_config, name: str, tmp_path: Path) -> None:
+    skip_unless_plain_sgd_at_one_worker(name)
     config = digits_config(SGD, f"strategy.name={name}", "cluster.workers=1", "cluster.backend=dist",
                            "target.value=1.01", "budget.train_time_s=60")
     task = prepare_task(config)
@@ -134,15 +179,15 @@ def test_one_worker_is_plain_sgd_on_dist(digits_config, name, tmp_path):
     torch.testing.assert_close(final[: expected.numel()], expected, atol=1e-5, rtol=0)
 
 
-# Strategies whose workers meet at every round run the same arithmetic in the same order on
-# both backends; an asynchronous server applies pushes in arrival order, which real
-# processes do not fix, so it is compared with one worker above.
-LOCKSTEP = [n for n in NAMES if not STRATEGIES[n].server_based]
-
-
 @pytest.mark.heavy
-@pytest.mark.parametrize("name", LOCKSTEP)
+@pytest.mark.parametrize("name", [n for n in NAMES if lockstep(n)])
 def test_both_backends_hold_the_same_parameters_after_the_same_steps(digits_config, name, tmp_path):
+    check_both_backends_hold_the_same_parameters_after_the_same_steps(digits_config, name, tmp_path)
+
+
+def check_both_backends_hold_the_same_parameters_after_the_same_steps(digits_config, name: str,
+                                                                       tmp_path: Path) -> None:
+    assert lockstep(name), f"{name} has a parameter server: its pushes apply in arrival order"
     base = (SGD, f"strategy.name={name}", "cluster.workers=2", "strategy.local_steps=4", "target.value=1.01",
             "budget.train_time_s=60")
     steps = 14  # not a multiple of local_steps: local SGD's replicas have drifted apart since the last average
@@ -151,22 +196,40 @@ def test_both_backends_hold_the_same_parameters_after_the_same_steps(digits_conf
     for rank, dist in enumerate(finals):
         sim = flat_params(engine.workers[rank].module)
         torch.testing.assert_close(dist[: sim.numel()], sim, atol=1e-5, rtol=0)
-    assert torch.equal(finals[0], finals[1]) == (name == "sync")
+    assert torch.equal(finals[0], finals[1]) == traits(name).keeps_replicas_identical
 
 
-@pytest.mark.parametrize("scaling,factor", [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
-def test_lr_scaling_scales_by_the_effective_batch_on_sim(digits_config, scaling, factor):
-    """sync at N = 4 updates with 4 workers' batches: lr x 4 (linear) or x 2 (sqrt); local SGD
-    and async update with one worker's batch: unchanged."""
-    base_lr = 0.01  # digits_mlp.yaml's module_args.lr
+@pytest.mark.parametrize("scaling", ["none", "linear", "sqrt"])
+def test_lr_scaling_scales_by_the_effective_batch_on_sim(digits_config, scaling):
+    """Every worker's (and the server's) lr x the strategy's effective batch / one worker's
+    (``Strategy.lr_batch_factor``: sync at N = 4 updates with 4 workers' batches, x 4 linear or
+    x 2 sqrt; local SGD and async with one worker's, unchanged), or its square root."""
     for name in NAMES:
-        config = digits_config(f"strategy.name={name}", "cluster.workers=4", f"strategy.lr_scaling={scaling}")
-        engine = build_simulation(config, prepare_task(config), step_s=1e-3)
-        expected = base_lr * (factor if name == "sync" else 1.0)
-        lrs = [w.optimizer.param_groups[0]["lr"] for w in engine.workers]
-        if engine.server is not None:
-            lrs.append(engine.server.optimizer.param_groups[0]["lr"])
-        assert lrs == pytest.approx([expected] * len(lrs)), (name, lrs)
+        check_lr_scaling_on_sim(digits_config, name, scaling)
+    sync, asynchronous = (STRATEGIES[n](STRATEGIES[n].options_model(), 4, 1) for n in ("sync", "async"))
+    assert (sync.lr_batch_factor(), asynchronous.lr_batch_factor()) == (4.0, 1.0)  # by hand: 4 batches, one
+
+
+def check_lr_scaling_on_sim(digits_config, name: str, scaling: str) -> None:
+    base_lr = 0.01  # digits_mlp.yaml's module_args.lr
+    config = digits_config(f"strategy.name={name}", "cluster.workers=4", f"strategy.lr_scaling={scaling}")
+    engine = build_simulation(config, prepare_task(config), step_s=1e-3)
+    factor = STRATEGIES[name](config.strategy.options(), 4, config.batch_size).lr_batch_factor()
+    expected = base_lr * {"none": 1.0, "linear": factor, "sqrt": factor ** 0.5}[scaling]
+    lrs = [w.optimizer.param_groups[0]["lr"] for w in engine.workers]
+    if engine.server is not None:
+        lrs.append(engine.server.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([expected] * len(lrs)), (name, lrs)
+
+
+@pytest.mark.parametrize("scaling,expected", [("linear", 0.01 * 6), ("sqrt", 0.01 * 6 ** 0.5)])
+def test_lr_scaling_with_backup_workers_counts_the_kept_gradients(digits_config, scaling, expected):
+    """sync at N = 8 with 2 backup workers: each update averages 6 workers' batches, so the
+    effective batch is 6 b (hand-computed: lr 0.01 x 6, or x sqrt 6), not 8 b."""
+    config = digits_config("strategy.name=sync", "cluster.workers=8", "strategy.backup_workers=2",
+                           f"strategy.lr_scaling={scaling}")
+    engine = build_simulation(config, prepare_task(config), step_s=1e-3)
+    assert [w.optimizer.param_groups[0]["lr"] for w in engine.workers] == pytest.approx([expected] * 8)
 
 
 @pytest.mark.heavy

@@ -369,3 +369,15 @@ def test_torchrun_rank0_death_fails_its_run(workspace: Path, tmp_path: Path) -> 
         for a in agents:
             if a.poll() is None:
                 os.killpg(a.pid, signal.SIGKILL)
+
+
+def test_rank_devices_map_one_rank_per_gpu_and_refuse_two_on_one():
+    from syncbench.experiments.procs.devices import RankDevice, choose_rank_device
+
+    assert choose_rank_device(0, 2, 0) == RankDevice("gloo", "cpu")  # no GPU: gloo on the CPU
+    assert choose_rank_device(1, 2, 2) == RankDevice("nccl", "cuda:1")
+    assert choose_rank_device(1, 2, 4, "cpu") == RankDevice("gloo", "cpu")
+    with pytest.raises(ValueError, match="NCCL cannot put two ranks on one GPU.*SYNCBENCH_DIST_DEVICE=cpu"):
+        choose_rank_device(1, 2, 1)
+    with pytest.raises(ValueError, match="SYNCBENCH_DIST_DEVICE='gpu'"):
+        choose_rank_device(0, 1, 1, "gpu")

@@ -83,12 +83,12 @@ def test_config_command_prints_defaults_and_the_json_schema(tmp_path):
 
     import yaml
 
-    done = cli("config", "experiments/configs/digits_mlp.yaml", "--set", "cluster.workers=8")
+    done = cli("config", "digits_mlp", "--set", "cluster.workers=8")
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(done.stdout)["cluster"]["workers"] == 8
     schema = json.loads(cli("config", "--schema", "sweep").stdout)
     assert "grid" in schema["properties"]
-    bad = cli("config", "experiments/configs/digits_mlp.yaml", "--set", "cluster.nope=1")
+    bad = cli("config", "digits_mlp", "--set", "cluster.nope=1")
     assert bad.returncode == 2 and "cluster.nope" in bad.stderr
 
 
@@ -153,10 +153,14 @@ def test_an_installed_wheel_works_outside_a_clone(tmp_path):
     assert done.returncode == 0 and "my_task:DigitsClassifier" in done.stdout, done.stderr
     shipped = run("config", "--reference")
     assert shipped.returncode == 0 and shipped.stdout.split("\n", 1)[1] == (DOCS / "config.md").read_text()
-    import yaml  # a shipped spec's base resolves inside the installed package (sweeps/spec.py: REPO_ROOT)
-
-    base = yaml.safe_load((target / "syncbench" / "sweeps" / "specs" / "demo.yaml").read_text())["base"]
-    assert (target / "syncbench" / base).is_file(), base
+    # shipped examples by name, found inside the installed package; a shipped spec's base is one of them
+    done = run("config", "digits_mlp")
+    assert done.returncode == 0 and "digits-mlp" in done.stdout, done.stderr
+    done = run("config", "demo")
+    assert done.returncode == 0, done.stderr
+    assert "syncbench/experiments/configs/digits_mlp.yaml" in done.stdout and str(REPO) not in done.stdout, done.stdout
+    done = run("examples")
+    assert done.returncode == 0 and "literature" in done.stdout and "mnist1d_cnn" in done.stdout, done.stderr
 
 
 def test_mutant_list_in_docs_is_current():
@@ -165,3 +169,91 @@ def test_mutant_list_in_docs_is_current():
     assert markdown_table(MUTANTS) in (DOCS / "testing.md").read_text(), (
         "docs/testing.md's mutant table is out of date: regenerate it with "
         "`python -m benchmarks.mutation_check --markdown`")
+
+
+def test_claims_reference_is_current():
+    """docs/claims.md is generated from the claims' own definitions (measure, test, rule)."""
+    from syncbench.analysis.claims_reference import markdown
+
+    assert (DOCS / "claims.md").read_text() == markdown(), (
+        "docs/claims.md is out of date: regenerate it with `python -m syncbench.analysis.claims_reference "
+        "> docs/claims.md`")
+
+
+# Placeholders the docs write in command lines, and what the checker puts in their place.
+PLACEHOLDERS = {"CONFIG": "digits_mlp", "CONFIG.yaml": "digits_mlp", "SPEC": "digits_smoke",
+                "SPEC.yaml": "digits_smoke", "SWEEP": "demo", "SWEEP_NAME": "demo", "N": "2", "K": "2", "P": "5000",
+                "URI": "sqlite:///x.db", "NAME": "x", "KEY=VALUE": "seed=1"}
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(page, argv) of every `syncbench ...` command line in README.md and docs/*.md: fenced
+    blocks and inline code, continuation lines joined, comments, `[optional]` parts and
+    redirections dropped, `a && b` split."""
+    import shlex
+
+    found = []
+    for page in [REPO / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = page.read_text()
+        blocks = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
+        inline = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()] + inline
+        for line in lines:
+            for part in line.split("&&"):
+                part = re.sub(r"\s#.*$", "", part).strip()
+                part = re.sub(r"\[[^\]]*\]", "", part)
+                part = part.split(">", 1)[0].strip()
+                m = re.search(r"(?:^|\s)(?:python -m |\.venv/bin/)?syncbench\s+([a-z].*)$", part)
+                if not m or part.startswith("pip"):
+                    continue
+                command, _, rest = m.group(1).partition(" ")
+                command = command.split("|")[0]  # `run|sweep ... --profile FILE`
+                for alternative in rest.split(" | "):  # `config CONFIG | --reference | --schema run|sweep`
+                    try:
+                        argv = [command, *shlex.split(alternative)]
+                    except ValueError:
+                        continue
+                    found.append((page.name, [a.split("|")[0] if "|" in a else a for a in argv]))
+    return found
+
+
+def test_every_documented_command_line_parses_and_names_what_exists(tmp_path, monkeypatch):
+    """A checker over the docs: every `syncbench ...` line uses a command and options that
+    exist, and every config or spec it names is a file the docs' own example creates or a
+    shipped example (so it works from a pip install outside a clone)."""
+    from syncbench.sweeps.cli import build_parser
+    from syncbench.sweeps.spec import resolve_example
+
+    monkeypatch.chdir(tmp_path)  # outside a clone: a repository path such as experiments/configs/x.yaml fails
+    parser = build_parser()
+    commands = documented_commands()
+    subcommands = {argv[0] for _, argv in commands}
+    assert {"run", "sweep", "report", "calibrate", "config", "init", "examples", "ui"} <= subcommands, subcommands
+    made_by_docs = ("my-project/", "proj/")  # written by the `syncbench init my-project` the docs show first
+    for page, argv in commands:
+        if argv[0] not in parser._subparsers._group_actions[0].choices or len(argv) == 1:
+            continue  # prose ("syncbench runs any ..."), or a command named without its arguments
+        filler = "digits_smoke" if argv[0] == "sweep" else "digits_mlp"  # `run ... --profile FILE`
+        argv = [filler if a in ("...", "…") else PLACEHOLDERS.get(a, a) for a in argv]
+        argv = [a.replace("FILE", str(tmp_path / "f.yaml")).replace("DIR", str(tmp_path / "d")) for a in argv]
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:
+            if exc.code:
+                raise AssertionError(f"{page}: `syncbench {' '.join(argv)}` is refused by the command line") from None
+            continue
+        for attr, kind in (("config", "config"), ("spec", "spec")):
+            value = getattr(args, attr, None)
+            if args.command in ("run", "calibrate", "sweep") and value and not value.startswith(made_by_docs):
+                resolve_example(value, kind)  # raises ConfigError naming what is missing
+
+
+def test_documented_example_names_validate(tmp_path):
+    """Every shipped name the docs use validates as written (`syncbench config NAME`)."""
+    names = {argv[1] for _, argv in documented_commands()
+             if argv[0] in ("run", "sweep", "calibrate") and len(argv) > 1 and "/" not in argv[1]
+             and argv[1] not in PLACEHOLDERS and not argv[1].startswith("-") and argv[1] not in ("...", "…")}
+    assert {"digits_mlp", "demo", "literature"} & names or names, names
+    for name in sorted(names):
+        done = cli("config", name, cwd=tmp_path)
+        assert done.returncode == 0, f"`syncbench config {name}`: {done.stderr}"

@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md "Strategy semantics", checked on real training of digits_mlp."""
+"""The invariants of docs/strategies.md, checked on real training of digits_mlp."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from syncbench.strategies.lightning_bridge import build_optimizer, capture_logs, training_loss
-from syncbench.experiments.run import PreparedTask, build_simulation, prepare_task
+from syncbench.experiments.sim.driver import build_simulation
+from syncbench.experiments.task import PreparedTask, prepare_task
 from syncbench.experiments.sharding import ShardedBatches
 from syncbench.strategies.tensors import flat_params
 

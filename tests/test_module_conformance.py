@@ -1,4 +1,4 @@
-"""The user's module as Lightning runs it (DESIGN.md "Strategy semantics"): each small module of
+"""The user's module as Lightning runs it (docs/lightning-modules.md): each small module of
 ``tests/conformance_modules.py`` trained by the sim (N=1) and by the dist backend is compared
 with the same module under a plain Lightning ``Trainer`` on one worker, same batches, same
 steps: the learning rate of every step, the final parameters and buffers, the validation
@@ -9,15 +9,17 @@ from __future__ import annotations
 import copy
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from syncbench.experiments.config import ConfigError, load_config
 from syncbench.experiments.procs.launcher import execute_dist_run
-from syncbench.experiments.run import build_simulation, execute_run, prepare_task, seed_everything
+from syncbench.experiments.run import execute_run
+from syncbench.experiments.sim.driver import build_simulation
+from syncbench.experiments.task import prepare_task, seed_everything
 from syncbench.experiments.sharding import ShardedBatches
 from syncbench.strategies.lightning_bridge import evaluate
+from syncbench.strategies.lightning_flavour import flavour_of
 from syncbench.strategies.tensors import flat_state
 from tests.conftest import CONFIGS
 
@@ -45,7 +47,8 @@ class _Shard(Dataset):
 
 
 def trainer_reference(config, steps: int, **trainer_kwargs):
-    """The module under Lightning's own Trainer, one worker, validating every epoch."""
+    """The module under Lightning's own Trainer (of the module's package), one worker, validating
+    every epoch."""
     task = prepare_task(config)
     module_cls = type(task.module)
     seed_everything(config.seed)
@@ -53,9 +56,9 @@ def trainer_reference(config, steps: int, **trainer_kwargs):
     torch.testing.assert_close(flat_state(module), flat_state(task.module), atol=0, rtol=0)
     batches = ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed, task.collate)
     val = DataLoader(task.val_batches, batch_size=None)
-    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
-                         **trainer_kwargs)
+    trainer = flavour_of(module).Trainer(  # a lightning.pytorch module needs lightning.pytorch's Trainer
+        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1, **trainer_kwargs)
     trainer.fit(module, train_dataloaders=DataLoader(_Shard(batches), batch_size=None), val_dataloaders=val)
     if trainer_kwargs.get("limit_val_batches") == 0:
         return module, {}
@@ -258,3 +261,58 @@ def test_dist_and_sim_agree_with_schedules_and_batchnorm(strategy, tmp_path):
     finals = dist_finals(config_for("BatchNormEpochLR", *base, "cluster.backend=dist"), tmp_path, steps)
     for rank, final in enumerate(finals):
         torch.testing.assert_close(final, flat_state(engine.workers[rank].module), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# one module written both ways: pytorch_lightning and `import lightning as L`
+# ------------------------------------------------------------------------------------------
+FLAVOURS = {"pytorch_lightning": "PL", "lightning.pytorch": "L"}  # conformance_modules.written_with
+
+
+def flavour_config(flavour: str, *overrides: str):
+    prefix = FLAVOURS[flavour]
+    return config_for(f"{prefix}Flavoured", f"task.data={M}:{prefix}FlavouredDigits",
+                      "trainer.gradient_clip_val=0.05", *overrides)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_one_module_written_both_ways_follows_its_trainer_on_sim(flavour):
+    """Each flavour against its own package's Trainer: the lr of every step (two schedules),
+    the parameters and BatchNorm buffers (with clipping), the validation metrics (a
+    torchmetrics object among them) and the fit hooks with what they read of the Trainer."""
+    steps = 2 * EPOCH + 3
+    config = flavour_config(flavour)
+    ref, ref_metrics = trainer_reference(config, steps, gradient_clip_val=0.05)
+    assert flavour_of(ref).__name__ == flavour and type(ref._trainer).__module__.startswith(flavour + ".")
+    engine, metrics = sim_run(config, steps)
+    replica = engine.workers[0].module
+    assert flavour_of(replica).__name__ == flavour
+    assert len(ref.lrs) == steps and len(set(ref.lrs)) > 2
+    assert replica.lrs == pytest.approx(ref.lrs, rel=1e-12, abs=0)
+    assert replica.calls == ref.calls
+    names = [c[0] for c in ref.calls]
+    assert names[:3] == ["on_fit_start", "on_train_start", "on_train_epoch_start"] and names[-1] == "on_train_end"
+    torch.testing.assert_close(flat_state(engine.global_model()), flat_state(ref), atol=1e-6, rtol=0)
+    for name in ("val_acc", "val_loss", "val_accuracy"):
+        assert metrics[name] == pytest.approx(ref_metrics[name], abs=1e-6), name
+
+
+def test_both_flavours_train_the_same_on_sim():
+    """Same source, same seed: the two packages' modules train bit-for-bit the same."""
+    steps = EPOCH + 3
+    (a, a_metrics), (b, b_metrics) = (sim_run(flavour_config(f), steps) for f in FLAVOURS)
+    assert type(a.global_model()).__mro__[1] is not type(b.global_model()).__mro__[1]
+    torch.testing.assert_close(flat_state(a.global_model()), flat_state(b.global_model()), atol=0, rtol=0)
+    assert a_metrics == b_metrics
+    assert a.workers[0].module.calls == b.workers[0].module.calls
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_one_module_written_both_ways_follows_its_trainer_on_dist(flavour, tmp_path):
+    """Real processes: each worker drives the module with its own package's Trainer and Strategy."""
+    steps = 2 * EPOCH + 3
+    config = flavour_config(flavour, "cluster.backend=dist")
+    ref, _ = trainer_reference(config, steps, gradient_clip_val=0.05)
+    (final,) = dist_finals(config, tmp_path, steps)
+    torch.testing.assert_close(final, flat_state(ref), atol=1e-5, rtol=0)

@@ -1,7 +1,7 @@
 """`syncbench report` end to end, on real sweeps of real runs recorded in MLflow (digits task).
 
 Until the sweep launcher is used here, each sweep is built the way the launcher records
-it (DESIGN.md, sweeps/): one experiment named after the sweep, a parent run tagged
+it (docs/metrics.md, sweeps/): one experiment named after the sweep, a parent run tagged
 syncbench.sweep/role=parent, and one execute_run per cell x seed tagged
 syncbench.sweep/role=trial/cell/seed/phase=eval under that parent.
 """

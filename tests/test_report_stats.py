@@ -333,3 +333,19 @@ def test_threats_name_too_few_seeds_censoring_and_a_coarse_resolution():
     assert "1 of 4 finished runs" in threats["censoring"].detail
     assert "24% of the fastest cell's median TTA (sync, N=4: 0.205 s)" in threats["resolution"].detail
     assert threats["simulated"].inherent
+
+
+def test_staleness_is_plotted_for_every_strategy_with_a_parameter_server(tmp_path):
+    """The strategies' own declaration (Traits.has_parameter_server), not a name, selects the
+    runs whose staleness histogram is drawn: async and async_local_sgd alike, never sync."""
+    from syncbench.analysis.plots import plot_staleness
+    from syncbench.analysis.reader import strategy_sort_key
+    from syncbench.analysis.summary import summarize_cells
+
+    runs = [rec(s, 4, seed, 0.1) for s in ("async_local_sgd", "sync", "async") for seed in range(2)]
+    sweep = sweep_of(runs)
+    sweep.staleness = {r.run_id: {0: 3, 2: 1} for r in runs}
+    plot = plot_staleness(sweep, summarize_cells(sweep), tmp_path)
+    assert plot is not None and (tmp_path / "staleness.png").is_file()
+    assert "of async, async_local_sgd)" in plot.caption  # in the declared display order
+    assert sorted(["async_local_sgd", "sync", "async"], key=strategy_sort_key) == ["sync", "async", "async_local_sgd"]

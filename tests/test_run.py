@@ -43,7 +43,7 @@ def test_each_strategy_reaches_digits_target_with_4_workers(workspace, digits_co
     m = run.data.metrics
     assert m["reached"] == 1.0 and m["tta_s"] == pytest.approx(result.tta_s) and m["val_acc"] >= 0.95
     assert m["samples_to_target"] > 0 and m["updates_to_target"] > 0 and m["step_time_s"] > 0
-    # everything DESIGN.md lists
+    # everything docs/metrics.md lists
     for key in ("best_val", "final_val", "init_s", "activation_bytes", "clock_s", "samples", "time_compute_s",
                 "time_comm_s", "time_wait_s", "comm_bytes", "train_loss", "val_loss"):
         assert key in m, key
@@ -193,7 +193,8 @@ def test_interleaved_calibration_times_each_model_in_its_place(workspace, digits
     medians, step_s their least)."""
     import torch
 
-    from syncbench.experiments.run import calibrate_step, calibrate_steps, one_thread, prepare_task
+    from syncbench.experiments.sim.calibration import calibrate_step, calibrate_steps
+    from syncbench.experiments.task import one_thread, prepare_task
 
     small, large = digits_config("batch_size=4"), digits_config("batch_size=1024")
     with one_thread():

@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from syncbench.experiments.run import build_simulation, prepare_task
+from syncbench.experiments.sim.driver import build_simulation
+from syncbench.experiments.task import prepare_task
 from syncbench.strategies.tensors import flat_params
 
 SGD = "task.module_args={lr: 0.1, optimizer: sgd, hidden: 32}"
@@ -26,7 +27,7 @@ SLOW_NET = "cluster.network={latency_s: 0.001, bandwidth_gbps: 0.008}"
 
 
 # ---------------------------------------------------------------------------------------
-# the alpha-beta cost model in absolute terms (Patarasuk & Yuan 2009; DESIGN.md "Backends")
+# the alpha-beta cost model in absolute terms (Patarasuk & Yuan 2009; docs/backends.md)
 
 
 def test_ring_allreduce_and_point_to_point_closed_forms():
@@ -96,7 +97,7 @@ def test_sim_parameter_server_link_is_fifo_in_absolute_terms(digits_config):
 
 
 def _reference_batches(n_train: int, n_workers: int, batch: int, seed: int, steps: int):
-    """The data contract of DESIGN.md, written out: worker w of N reads perm[w::N] (cut to
+    """The data contract (docs/strategies.md), written out: worker w of N reads perm[w::N] (cut to
     len // N) of a seeded per-epoch permutation, in batches; one worker at N x b reads the N
     workers' batches of a step together."""
     shard_len = n_train // n_workers

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from syncbench.experiments.procs.launcher import execute_dist_run
-from syncbench.experiments.run import prepare_task
+from syncbench.experiments.task import prepare_task
 from tests.test_science import SGD, plain_sgd_trajectory
 
 

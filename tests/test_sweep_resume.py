@@ -157,7 +157,7 @@ def test_a_trial_that_keeps_killing_its_launcher_is_given_up_after_the_retry_cap
     """The retry cap holds across launches: a cell x seed whose trial kills its launcher every
     time runs 1 + MAX_STALE_RETRIES times in all, then every rerun leaves it alone (its runs
     KILLED, none RUNNING) while the sweep's other cells finish."""
-    from syncbench.sweeps.launcher import MAX_STALE_RETRIES
+    from syncbench.sweeps.trial_queue import MAX_STALE_RETRIES
 
     for key, value in FAST_HEARTBEAT.items():
         monkeypatch.setenv(key, value)

@@ -321,7 +321,7 @@ def _running_trials(name: str, ws: Path, storage: str) -> int:
         return sql(ws / "optuna.db", "SELECT count(*) FROM trials WHERE state = 'RUNNING'")
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(storage.replace("postgresql://", "postgresql+psycopg2://"))
+    engine = sqlalchemy.create_engine(storage.replace("postgresql://", "postgresql+psycopg://"))
     try:
         with engine.connect() as con:
             return con.execute(sqlalchemy.text("SELECT count(*) FROM trials WHERE state = 'RUNNING'")).scalar()

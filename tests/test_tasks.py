@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from syncbench.experiments.config import ConfigError, load_config
-from syncbench.experiments.run import execute_run, prepare_task
+from syncbench.experiments.run import execute_run
+from syncbench.experiments.task import prepare_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -36,17 +36,40 @@ before merging.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import platform
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+from pydantic import ValidationError
+
+from syncbench.experiments.config import (
+    ClusterConfig,
+    ComputeConfig,
+    ConfigError,
+    NetworkConfig,
+    apply_overrides,
+    flatten,
+    parse_override,
+    read_yaml,
+    validate_config,
+)
+from syncbench.experiments.procs.environment import under_torchrun
+from syncbench.strategies.registry import STRATEGIES  # torch-free until a strategy is looked up
+
+# torch, the dist backend, the task, scipy and the cluster model are imported inside the
+# functions that measure: `syncbench run|sweep --profile` reads a profile through this module
+# before it validates the config, and must not import them then (CLI start-up time)
 
 META_KEY = "calibration"  # metadata section of a profile; stripped by --profile
 PROFILE_SECTIONS = ("cluster.compute", "cluster.network")  # what a profile may set
@@ -106,7 +129,7 @@ def _time_allreduce(dist: Any, sizes: list[int], reps: int) -> dict[int, float]:
     """Median seconds of an all-reduce of each size. Sizes are interleaved (one of each per
     repetition), so that a burst of load from other processes hits every size alike instead of
     bending the fit."""
-    import torch
+    import torch  # heavy: see the imports
 
     bufs = {size: torch.zeros(max(1, size // 4)) for size in sizes}
     times: dict[int, list[float]] = {size: [] for size in sizes}
@@ -123,7 +146,7 @@ def _time_allreduce(dist: Any, sizes: list[int], reps: int) -> dict[int, float]:
 def _time_p2p(dist: Any, sizes: list[int], reps: int, rank: int, peer: int) -> dict[int, float]:
     """Ping-pong between rank 0 and ``peer``, sizes interleaved: half the median round trip
     = one transfer (a push or a pull). Other ranks only take part in the barriers."""
-    import torch
+    import torch  # heavy: see the imports
 
     bufs = {size: torch.zeros(max(1, size // 4)) for size in sizes}
     times: dict[int, list[float]] = {size: [] for size in sizes}
@@ -144,9 +167,7 @@ def _time_p2p(dist: Any, sizes: list[int], reps: int, rank: int, peer: int) -> d
 
 
 def _net_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, out: str) -> None:
-    import json
-
-    import torch
+    import torch  # heavy: see the imports
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -164,10 +185,6 @@ def transfer_times(sizes: list[int], world: int = 2, reps: int = 25) -> tuple[di
     """(all-reduce seconds by size: the slowest rank's median; one-way point-to-point seconds
     by size) measured in ``world`` fresh gloo processes on this machine (``python -m
     syncbench.experiments.procs.calibrate --net-worker ...``: no dependence on the caller's main module)."""
-    import json
-    import subprocess
-    import sys
-
     if world < 2:
         raise ValueError("timing transfers needs at least 2 processes")
     port = _free_port()
@@ -206,7 +223,7 @@ def allreduce_times(sizes: list[int], world: int = 2, reps: int = 25) -> dict[in
 def transfer_times_torchrun(sizes: list[int], reps: int = 25) -> tuple[dict[int, float], dict[int, float]]:
     """As ``transfer_times``, inside a torchrun job (every rank calls it; rank 0 gets the
     numbers): one gloo group over the job's nodes, initialised and destroyed here."""
-    import torch
+    import torch  # heavy: see the imports
     import torch.distributed as dist
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -231,8 +248,6 @@ def measurement_config(config: Any, workers: int, budget_s: float, strategy: str
     """A measurement run: the task as configured, N dist workers, no stragglers, an unreachable
     target, ``budget_s`` of training clock. ``strategy``: ``compute`` = local SGD that never
     synchronises (no communication at all), ``sync`` or ``async`` = that strategy's rounds."""
-    from syncbench.experiments.config import apply_overrides, validate_config
-
     raw = config.model_dump(mode="json")
     unreachable = 1e30 if config.target.mode == "max" else -1e30
     if strategy == "compute":
@@ -248,7 +263,7 @@ def measurement_config(config: Any, workers: int, budget_s: float, strategy: str
 
 
 def _dist_run(cfg: Any, tmp: Path, tag: str, debug: bool) -> tuple[Any, Path]:
-    from syncbench.experiments.procs.launcher import execute_dist_run
+    from syncbench.experiments.procs.launcher import execute_dist_run  # heavy: see the imports
 
     ws, debug_dir = tmp / "ws", tmp / f"debug-{tag}"
     result = execute_dist_run(cfg, workspace=ws, tracking_uri=f"sqlite:///{ws / 'mlflow.db'}",
@@ -264,9 +279,7 @@ def measure_loop(config: Any, workers: int, strategy: str = "compute", budget_s:
     step-start intervals (first ``skip`` steps dropped, and the rare intervals beyond 10x the
     median that hold something other than a step: a GC pause, the budget's stop decision), the
     slowest rank's; ``clock_per_update_s`` as the run records it."""
-    import torch
-
-    from syncbench.experiments.procs.launcher import under_torchrun
+    import torch  # heavy: see the imports
 
     cfg = measurement_config(config, workers, budget_s, strategy)
     with tempfile.TemporaryDirectory(prefix="syncbench-calibrate-") as tmp:
@@ -306,7 +319,7 @@ def measure_compute(config: Any, workers: int, budget_s: float = 3.0) -> dict[st
 def payload_sizes(config: Any) -> dict[str, int]:
     """Bytes the strategies move for this task: gradients (sync, async push) and the whole
     float state (local SGD's average, async's pull)."""
-    from syncbench.experiments.run import one_thread, prepare_task
+    from syncbench.experiments.task import one_thread, prepare_task  # heavy: see the imports
     from syncbench.strategies.tensors import flat_state, trainable
 
     with one_thread():
@@ -317,35 +330,32 @@ def payload_sizes(config: Any) -> dict[str, int]:
 
 
 def predicted_per_update(strategy: str, workers: int, step_s: float, latency_s: float, bytes_per_s: float,
-                         payload: dict[str, int], local_steps: int = 8) -> float:
-    """The sim's training clock per global update without stragglers, in closed form: sync = a
-    step + a ring all-reduce of the gradients; local SGD = a step + a ring all-reduce of the
-    state every H steps; async = a worker's cycle (a step + a push + a pull) / N, but never less
-    than the server link's time per update (push and pull occupy it, first come first served:
-    at steady state with equal steps the sim settles on the larger of the two). For async,
-    ``latency_s`` and ``bytes_per_s`` are the server link's."""
-    n, alpha, beta = workers, latency_s, bytes_per_s
-    ring = lambda nbytes: 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / beta  # noqa: E731
-    if strategy == "sync":
-        return step_s + ring(payload["gradient_bytes"])
-    if strategy == "local_sgd":
-        return step_s + ring(payload["state_bytes"]) / local_steps
-    if strategy == "async":
-        link = 2 * alpha + (payload["gradient_bytes"] + payload["state_bytes"]) / beta
-        return max((step_s + link) / n, link)
-    raise ValueError(strategy)
+                         payload: dict[str, int], options: Any = None) -> float | None:
+    """The sim's training clock per global update without stragglers, in closed form: the
+    strategy's own (``Strategy.clock_per_update``: sync = a step + a ring all-reduce of the
+    gradients; local SGD = a step + a ring all-reduce of the state every H steps; async = a
+    worker's cycle / N, never less than the server link's time per update), with ``options``
+    (default: the strategy's defaults); None for a strategy that has no closed form. For a
+    strategy with a parameter server, ``latency_s`` and ``bytes_per_s`` are the server link's."""
+    cls = STRATEGIES[strategy]
+    options = options if options is not None else cls.options_model()
+    return cls.clock_per_update(options, workers, step_s, latency_s, bytes_per_s, payload)
 
 
 def fit_latency(strategy: str, measured: float, workers: int, step_s: float, bytes_per_s: float,
                 payload: dict[str, int]) -> float | None:
     """The alpha (seconds) with which the sim's closed-form clock per update of ``strategy``
     equals the dist backend's ``measured`` one; None when even alpha = 0 predicts more (compute
-    alone accounts for it)."""
-    from scipy.optimize import brentq
+    alone accounts for it) or the strategy has no closed form."""
+    from scipy.optimize import brentq  # heavy: see the imports
 
     def pred(alpha: float) -> float:
-        return predicted_per_update(strategy, workers, step_s, alpha, bytes_per_s, payload)
+        value = predicted_per_update(strategy, workers, step_s, alpha, bytes_per_s, payload)
+        assert value is not None
+        return value
 
+    if predicted_per_update(strategy, workers, step_s, 0.0, bytes_per_s, payload) is None:
+        return None
     if pred(0.0) >= measured:
         return None
     high = 1e-3
@@ -361,9 +371,7 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
     the median over the passes: on a shared machine one launch can run 15% off the next."""
     if repeats < 1:
         raise ValueError(f"repeats {repeats}: must be at least 1")
-    import torch
-
-    from syncbench.experiments.procs.launcher import under_torchrun
+    import torch  # heavy: see the imports
 
     say = log or (lambda msg: None)
     torchrun = under_torchrun()
@@ -412,8 +420,12 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
     latency, server_latency = max(alpha, sync_alpha or 0.0), max(p_alpha, async_alpha or 0.0)
     links = {"sync": (latency, beta), "async": (server_latency, p_beta)}
     wire = {"sync": (alpha, beta), "async": (p_alpha, p_beta)}
-    raw_pred = {s: predicted_per_update(s, workers, step_s, *wire[s], payload) for s in measured}
-    new_pred = {s: predicted_per_update(s, workers, step_s, *links[s], payload) for s in measured}
+    # the predicted/measured check: every measured strategy with a closed form for its clock
+    raw_pred = {s: p for s in measured if (p := predicted_per_update(s, workers, step_s, *wire[s], payload)) is not None}
+    new_pred = {s: p for s in measured if (p := predicted_per_update(s, workers, step_s, *links[s], payload)) is not None}
+    for s in sorted(set(measured) - set(raw_pred)):
+        say(f"{s}: no closed form for its clock per update (Strategy.clock_per_update); skipped in the "
+            "predicted/measured check")
     fmt = lambda d: ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in d.items())  # noqa: E731
     fmt_a = lambda a: "none (compute alone accounts for it)" if a is None else f"{a * 1e6:.0f} us"  # noqa: E731
     note = (f"latency_s = {latency * 1e6:.0f} us: the larger of the all-reduce fit of timed transfers "
@@ -429,9 +441,9 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
 
     # With stragglers whose factors go below 1 (lognormal), the dist backend's emulation pads
     # each step to f x a base step that fast steps can still reach: the measured step over the
-    # factors' 1st percentile (syncbench.experiments.procs.worker.Emulation). The sim must be timed on
+    # factors' 1st percentile (syncbench.experiments.procs.emulation.Emulation). The sim must be timed on
     # that same base for the two clocks to describe one cluster.
-    from syncbench.experiments.cluster_model import StragglerModel
+    from syncbench.experiments.cluster_model import StragglerModel  # heavy: see the imports
 
     low = StragglerModel(config.cluster.stragglers, workers, config.seed).low_factor()
     profile_step_s = step_s / low
@@ -476,8 +488,6 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
 
 
 def profile_yaml(profile: dict[str, Any]) -> str:
-    import yaml
-
     head = ("# syncbench cluster profile, written by `syncbench calibrate`.\n"
             "# Merge it with `syncbench run|sweep ... --profile THIS_FILE` (`--set` still wins);\n"
             f"# the `{META_KEY}:` section is metadata and is not merged.\n")
@@ -505,9 +515,6 @@ def load_profile(path: str | os.PathLike) -> dict[str, Any]:
     """The profile's config keys as ``{dotted key: value}`` (metadata stripped). Raises
     ``ConfigError`` naming the key for anything but known ``cluster.compute`` /
     ``cluster.network`` keys, and for values of the wrong type."""
-    from syncbench.experiments.config import ClusterConfig, ConfigError, ComputeConfig, NetworkConfig, flatten, read_yaml
-    from pydantic import ValidationError
-
     raw = read_yaml(path)
     raw.pop(META_KEY, None)
     flat = flatten(raw)
@@ -533,14 +540,9 @@ def load_profile(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-
 def profile_overrides(path: str | os.PathLike) -> list[str]:
     """The profile as ``--set``-style ``KEY=VALUE`` items (values written as YAML and checked to
     read back identically), to go before the user's own ``--set`` items so that those win."""
-    import yaml
-
-    from syncbench.experiments.config import parse_override
-
     items = []
     for key, value in load_profile(path).items():
         text = yaml.safe_dump([value], default_flow_style=True).strip()[1:-1]
@@ -552,8 +554,6 @@ def profile_overrides(path: str | os.PathLike) -> list[str]:
 
 def check_writable(path: str | os.PathLike) -> Path:
     """``--out``: refuse (``ConfigError``) a path that cannot be written, before measuring."""
-    from syncbench.experiments.config import ConfigError
-
     out = Path(path).expanduser().resolve()
     if out.is_dir():
         raise ConfigError(f"--out {path}: is a directory; give a file name, e.g. {Path(path) / 'profile.yaml'}")
@@ -565,8 +565,6 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 
 if __name__ == "__main__":  # one process of ``transfer_times``
-    import sys
-
     _, flag, rank_, world_, port_, sizes_, reps_, out_ = sys.argv
     assert flag == "--net-worker", sys.argv
     _net_worker(int(rank_), int(world_), int(port_), [int(x) for x in sizes_.split(",")], int(reps_), out_)

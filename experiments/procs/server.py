@@ -9,24 +9,26 @@ worker's pull. Rank 0 is also a worker; its pushes are applied in-process under 
 The server's one link (network emulation on): every push and every pull occupies the link
 for its alpha-beta time, first come first served, as in the sim backend: a transfer that finds
 the link busy waits (recorded as waiting), and the reply leaves when the pull's transfer ends.
+
+The worker's side of ``PushPull`` (``PushPullOps``, mixed into
+``syncbench.experiments.procs.program_strategy.ProgramStrategy``): rank 0 applies its own
+pushes in-process, the other ranks push to the server thread and wait for its reply.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from syncbench.experiments.cluster_model import point_to_point_s
-from syncbench.experiments.procs.worker import WorkerFailure
-from syncbench.strategies.program import ParameterServer
-from syncbench.strategies.tensors import flat_state, state_numel
-
-if TYPE_CHECKING:
-    from syncbench.experiments.procs.worker import WorkerState
+from syncbench.experiments.procs.failures import WorkerFailure
+from syncbench.experiments.procs.worker_state import WorkerState
+from syncbench.strategies.program import ParameterServer, PushPull, gradient_payload
+from syncbench.strategies.tensors import flat_state, load_flat_state_, state_numel
 
 # push header (worker -> server), float64
 H_VERSION, H_LOSS_SUM, H_LOSS_N, H_DIVERGED, H_COMPUTE, H_COMM, H_WAIT, H_STEPS, H_SENT = range(9)
@@ -63,7 +65,7 @@ def sleep_until(t: float) -> None:
 class ServerThread:
     """Rank 0's side of ``PushPull``: the strategy's server behind a lock, a receiving thread."""
 
-    def __init__(self, worker: "WorkerState", server: ParameterServer, network_on: bool):
+    def __init__(self, worker: WorkerState, server: ParameterServer, network_on: bool):
         self.worker, self.comm, self.server = worker, worker.comm, server
         module = server.module
         self.n_state = state_numel(module)
@@ -206,7 +208,7 @@ class ServerThread:
         return out
 
 
-def push_pull_remote(worker: "WorkerState", payload: torch.Tensor, pulled: int, n_state: int,
+def push_pull_remote(worker: WorkerState, payload: torch.Tensor, pulled: int, n_state: int,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
     """A non-zero rank's ``PushPull``: (reply header, server state, seconds blocked)."""
     comm = worker.comm
@@ -226,3 +228,77 @@ def push_pull_remote(worker: "WorkerState", payload: torch.Tensor, pulled: int, 
         raise WorkerFailure(f"rank {comm.rank}: the parameter server (rank 0) did not answer: "
                             f"{str(exc).splitlines()[0][:200]}") from None
     return reply, state, time.perf_counter() - t0
+
+
+class PushPullOps:
+    """``ProgramStrategy``'s executor of ``PushPull`` (see the module docstring), and rank 0's
+    evaluation of the server's model."""
+
+    # PushPull ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _push_pull(self, op: PushPull) -> bool:
+        payload = op.payload if op.payload is not None else gradient_payload(self.module)
+        if self.server is not None:
+            return self._push_pull_local(payload)
+        return self._push_pull_remote(payload)
+
+    def _push_pull_remote(self, payload: torch.Tensor) -> bool:
+        worker = self.worker
+        reply, state, blocked = push_pull_remote(worker, payload, self.pulled, self.n_state, self.dtype)
+        load_flat_state_(self.module, state.to(worker.comm.device))
+        self.pulled = int(reply[R_VERSION])
+        queued = min(float(reply[R_QUEUE]), blocked)
+        led = worker.ledger
+        led.wait += queued
+        led.comm += blocked - queued
+        led.rounds += 1
+        if worker.debug:
+            led.events.append((led.steps + 1, blocked))
+        self._exclude(blocked)
+        if reply[R_STOP] > 0:
+            self._stop_now()
+        return bool(reply[R_APPLIED] > 0)
+
+    def _push_pull_local(self, payload: torch.Tensor) -> bool:
+        server, worker = self.server, self.worker
+        loss_sum, loss_n = worker.take_losses()
+        diverged = worker.take_diverged()
+        t0 = time.perf_counter()
+        with server.cond:
+            server.raise_if_failed()
+            server.loss_sum += loss_sum
+            server.loss_n += loss_n
+            if diverged:
+                server.diverged = True
+            queued, pushed, pulled = server.link.round_trip(t0)
+        sleep_until(pushed)
+        with server.cond:
+            applied = server.apply(0, self.pulled, payload)
+            state = flat_state(server.server.module).to(self.worker.comm.device, copy=True)
+            version = server.server.version
+            worker.comm_bytes += server.state_bytes  # rank 0's pull, as ``ServerThread._reply`` counts the others'
+            server.cond.notify_all()
+        sleep_until(pulled)
+        load_flat_state_(self.module, state)
+        self.pulled = version
+        blocked = time.perf_counter() - t0
+        worker.ledger.wait += min(queued, blocked)
+        worker.ledger.comm += blocked - min(queued, blocked)
+        self._exclude(blocked)
+        if server.diverged and worker.stop_outcome is None:
+            self._evaluate_server_if_due(force=True)
+        if worker.stop_outcome is not None:
+            server.stop()
+            self._stop_now()
+        return applied
+
+    def _evaluate_server_if_due(self, force: bool = False) -> None:
+        server = self.server
+        assert server is not None
+        with server.cond:  # the server applies nothing while rank 0 evaluates: the clock is paused
+            if server.diverged:
+                self.worker.peer_diverged = True
+            outcome = self._maybe_evaluate(self._load_global, self._counters, force=force)
+            if outcome is not None:
+                server.stop()
+                self._stop_now()

@@ -51,7 +51,10 @@ from syncbench.experiments.cluster_model import (
     ring_allreduce_s,
 )
 from syncbench.experiments.sharding import ShardedBatches
+from syncbench.experiments.sim.calibration import measure_codec_s_per_mb
+from syncbench.experiments.strategy_setup import scale_lr_
 from syncbench.strategies.lightning_bridge import (
+    LightningModuleLike,
     ModuleOptimizer,
     TrainerStandIn,
     build_module_optimizer,
@@ -186,7 +189,7 @@ class _Collective:
 
 class SimEngine:
     """Runs a strategy's programs for N virtual workers; the run loop reads the clock,
-    the counters and the global model from here (``syncbench.experiments.run_loop``)."""
+    the counters and the global model from here (``syncbench.experiments.sim.run_loop``)."""
 
     def __init__(self, strategy: Strategy, module: LightningModuleLike, train_set: Dataset, collate: Callable,
                  *, workers: int, batch_size: int, seed: int, step_s: float, stragglers: Any,
@@ -204,7 +207,7 @@ class SimEngine:
                                   trainer_options, metrics)
                         for w in range(workers)]
         self.server: ParameterServer | None = None
-        if strategy.server_based:
+        if strategy.traits.has_parameter_server:
             server_module = copy.deepcopy(module)
             # one epoch of the server = one pass over the training data: every worker's shard
             epoch = workers * self.workers[0].batches.steps_per_epoch
@@ -522,40 +525,7 @@ class SimEngine:
         self.queue.push(start + transfer_s, arrive)
 
 
-def measure_codec_s_per_mb(codec: Any, payload: torch.Tensor, world: int, repeats: int = 5) -> float:
-    """Encode + decode seconds per MB of payload on this machine: the median of ``repeats``
-    one-worker exchanges on copies of a codec (its state untouched), the first a warm-up."""
-    import time
-
-    times = []
-    for _ in range(repeats + 1):
-        trial = copy.deepcopy(codec)
-        t0 = time.perf_counter()
-        compression.run_lockstep([compression.payload_exchange(trial, payload.clone(), world)])
-        times.append(time.perf_counter() - t0)
-    nbytes = max(1, payload.numel() * payload.element_size())
-    return float(np.median(times[1:])) / (nbytes / 1e6)
-
-
 def mean_payload(payloads: list[torch.Tensor]) -> torch.Tensor:
     """What an all-reduce of these workers' payloads delivers: their mean (the kept ones' with a
     quorum: the divisor is the number reduced, not N)."""
     return torch.stack(payloads).mean(dim=0) if len(payloads) > 1 else payloads[0]
-
-
-def lr_factor(strategy: Strategy, scaling: str) -> float:
-    """``strategy.lr_scaling``: none | linear | sqrt of the effective batch ratio."""
-    ratio = strategy.lr_batch_factor()
-    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
-
-
-def scale_lr_(optimizer: Any, factor: float) -> None:
-    if factor == 1.0:
-        return
-    if isinstance(optimizer, ModuleOptimizer):  # its schedulers' base lrs too
-        optimizer.scale_lr(factor)
-        return
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * factor
-        if "initial_lr" in group:
-            group["initial_lr"] = group["initial_lr"] * factor
