@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test check demo clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ setup: $(STAMP)
 test: setup
 	$(VENV)/bin/python -m pytest -q -rs -n 2 -m "not timing" tests
 	$(VENV)/bin/python -m pytest -q -rs -m timing tests
+
+# contributors' quick loop: everything but the heavy end-to-end cases and the timing comparisons
+# (those run in `make test` and CI); stops at the first failure
+check: setup
+	$(VENV)/bin/python -m pytest -q -x -n 2 -m "not heavy and not timing" tests
 
 demo: setup
 	$(VENV)/bin/syncbench sweep demo --jobs 2

@@ -148,6 +148,15 @@ MUTANTS: list[Mutant] = [
            "analysis/summary.py", "s.n_censored = s.n_seeds - s.n_reached - s.n_diverged",
            "s.n_censored = s.n_seeds - s.n_reached",
            (VERDICTS + "test_summary_counts_reached_censored_diverged_and_failed_runs_apart",)),
+    # -- issue 24: streaming fragments, lr scaling with backup workers -------------------------
+    Mutant("fragments_whole_tensors", "streaming DiLoCo cuts fragments only at tensor boundaries (unbalanced)",
+           "strategies/streaming_diloco.py",
+           "cut = nearest if abs(nearest - even) <= BALANCE_TOLERANCE * share else int(round(even))",
+           "cut = nearest",
+           ("tests/test_streaming_async_local.py::test_fragments_are_contiguous_and_equal_within_ten_percent",)),
+    Mutant("lr_scaling_counts_backups", "lr scaling counts the dropped backup workers' batches in the effective batch",
+           "strategies/sync.py", "return float(self.world - self.options.backup_workers)", "return float(self.world)",
+           ("tests/test_contract.py::test_lr_scaling_with_backup_workers_counts_the_kept_gradients",)),
 ]
 
 

@@ -232,6 +232,7 @@ def plain_step_s(config) -> float:
 
 
 @pytest.mark.heavy
+@pytest.mark.timing  # compares the dist step it times with a plain loop timed apart: alone on the machine
 def test_calibrate_on_two_processes_writes_a_plausible_profile(tmp_path):
     out = tmp_path / "digits.profile.yaml"
     proc = subprocess.run([sys.executable, "-m", "syncbench", "calibrate", DIGITS, "--workers", "2", "--out",
@@ -257,8 +258,9 @@ def test_calibrate_on_two_processes_writes_a_plausible_profile(tmp_path):
     assert meta["step_s"]["mean"] == pytest.approx(statistics.mean(p["step_mean_s"] for p in meta["passes"]))
     assert meta["dist_clock_per_update_s"]["async"] == pytest.approx(
         statistics.mean(p["async_clock_per_update_s"] for p in meta["passes"]))
-    assert config.cluster.network.latency_s >= meta["allreduce_fit"]["latency_s"]
-    assert config.cluster.network.server_latency_s >= meta["point_to_point_fit"]["latency_s"]
+    # the profile writes 6 significant digits: "at least the fit" up to that rounding
+    assert config.cluster.network.latency_s >= meta["allreduce_fit"]["latency_s"] * (1 - 1e-5)
+    assert config.cluster.network.server_latency_s >= meta["point_to_point_fit"]["latency_s"] * (1 - 1e-5)
     assert config.cluster.network.server_bandwidth_gbps == pytest.approx(meta["point_to_point_fit"]["bandwidth_gbps"],
                                                                          rel=1e-5)
 

@@ -176,7 +176,8 @@ def test_command_line_run_prints_summary_and_records(tmp_path):
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    line = proc.stdout.strip().splitlines()[-1]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("outcome=")]
+    assert proc.stdout.strip().splitlines()[-1].startswith("MLflow: run ")  # where it was recorded, last
     assert line.startswith("outcome=reached") and "tta_s=" in line and "updates_to_target=" in line
     (run,) = all_runs(ws)
     assert run.data.params["cluster.workers"] == "8"
