@@ -152,6 +152,7 @@ def test_mlflow_tracking_uri_is_honoured_and_the_run_says_where_it_went(tmp_path
     assert not (tmp_path / "ws" / "mlflow.db").exists()  # not in the workspace
 
 
+@pytest.mark.heavy  # a CLI subprocess or real signals: seconds each; `make test` and CI run it
 def test_tracking_uri_option_wins_over_the_environment(tmp_path):
     env_store, option_store = (f"sqlite:///{tmp_path / name}" for name in ("env.db", "option.db"))
     done = cli("run", "digits_mlp", *QUICK, "--tracking-uri", option_store, cwd=tmp_path,
@@ -161,6 +162,7 @@ def test_tracking_uri_option_wins_over_the_environment(tmp_path):
     assert not (tmp_path / "env.db").exists() and not (tmp_path / "ws" / "mlflow.db").exists()
 
 
+@pytest.mark.heavy  # a CLI subprocess or real signals: seconds each; `make test` and CI run it
 def test_syncbench_storage_is_honoured_by_a_sweep(tmp_path):
     import optuna
 

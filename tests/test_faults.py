@@ -134,6 +134,7 @@ def assert_killed_whole(ws: Path, run, sig: int) -> None:
 
 
 # ------------------------------------------------------------------ syncbench run
+@pytest.mark.heavy  # a CLI subprocess or real signals: seconds each; `make test` and CI run it
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_a_run_which_is_recorded_killed_with_every_value(ws, sig):
     proc = syncbench("run", DIGITS, *LONG, ws=ws)
@@ -210,10 +211,12 @@ def _stop_sweep_then_resume(ws: Path, tmp_path: Path, name: str, jobs: int, sig:
     assert sorted(Counter((t.user_attrs["cell"], t.user_attrs["seed"]) for t in complete).values()) == [1, 1]
 
 
+@pytest.mark.heavy  # a CLI subprocess or real signals: seconds each; `make test` and CI run it
 def test_sigterm_stops_an_inline_sweep_and_a_rerun_retries_at_once(ws, tmp_path):
     _stop_sweep_then_resume(ws, tmp_path, "term1", jobs=1, sig=signal.SIGTERM, group=False)
 
 
+@pytest.mark.heavy  # a CLI subprocess or real signals: seconds each; `make test` and CI run it
 def test_ctrl_c_to_the_terminal_group_stops_a_parallel_sweep_without_a_race(ws, tmp_path):
     # Ctrl-C reaches the launcher and both pool workers at once; the launcher also passes it on
     _stop_sweep_then_resume(ws, tmp_path, "int2", jobs=2, sig=signal.SIGINT, group=True)

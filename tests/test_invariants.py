@@ -131,6 +131,7 @@ def _wait_per_update(digits_config, workers: int, backup: int = 0) -> float:
     return float(engine.ledger.wait.mean() / engine.counters()[0])
 
 
+@pytest.mark.heavy  # a CLI subprocess or real signals: seconds each; `make test` and CI run it
 def test_sync_waiting_grows_with_workers_and_backup_workers_cut_it(digits_config):
     w1, w4, w16 = (_wait_per_update(digits_config, n) for n in (1, 4, 16))
     assert w1 == 0.0

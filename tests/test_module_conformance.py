@@ -201,6 +201,7 @@ def test_refused_before_any_run(module, needle, tmp_path):
     assert not (tmp_path / "ws" / "artifacts").exists() or not any((tmp_path / "ws" / "artifacts").iterdir())
 
 
+@pytest.mark.heavy  # a CLI subprocess or real signals: seconds each; `make test` and CI run it
 def test_refusal_exits_2(tmp_path):
     import subprocess
     import sys

@@ -168,6 +168,7 @@ def test_unreachable_tracking_store_exits_2(workspace, capsys):
     assert "tracking-uri" in capsys.readouterr().err
 
 
+@pytest.mark.heavy  # a CLI subprocess or real signals: seconds each; `make test` and CI run it
 def test_command_line_run_prints_summary_and_records(tmp_path):
     ws = tmp_path / "ws"
     proc = subprocess.run(

@@ -203,6 +203,7 @@ def assert_refused(done: subprocess.CompletedProcess, workspace: Path) -> str:
     return done.stderr
 
 
+@pytest.mark.heavy  # a CLI subprocess or real signals: seconds each; `make test` and CI run it
 def test_a_module_of_neither_flavour_is_refused_naming_it_and_its_bases(tmp_path):
     project = write_project(tmp_path / "proj", "lightning")
     (project / "experiments" / "plain.py").write_text(
@@ -214,6 +215,7 @@ def test_a_module_of_neither_flavour_is_refused_naming_it_and_its_bases(tmp_path
     assert "lightning.pytorch.LightningModule" in message and "pytorch_lightning.LightningModule" in message
 
 
+@pytest.mark.heavy  # a CLI subprocess or real signals: seconds each; `make test` and CI run it
 def test_a_package_that_is_not_importable_is_refused_naming_where_it_was_looked_for(tmp_path):
     project = write_project(tmp_path / "proj", "lightning")
     elsewhere = tmp_path / "cwd"
