@@ -29,7 +29,7 @@ import importlib
 import json
 import os
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from syncbench.strategies.options import (
     AsyncLocalSGDOptions,
@@ -71,11 +71,31 @@ def flat_options() -> dict[str, type[Options]]:
     return {name: options for name, (options, _) in _REGISTRY.items() if not isinstance(options, str)}
 
 
-class _Options(Mapping[str, "type[Options]"]):
-    """name -> options model; a model given as ``"module:Class"`` is imported on first look-up."""
+class _ByName(Mapping[str, Any]):
+    """A read-only view of the registry by strategy name; subclasses load each value lazily."""
+
+    label = "REGISTRY"
 
     def __init__(self) -> None:
-        self._loaded: dict[str, type[Options]] = {}
+        self._loaded: dict[str, Any] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_REGISTRY)
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __contains__(self, name: object) -> bool:
+        return name in _REGISTRY
+
+    def __repr__(self) -> str:
+        return f"{self.label}({', '.join(_REGISTRY)})"
+
+
+class _Options(_ByName):
+    """name -> options model; a model given as ``"module:Class"`` is imported on first look-up."""
+
+    label = "OPTIONS"
 
     def __getitem__(self, name: str) -> type[Options]:
         options, _ = _REGISTRY[name]
@@ -88,18 +108,6 @@ class _Options(Mapping[str, "type[Options]"]):
                                 "(syncbench.strategies.options.Options)")
             self._loaded[name] = model
         return self._loaded[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_REGISTRY)
-
-    def __len__(self) -> int:
-        return len(_REGISTRY)
-
-    def __contains__(self, name: object) -> bool:
-        return name in _REGISTRY
-
-    def __repr__(self) -> str:
-        return f"OPTIONS({', '.join(_REGISTRY)})"
 
 
 OPTIONS: Mapping[str, type[Options]] = _Options()
@@ -122,11 +130,10 @@ ALIASES: dict[str, str] = {
 }
 
 
-class _Strategies(Mapping[str, "type[Strategy]"]):
+class _Strategies(_ByName):
     """name -> Strategy class; the class's file is imported on first look-up."""
 
-    def __init__(self) -> None:
-        self._loaded: dict[str, type[Strategy]] = {}
+    label = "STRATEGIES"
 
     def __getitem__(self, name: str) -> type[Strategy]:
         if name not in self._loaded:
@@ -145,18 +152,6 @@ class _Strategies(Mapping[str, "type[Strategy]"]):
                                 "server(): the backends start a server by the trait")
             self._loaded[name] = cls
         return self._loaded[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_REGISTRY)
-
-    def __len__(self) -> int:
-        return len(_REGISTRY)
-
-    def __contains__(self, name: object) -> bool:
-        return name in _REGISTRY
-
-    def __repr__(self) -> str:
-        return f"STRATEGIES({', '.join(_REGISTRY)})"
 
 
 STRATEGIES: Mapping[str, type[Strategy]] = _Strategies()

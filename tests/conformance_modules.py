@@ -115,12 +115,9 @@ class BatchNorm(Base):
         self.net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
 
 
-class Hooks(Base):
-    """Records the fit hooks it sees and what it reads of the Trainer."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.calls: list[tuple] = []
+class RecordsFitHooks:
+    """Mixin (either Lightning flavour): records the training fit hooks it sees in ``calls``,
+    with what it reads of the Trainer."""
 
     def _rec(self, name, *extra):
         self.calls.append((name, self.global_step, self.current_epoch, *extra))
@@ -148,6 +145,14 @@ class Hooks(Base):
 
     def on_after_backward(self):
         self._rec("on_after_backward")
+
+
+class Hooks(RecordsFitHooks, Base):
+    """Records the fit hooks it sees and what it reads of the Trainer."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls: list[tuple] = []
 
     def on_before_optimizer_step(self, optimizer):
         super().on_before_optimizer_step(optimizer)
@@ -191,7 +196,7 @@ def written_with(L):
     reads of the Trainer."""
     from torchmetrics.classification import MulticlassAccuracy
 
-    class Flavoured(L.LightningModule):
+    class Flavoured(RecordsFitHooks, L.LightningModule):
         def __init__(self, lr: float = 0.1, hidden: int = 16):
             super().__init__()
             self.lr = lr
@@ -222,33 +227,8 @@ def written_with(L):
             return [opt], [{"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5), "frequency": 2},
                            {"scheduler": torch.optim.lr_scheduler.ExponentialLR(opt, 0.97), "interval": "step"}]
 
-        # the fit hooks (training only: the Trainer validates this module, the harness a copy)
-        def _rec(self, name, *extra):
-            self.calls.append((name, self.global_step, self.current_epoch, *extra))
-
-        def on_fit_start(self):
-            self._rec("on_fit_start", str(self.device), self.trainer.world_size, self.trainer.is_global_zero)
-
-        def on_train_start(self):
-            self._rec("on_train_start", self.trainer.num_training_batches)
-
-        def on_train_epoch_start(self):
-            self._rec("on_train_epoch_start")
-
-        def on_train_epoch_end(self):
-            self._rec("on_train_epoch_end")
-
-        def on_train_batch_start(self, batch, batch_idx):
-            self._rec("on_train_batch_start", batch_idx)
-
-        def on_train_batch_end(self, outputs, batch, batch_idx):
-            self._rec("on_train_batch_end", batch_idx, sorted(outputs) if isinstance(outputs, dict) else None)
-
-        def on_before_backward(self, loss):
-            self._rec("on_before_backward")
-
-        def on_after_backward(self):
-            self._rec("on_after_backward")
+        # the fit hooks (training only: the Trainer validates this module, the harness a copy) come
+        # from RecordsFitHooks; this one also records the lr each optimizer step uses
 
         def on_before_optimizer_step(self, optimizer):
             self.lrs.append(optimizer.param_groups[0]["lr"])
