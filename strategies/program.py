@@ -7,8 +7,8 @@ training step and which communication it asks for, by yielding operations:
 * ``Compute()``: forward and backward of the worker's next batch on its replica (the backend
   zeroes the gradients first, as Lightning's closure does). Resumes with the loss, or with
   ``None`` when the step was abandoned because a quorum collective completed without it.
-* ``ReduceGradients(quorum)``: the replica's gradients (and floating-point buffers, as DDP
-  keeps BatchNorm statistics in step) become their mean over the workers -- over the first
+* ``ReduceGradients(quorum)``: the replica's gradients (and floating-point buffers: BatchNorm
+  statistics are averaged, where DDP broadcasts rank 0's; docs/strategies.md) become their mean over the workers -- over the first
   ``quorum`` to arrive when a quorum is given (backup workers, Chen et al. 2016). With a
   ``codec`` (``syncbench.strategies.compression``), the mean of the workers' decoded compressed gradients.
   Resumes with ``None``: the mean is in the replica's ``.grad`` (the program then steps).
