@@ -381,3 +381,15 @@ def test_rank_devices_map_one_rank_per_gpu_and_refuse_two_on_one():
         choose_rank_device(1, 2, 1)
     with pytest.raises(ValueError, match="SYNCBENCH_DIST_DEVICE='gpu'"):
         choose_rank_device(0, 1, 1, "gpu")
+
+
+def test_a_local_launch_checks_its_devices_before_any_run(monkeypatch):
+    """On this CPU machine NCCL is never chosen: N ranks are fine; a bad SYNCBENCH_DIST_DEVICE
+    is bad input naming the variable."""
+    from syncbench.experiments.config import ConfigError
+    from syncbench.experiments.procs.validation import check_local_devices
+
+    check_local_devices(8)
+    monkeypatch.setenv("SYNCBENCH_DIST_DEVICE", "gpu")
+    with pytest.raises(ConfigError, match="SYNCBENCH_DIST_DEVICE='gpu'"):
+        check_local_devices(2)

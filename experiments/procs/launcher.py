@@ -52,7 +52,12 @@ from syncbench.experiments.procs.failures import DistRunFailed
 from syncbench.experiments.procs.rank import comm_backend, run_worker
 from syncbench.experiments.procs.rank_recording import result_from_json
 from syncbench.experiments.procs.supervision import run_workers
-from syncbench.experiments.procs.validation import check_shards, parse_emulate, validate_dist_config
+from syncbench.experiments.procs.validation import (
+    check_local_devices,
+    check_shards,
+    parse_emulate,
+    validate_dist_config,
+)
 from syncbench.experiments.recording import (
     RunRecorder,
     environment_tags,
@@ -100,6 +105,7 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
     emulation = parse_emulate(emulate)
     validate_dist_config(config)
     n = config.cluster.workers
+    check_local_devices(n)  # every rank of a local launch is on this machine
     with one_thread():
         task = prepare_task(config)
         check_shards(task, config, n)

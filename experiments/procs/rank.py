@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from syncbench.experiments import signals
 from syncbench.experiments.procs.clock import TTAMonitor
 from syncbench.experiments.procs.control import write_json
+from syncbench.experiments.procs.devices import RankDevice, choose_rank_device
 from syncbench.experiments.procs.emulation import Emulation
 from syncbench.experiments.procs.environment import ENV_BUSY, ENV_DEVICE, cores_owned
 from syncbench.experiments.procs.failures import DistRunFailed, WorkerFailure, is_comm_error
@@ -53,6 +54,19 @@ def comm_backend() -> str:
     """The collective backend of the main group: NCCL on CUDA (unless ``SYNCBENCH_DIST_DEVICE=cpu``), else gloo."""
     use_cuda = torch.cuda.is_available() and os.environ.get(ENV_DEVICE, "auto") != "cpu"
     return "nccl" if use_cuda else "gloo"
+
+
+def rank_device(local_world: int) -> RankDevice:
+    """This rank's backend and device (``procs/devices.py``): one GPU per local rank under NCCL;
+    more local ranks than GPUs is refused (``WorkerFailure``, naming the fix) before any group."""
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_world))
+    try:
+        return choose_rank_device(local_rank, max(local_world, local_rank + 1), cuda,
+                                  os.environ.get(ENV_DEVICE, "auto"))
+    except ValueError as exc:
+        raise WorkerFailure(f"rank {local_rank}: {exc}") from None
 
 
 def keep_metrics_local(module: Any) -> None:
@@ -91,9 +105,9 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
     seed_everything(config.seed)
 
     timeout = datetime.timedelta(seconds=config.cluster.collective_timeout_s)
-    backend = comm_backend()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
+    chosen = rank_device(local_world)
+    backend, device = chosen.backend, torch.device(chosen.device)
+    local_rank = device.index if device.type == "cuda" else int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
