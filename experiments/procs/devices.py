@@ -17,6 +17,19 @@ class RankDevice:
     device: str  # "cuda:K" | "cpu"
 
 
+def cuda_devices() -> int:
+    """The GPUs this process can see (0 without CUDA)."""
+    import torch  # here: the choice below stays importable without torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def collective_backend(cuda_devices: int, requested: str = "auto") -> str:
+    """``nccl`` when there are GPUs and ``requested`` (``SYNCBENCH_DIST_DEVICE``) is not ``cpu``,
+    else ``gloo``; the one rule every rank and the run's tags follow."""
+    return "gloo" if requested == "cpu" or cuda_devices == 0 else "nccl"
+
+
 def choose_rank_device(local_rank: int, local_world: int, cuda_devices: int, requested: str = "auto") -> RankDevice:
     """The backend and device of local rank ``local_rank`` of ``local_world`` ranks on a node
     with ``cuda_devices`` GPUs; ``requested`` is ``SYNCBENCH_DIST_DEVICE`` (auto | cpu).
@@ -24,7 +37,7 @@ def choose_rank_device(local_rank: int, local_world: int, cuda_devices: int, req
     if requested not in ("auto", "cpu"):
         raise ValueError(f"SYNCBENCH_DIST_DEVICE={requested!r}: give auto (NCCL on the GPUs there are, gloo "
                          f"without) or cpu (gloo)")
-    if requested == "cpu" or cuda_devices == 0:
+    if collective_backend(cuda_devices, requested) == "gloo":
         return RankDevice("gloo", "cpu")
     if local_world > cuda_devices:
         raise ValueError(f"{local_world} ranks on this node but {cuda_devices} GPU(s): NCCL cannot put two ranks on "

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from syncbench.experiments import signals
 from syncbench.experiments.procs.clock import TTAMonitor
 from syncbench.experiments.procs.control import write_json
-from syncbench.experiments.procs.devices import RankDevice, choose_rank_device
+from syncbench.experiments.procs.devices import RankDevice, choose_rank_device, collective_backend, cuda_devices
 from syncbench.experiments.procs.emulation import Emulation
 from syncbench.experiments.procs.environment import ENV_BUSY, ENV_DEVICE, cores_owned
 from syncbench.experiments.procs.failures import DistRunFailed, WorkerFailure, is_comm_error
@@ -52,14 +52,13 @@ from syncbench.strategies.lightning_flavour import flavour_of
 
 def comm_backend() -> str:
     """The collective backend of the main group: NCCL on CUDA (unless ``SYNCBENCH_DIST_DEVICE=cpu``), else gloo."""
-    use_cuda = torch.cuda.is_available() and os.environ.get(ENV_DEVICE, "auto") != "cpu"
-    return "nccl" if use_cuda else "gloo"
+    return collective_backend(cuda_devices(), os.environ.get(ENV_DEVICE, "auto"))
 
 
 def rank_device(local_world: int) -> RankDevice:
     """This rank's backend and device (``procs/devices.py``): one GPU per local rank under NCCL;
     more local ranks than GPUs is refused (``WorkerFailure``, naming the fix) before any group."""
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cuda = cuda_devices()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_world))
     try:

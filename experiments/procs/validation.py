@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from syncbench.experiments.config import ConfigError
-from syncbench.experiments.procs.devices import choose_rank_device
+from syncbench.experiments.procs.devices import choose_rank_device, cuda_devices
 from syncbench.experiments.procs.environment import ENV_DEVICE, ENV_EMULATE
 from syncbench.experiments.sharding import ShardedBatches
 from syncbench.strategies import STRATEGIES
@@ -36,11 +36,8 @@ def validate_dist_config(config: Any) -> None:
 def check_local_devices(local_ranks: int) -> None:
     """N ranks on this machine need N GPUs under NCCL (docs/scaling-out.md): refused before any
     run exists, rather than a rank failing at start-up."""
-    import torch  # here, not at the top: validation runs before a run's heavy imports
-
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     try:
-        choose_rank_device(local_ranks - 1, local_ranks, cuda, os.environ.get(ENV_DEVICE, "auto"))
+        choose_rank_device(local_ranks - 1, local_ranks, cuda_devices(), os.environ.get(ENV_DEVICE, "auto"))
     except ValueError as exc:
         raise ConfigError(f"cluster.workers={local_ranks}: {exc}") from None
 
