@@ -32,6 +32,19 @@ sweep would test it). {combine}
 - Make the effect possible: without straggler noise simulated synchronous workers never wait
   (claim (a) then has nothing to test); claim (d) needs cells that differ only in
   `checkpointing.enabled` (and `batch_size` for spending the memory saved).
+
+## The report's "At a glance" lines
+
+At each worker count (and combination of the grid's other keys) every pair of strategies that
+has >= 2 finished seeds is compared as claim (b) compares async and sync: the ratio of median
+TTA with its 95% percentile-bootstrap interval, and one-sided Mann-Whitney U tests (censored runs
+tied at the top), each direction Holm-adjusted over the pairs at that worker count. A line names
+the **fastest** strategy only when it is significantly faster than every other strategy there
+(interval on one side of 1 and adjusted p <= 0.05), and gives the ratios with their intervals;
+otherwise it reads "no significant difference (ratios ... [CI])", or "no single fastest strategy"
+with the pairs that do differ. A claim whose verdict rests on some settings while another
+setting's estimate points the other way (not significantly) says so beside its verdict, e.g.
+"refuted at N=4; the other direction at N=8 (...), not significant".
 """
 
 

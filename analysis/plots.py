@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from syncbench.analysis.reader import SweepData, strategy_sort_key, variant_label, variant_sort_key  # noqa: E402
 from syncbench.analysis.summary import CellSummary  # noqa: E402
@@ -62,6 +62,32 @@ def _variant_label(variant: tuple) -> str:
 
 def _series_label(strategy: str, variant: tuple, many_variants: bool) -> str:
     return f"{strategy} ({_variant_label(variant)})" if many_variants and variant else strategy
+
+
+def fmt_seconds(value: float) -> str:
+    """A tick in seconds as a reader writes it: 60 ms, 1.5 s, 2 min (never 6x10^-2)."""
+    if value <= 0:
+        return "0"
+    if value < 1e-3:
+        return f"{value * 1e6:.3g} µs"
+    if value < 1:
+        return f"{value * 1e3:.3g} ms"
+    if value < 120:
+        return f"{value:.3g} s"
+    return f"{value / 60:.3g} min"
+
+
+def _plain_log_axis(axis, fmt=lambda v: f"{v:.3g}") -> None:
+    """Plain tick labels on a log axis (``fmt``: a number to its text). Intermediate ticks (2x,
+    5x) are labelled too when the axis spans less than two decades, where a decade may hold
+    no labelled tick at all."""
+    lo, hi = sorted(axis.get_view_interval())
+    span = hi / lo if lo > 0 else math.inf
+    every = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+    axis.set_major_locator(LogLocator(base=10))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v)))
+    axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0) if 10 <= span < 100 else every))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: fmt(v)) if span < 100 else NullFormatter())
 
 
 def _workers_axis(ax, workers: list[int]) -> None:
@@ -142,7 +168,8 @@ def plot_tta_vs_workers(sweep: SweepData, cells: list[CellSummary], out_dir: Pat
         ax.set_ylim(top=budget * 1.8)  # room for the k/n labels above the triangles
     ax.set_yscale("log")
     _workers_axis(ax, workers)
-    ax.set_ylabel("time to accuracy (s of training clock, log scale)")
+    _plain_log_axis(ax.yaxis, fmt_seconds)
+    ax.set_ylabel("time to accuracy (training clock, log scale)")
     ax.set_title(f"Time to {_target_text(sweep)} vs workers")
     handles, labels = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], color="0.3", marker="o", ls="none", alpha=0.45, ms=4))
@@ -180,6 +207,7 @@ def plot_curves(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> Pl
     if not sweep.curves:
         return None
     variants = sorted({c.variant for c in cells}, key=variant_sort_key)
+    strategies = sorted({c.strategy for c in cells}, key=strategy_sort_key)
     many = len(variants) > 1
     ncols = min(len(workers), 3)
     nrows = math.ceil(len(workers) / ncols)
@@ -207,11 +235,16 @@ def plot_curves(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> Pl
             color = strategy_color(c.strategy)
             vi = variants.index(c.variant)
             label = _series_label(c.strategy, c.variant, many)
-            ax.step(grid, med, where="post", color=color, lw=1.8, ls=LINESTYLES[vi % 4])
+            # strategies differ in line style and marker too: curves that coincide (sync and local
+            # SGD often do at N=1) stay visible, the later one drawn dashed over the solid one
+            si = strategies.index(c.strategy)
+            ls, marker = LINESTYLES[(si + vi) % 4], MARKERS[si % len(MARKERS)]
+            ax.step(grid, med, where="post", color=color, lw=1.8, ls=ls, marker=marker, ms=4,
+                    markevery=max(1, grid.size // 6))
             if len(curves) > 1:
                 ax.fill_between(grid, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), step="post", color=color,
                                 alpha=0.18, lw=0)
-            legend.setdefault(label, Line2D([], [], color=color, lw=1.8, ls=LINESTYLES[vi % 4]))
+            legend.setdefault(label, Line2D([], [], color=color, lw=1.8, ls=ls, marker=marker, ms=4))
         if target is not None:
             ax.axhline(target, color="black", ls="--", lw=1)
         ax.set_title(f"N = {n}")
@@ -234,7 +267,9 @@ def plot_curves(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> Pl
     return Plot("curves.png", f"{sweep.target_metric} vs training clock",
                 f"One panel per worker count; the line is the median over seeds and the band the min–max over "
                 f"seeds, evaluated every eval.every_s of training clock. A run stops at the first evaluation that "
-                f"meets the target; after that its last value is carried forward. The dashed line is the target.")
+                f"meets the target; after that its last value is carried forward. The black dashed line is the "
+                f"target. Strategies differ in colour, line style and marker: where one curve seems missing it "
+                f"runs under another (e.g. sync and local SGD coincide at N=1, where both are plain SGD).")
 
 
 def plot_sync_breakdown(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -> Plot | None:
@@ -387,6 +422,7 @@ def plot_efficiency(sweep: SweepData, cells: list[CellSummary], out_dir: Path) -
     for ax in (left, right):
         _workers_axis(ax, workers)
         ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
         ax.grid(True, which="both", alpha=0.25)
     left.set_ylabel("samples to target (median over seeds, log)")
     left.set_title("Statistical efficiency (lower is better)")

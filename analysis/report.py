@@ -23,12 +23,14 @@ from urllib.parse import urlsplit, urlunsplit
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from syncbench.analysis.claims import evaluate_claims
+from syncbench.analysis.headline import glance_lines
 from syncbench.analysis.plots import Plot, make_plots
-from syncbench.analysis.reader import SweepData, load_sweep, resolve_tracking_uri, short_key, strategy_sort_key
+from syncbench.analysis.reader import (SweepData, load_sweep, resolve_tracking_uri, short_key, strategy_sort_key,
+                                       variant_label)
 from syncbench.analysis.stats import ALPHA, CONFIDENCE, N_BOOT, N_PERM
 from syncbench.analysis.summary import CellSummary, summarize_cells, summary_csv
 from syncbench.analysis.threats import Threat, compute_threats
-from syncbench.analysis.verdicts import COMBINE_RULE, NOT_TESTABLE, Claim
+from syncbench.analysis.verdicts import COMBINE_RULE, NOT_TESTABLE, Claim, add_caveat
 from syncbench.experiments.config import ConfigError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
@@ -119,10 +121,45 @@ def cell_row(c: CellSummary) -> dict[str, Any]:
     }
 
 
-def _rows(cells: list[CellSummary], other_keys: list[str]) -> list[dict[str, Any]]:
+def run_label(run) -> str:
+    """A run's cell as every table names it: ``sync, N=8`` (then the grid's other keys)."""
+    base = f"{run.strategy}, N={run.workers}"
+    return f"{base}, {variant_label(run.variant)}" if run.variant else base
+
+
+def cell_hyperparameters(sweep: SweepData) -> dict[str, str]:
+    """Per cell (id): the hyperparameter values its evaluation runs used where cells may differ:
+    the keys its tuning varied, and the learning rate when it is not one value sweep-wide.
+    Rounded to 3 significant figures; several values in one cell are all listed."""
+    tuned: dict[str, set[str]] = {}
+    for r in sweep.tune_runs:
+        tuned.setdefault(r.cell, set())
+    for cell in tuned:
+        runs = [r for r in sweep.tune_runs if r.cell == cell]
+        tuned[cell] = {k for k in {k for r in runs for k in r.params}
+                       if k != "name" and len({r.params.get(k) for r in runs}) > 1}
+    lr_key = "task.module_args.lr"
+    grid = set(grid_keys(sweep))
+    lr_varies = len(sweep.param_values(lr_key)) > 1 and lr_key not in grid
+    out: dict[str, str] = {}
+    for cell in {r.cell for r in sweep.runs}:
+        keys = sorted(tuned.get(cell, set()) | ({lr_key} if lr_varies else set()))
+        runs = [r for r in sweep.runs if r.cell == cell]
+        parts = []
+        for k in keys:
+            values = sorted({_short_value(r.params.get(k)) for r in runs if k in r.params})
+            if values:
+                parts.append(f"{k.rsplit('.', 1)[-1]}={'/'.join(values)}")
+        out[cell] = ", ".join(parts)
+    return out
+
+
+def _rows(cells: list[CellSummary], other_keys: list[str], hparams: dict[str, str] | None = None
+          ) -> list[dict[str, Any]]:
     rows, previous = [], None
     for c in cells:
         row = cell_row(c)
+        row["hparams"] = (hparams or {}).get(c.cell, "")
         values = dict(c.variant)
         row["variant_values"] = [values.get(k, "—") for k in other_keys]
         row["group_start"] = previous is not None and c.variant != previous
@@ -170,9 +207,11 @@ def provenance(sweep: SweepData) -> list[tuple[str, str]]:
     rows.append(("Budget (censoring)", f"{_distinct(sweep, 'budget.train_time_s')} s of training clock"))
     rows.append(("Task", f"{_distinct(sweep, 'task.module')} on {_distinct(sweep, 'task.data')}, "
                          f"batch size {_distinct(sweep, 'batch_size')} per worker"))
-    lr = sweep.param_values("task.module_args.lr")
-    if lr:
-        rows.append(("Learning rate(s)", ", ".join(lr)))
+    lr = sorted({_short_value(v) for v in sweep.param_values("task.module_args.lr")})
+    if len(lr) == 1:
+        rows.append(("Learning rate", lr[0]))
+    elif lr:
+        rows.append(("Learning rate", "differs between cells: see the summary table"))
     rows.append(("Seeds", ", ".join(map(str, sorted({r.seed for r in runs if r.seed is not None})))))
     differing = within_cell_differences(sweep)
     if differing:
@@ -199,7 +238,7 @@ def within_cell_differences(sweep: SweepData) -> list[str]:
         keys = sorted({k for r in runs for k in r.params} - IGNORED_WITHIN_CELL)
         varying = [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
         if varying:
-            out.append(f"{cell}: {', '.join(varying)}")
+            out.append(f"{run_label(runs[0])}: {', '.join(varying)}")
     return out
 
 
@@ -212,23 +251,9 @@ def grid_keys(sweep: SweepData) -> list[str]:
 
 
 def findings(sweep: SweepData, cells: list[CellSummary], claims: list[Claim]) -> list[str]:
-    """A few plain sentences: the fastest strategy at each worker count, and the verdicts."""
-    out = []
-    for variant in sorted({c.variant for c in cells}):
-        suffix = f" ({', '.join(f'{k}={v}' for k, v in variant)})" if variant else ""
-        for n in sorted({c.workers for c in cells if c.variant == variant}):
-            at = [c for c in cells if c.variant == variant and c.workers == n]
-            ranked = sorted((c for c in at if c.tta_median_s is not None), key=lambda c: c.tta_median_s)
-            if not ranked:
-                out.append(f"N={n}{suffix}: no strategy has a median TTA (too few seeds reached the target).")
-                continue
-            best = ranked[0]
-            text = f"N={n}{suffix}: fastest median TTA is {best.strategy} at {fmt_s(best.tta_median_s)} s"
-            others = [f"{c.strategy} {fmt_s(c.tta_median_s)} s" for c in ranked[1:]]
-            others += [f"{c.strategy} {c.median_note}" for c in at if c.tta_median_s is None]
-            if others:
-                text += " (" + "; ".join(others) + ")"
-            out.append(text + ".")
+    """A few plain sentences: at each worker count the fastest strategy where the data show one
+    (``syncbench.analysis.headline``), then how many runs reached the target."""
+    out = [g.line for g in glance_lines(cells)]
     excluded = sum(c.n_failed for c in cells)
     censored = sum(c.n_seeds - c.n_reached for c in cells)
     total = sum(c.n_seeds for c in cells)
@@ -277,8 +302,8 @@ def _tune_rows(sweep: SweepData) -> list[dict[str, Any]]:
         best = min(reached, key=lambda r: r.tta) if reached else None
         # the values the seeds ran with (the launcher's pick among tied best trials is Optuna's)
         used = next((r for r in sweep.runs if r.cell == cell and "syncbench.tuned_from" in r.tags), best)
-        chosen = ", ".join(f"{short_key(k)}={_short_value(used.params.get(k))}" for k in varying) if used else "—"
-        rows.append({"cell": cell, "trials": len(runs), "reached": len(reached),
+        chosen = ", ".join(f"{k.rsplit('.', 1)[-1]}={_short_value(used.params.get(k))}" for k in varying) if used else "—"
+        rows.append({"cell": run_label(runs[0]), "trials": len(runs), "reached": len(reached),
                      "pruned": sum(r.outcome == "pruned" for r in runs),
                      "best": fmt_s(best.tta) if best else "—", "chosen": chosen or "—"})
     return rows
@@ -290,6 +315,7 @@ def build_context(sweep: SweepData, cells: list[CellSummary], claims: list[Claim
     keys = grid_keys(sweep)
     other_keys = [k for k in keys if k not in ("strategy.name", "cluster.workers")]
     tune_rows = _tune_rows(sweep)
+    rows = _rows(cells, other_keys, cell_hyperparameters(sweep))
     not_reached = [r for r in sweep.runs if not r.reached]
     return {
         "sweep": sweep,
@@ -303,7 +329,8 @@ def build_context(sweep: SweepData, cells: list[CellSummary], claims: list[Claim
         "show_mlperf": any(c.n_seeds >= 5 for c in cells),
         "n_runs": len(sweep.runs),
         "n_cells": len(cells),
-        "rows": _rows(cells, other_keys),
+        "rows": rows,
+        "show_hparams": any(r["hparams"] for r in rows),
         "provenance": provenance(sweep),
         "findings": findings(sweep, cells, claims),
         "claims": claims,
@@ -318,14 +345,14 @@ def build_context(sweep: SweepData, cells: list[CellSummary], claims: list[Claim
         "plots": [{"file": p.filename, "title": p.title, "caption": p.caption,
                    "data": embed_png(out_dir / p.filename)} for p in plots],
         "skipped": skipped,
-        "not_reached": [{"cell": r.cell, "seed": r.seed, "outcome": r.outcome_label, "status": r.status,
+        "not_reached": [{"cell": run_label(r), "seed": r.seed, "outcome": r.outcome_label, "status": r.status,
                          "best": fmt_s(r.metrics.get("best_val")), "clock": fmt_s(r.metrics.get("clock_s")),
                          "error": r.tags.get("syncbench.error", "")[:300], "run_id": r.run_id} for r in not_reached],
         "superseded": len(sweep.superseded),
         "unfinished": len(sweep.unfinished),
         "tune_rows": tune_rows,
         "n_tune": len(sweep.tune_runs),
-        "runs": [{"cell": r.cell, "seed": r.seed, "outcome": r.outcome_label, "run_id": r.run_id,
+        "runs": [{"cell": run_label(r), "seed": r.seed, "outcome": r.outcome_label, "run_id": r.run_id,
                   "strategy": r.strategy, "workers": r.workers} for r in sweep.runs],
         "mlflow_version": _mlflow_version(),
     }
@@ -346,6 +373,8 @@ def write_report(client, sweep_name: str, out_dir: Path, *, tracking_uri: str,
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = summarize_cells(sweep)
     claims = evaluate_claims(sweep)  # a claim that raises is reported as such, the others stand
+    for claim in claims:
+        add_caveat(claim)
     plots, skipped = make_plots(sweep, cells, out_dir)  # likewise each figure
     threats, threat_errors = compute_threats(sweep, cells, claims)
     ctx = build_context(sweep, cells, claims, plots, skipped, out_dir, threats, threat_errors)

@@ -6,7 +6,7 @@ Per cell, over its seeds (docs/metrics.md; README.md, "What gets measured"):
   falls on a censored run is reported as "> budget", and a cell with fewer than 2 seeds
   that reached the target gets no median at all.
 - speedup = median TTA of the best 1-worker cell (of the same variant) / median TTA;
-  scaling efficiency = speedup / N.
+  scaling efficiency = speedup / N (none for one-worker cells: nothing scales).
 - statistical efficiency: samples to target (median, censored as above);
   hardware efficiency: training clock per sample (median over all finished seeds).
 """
@@ -64,8 +64,9 @@ class CellSummary:
 
     @property
     def label(self) -> str:
+        """``sync, N=8``, then the grid's other keys: the format of every display (run names aside)."""
         base = f"{self.strategy}, N={self.workers}"
-        return f"{base} ({self.variant_label})" if self.variant else base
+        return f"{base}, {self.variant_label}" if self.variant else base
 
 
 def _median_of(values: Iterable[float]) -> float | None:
@@ -135,7 +136,9 @@ def _add_speedups(cells: list[CellSummary]) -> None:
             continue
         c.baseline_cell = base.label
         c.speedup = base.tta_median_s / c.tta_median_s
-        c.scaling_efficiency = c.speedup / c.workers
+        # speedup / N says how well N workers scale; a one-worker cell has nothing to scale
+        # (beside the baseline it is a plain ratio of two one-worker times)
+        c.scaling_efficiency = c.speedup / c.workers if c.workers > 1 else None
 
 
 CSV_COLUMNS = [

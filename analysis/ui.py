@@ -12,6 +12,7 @@ case it warns.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from syncbench.analysis.server_guard import release, start_guard
 from syncbench.experiments.config import ConfigError
 
 START_TIMEOUT_S = 180.0
@@ -165,17 +167,62 @@ def run_ui_command(args) -> int:
     return serve(server_command(store, artifacts, host, port), f"{url}/health", "MLflow UI", announce, env)
 
 
+# MLflow 3.17's runs page restores a saved view from the experiment tag
+# ``mlflow.sharedViewState.<key>`` when its URL carries ``viewStateShareKey=<key>`` and no search
+# facet of its own (the UI's "Share" button writes such tags; plain JSON is accepted). The view
+# holds what the URL cannot: the visible columns. Its search filter keeps the evaluation runs
+# (tuning runs and the parent run are left out), so they are listed flat, not folded under the parent.
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+EVAL_VIEW_KEY = "syncbench-evaluation-runs"
+EVAL_FILTER = "tags.`syncbench.phase` = 'eval'"
+FIRST_COLUMNS = ("strategy.name", "cluster.workers")
+# the tag by which the runs page unfolds a parent run on load (its children of that type)
+EVAL_RUN_TYPE = ("mlflow.runType", "evaluation")
+
+
+def eval_view_state(grid_keys: list[str] | tuple[str, ...] = FIRST_COLUMNS) -> dict[str, Any]:
+    """The saved runs-page view of a sweep's evaluation runs: filtered to them, with ``tta_s``,
+    ``outcome``, strategy, workers, the grid's other keys and the seed as columns."""
+    params = [*FIRST_COLUMNS, *(k for k in grid_keys if k not in FIRST_COLUMNS), "seed"]
+    columns = ["metrics.`tta_s`", "tags.`outcome`", *(f"params.`{k}`" for k in params)]
+    # facets and UI state left out take the page's defaults
+    return {"searchFilter": EVAL_FILTER, "selectedColumns": columns, "columnOrder": columns,
+            "runsHiddenMode": "SHOW_ALL"}
+
+
+def save_eval_view(client, experiment_id: str, grid_keys: list[str] | tuple[str, ...] = FIRST_COLUMNS) -> None:
+    """Store the evaluation-runs view on the experiment (idempotent: rewritten only when it changed)."""
+    value = json.dumps(eval_view_state(grid_keys), separators=(",", ":"))
+    key = SHARED_VIEW_TAG + EVAL_VIEW_KEY
+    if client.get_experiment(experiment_id).tags.get(key) != value:
+        client.set_experiment_tag(experiment_id, key, value)
+
+
 def runs_page(base_url: str, experiment_id: str) -> str:
-    """The MLflow UI page that lists an experiment's training runs. MLflow 3.17's UI takes
-    the experiment kind from its GenAI / Model-training switch (the browser's last choice,
-    GenAI by default) rather than from the experiment's ``mlflow.experimentKind`` tag; the
-    ``workflowType`` query selects model training for this link."""
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    """The MLflow UI page that lists a sweep's evaluation runs with their numbers (the view
+    ``save_eval_view`` stored). MLflow 3.17's UI takes the experiment kind from its GenAI /
+    Model-training switch (the browser's last choice, GenAI by default) rather than from the
+    experiment's ``mlflow.experimentKind`` tag; the ``workflowType`` query selects model training."""
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={EVAL_VIEW_KEY}")
+
+
+def sweep_link(tracking_uri: str, experiment_id: str, parent_run_id: str | None = None,
+               workspace: str | os.PathLike | None = None) -> str:
+    """How to look at a sweep: on a tracking server, the runs page of its evaluation runs
+    (``runs_page``); for a database store, the ``syncbench ui`` command that serves it (and prints
+    that page)."""
+    from syncbench.experiments.workspace import redact_uri, ui_link
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return runs_page(redact_uri(tracking_uri), experiment_id)
+    return ui_link(tracking_uri, parent_run_id, experiment_id, workspace)
 
 
 def latest_sweep_runs_page(tracking_uri: str) -> tuple[str, str] | None:
     """(sweep name, runs page URL) of the sweep whose parent run started last, asked of the
-    tracking server at ``tracking_uri``; None when no sweep was recorded."""
+    tracking server at ``tracking_uri``; None when no sweep was recorded. The sweep's
+    experiment gets its evaluation-runs view if it lacks one (sweeps recorded before it existed)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -192,6 +239,11 @@ def latest_sweep_runs_page(tracking_uri: str) -> tuple[str, str] | None:
     if newest is None:
         return None
     name = newest.data.tags.get("syncbench.sweep") or newest.info.run_name
+    try:
+        grid = list(json.loads(newest.data.tags.get("syncbench.grid") or "{}"))
+    except (ValueError, TypeError):
+        grid = []
+    save_eval_view(client, newest.info.experiment_id, grid or FIRST_COLUMNS)
     return name, runs_page(tracking_uri, newest.info.experiment_id)
 
 
@@ -199,6 +251,7 @@ def serve(cmd: list[str], health_url: str, what: str, announce, env: dict[str, s
     """Run a server in its own process group until it exits, Ctrl-C or SIGTERM; ``announce()``
     once it answers ``health_url``."""
     proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+    guard = start_guard(proc.pid)  # ends the server's group if this command is killed (even SIGKILL)
 
     stopping = []
 
@@ -230,6 +283,7 @@ def serve(cmd: list[str], health_url: str, what: str, announce, env: dict[str, s
         return 0
     finally:
         stop(proc)
+        release(guard)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

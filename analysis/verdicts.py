@@ -65,6 +65,7 @@ class Claim:
     step_time_threats: list[str] = field(default_factory=list)  # (d): step times that are one number (threats)
     step_time_basis: list[str] = field(default_factory=list)  # (d): settings tested on calibration block medians
     error: str = ""  # the claim could not be evaluated (the report still is)
+    caveat: str = ""  # a conclusive verdict while another setting points the other way (``add_caveat``)
 
     @property
     def verdict_text(self) -> str:
@@ -74,7 +75,7 @@ class Claim:
         return {"key": self.key, "title": self.title, "verdict": self.verdict, "verdict_text": self.verdict_text,
                 "needs_seeds": self.needs_seeds, "summary": self.summary,
                 "measure": self.measure, "test": self.test, "rule": self.rule, "how_to_test": self.how_to_test,
-                "notes": self.notes, "error": self.error,
+                "notes": self.notes, "error": self.error, "caveat": self.caveat,
                 "comparisons": [{"label": r.label, "verdict": r.verdict, "verdict_text": r.verdict_text, **r.values,
                                  "note": r.note} for r in self.rows]}
 
@@ -96,6 +97,37 @@ def combine(claim: Claim) -> None:
         claim.needs_seeds = max(r.needs_seeds or 0 for r in tested) or None
     else:
         claim.verdict = INCONCLUSIVE
+
+
+# per claim: the column whose estimate says which way a setting points, the value that
+# separates the two ways, and the side that supports the claim
+DIRECTION = {"a": ("Spearman rho", 0.0, "above"), "b": ("ratio async/sync [95% CI]", 1.0, "below"),
+             "c": ("SD-ratio async/sync [95% CI]", 1.0, "above")}
+
+
+def add_caveat(claim: Claim) -> None:
+    """A supported or refuted claim whose verdict rests on some settings while another setting's
+    estimate points the other way (not significantly) says so: "refuted at N=4; the other
+    direction at N=8, not significant". Correct by the combining rule, misleading unsaid."""
+    if claim.verdict not in CONCLUSIVE or claim.key not in DIRECTION:
+        return
+    column, pivot, supports = DIRECTION[claim.key]
+    decided = [r.label for r in claim.rows if r.verdict == claim.verdict]
+    against = []
+    for r in claim.rows:
+        if r.verdict in CONCLUSIVE or r.verdict == NOT_TESTABLE:
+            continue
+        try:
+            estimate = float(str(r.values.get(column, "")).split(" [")[0])
+        except ValueError:
+            continue
+        side = "above" if estimate > pivot else "below" if estimate < pivot else None
+        points_to_support = side == supports
+        if side and points_to_support != (claim.verdict == SUPPORTED):
+            against.append(f"{r.label} ({column.split(' [')[0]} {r.values[column]})")
+    if decided and against:
+        claim.caveat = (f"{claim.verdict} at {', '.join(decided)}; the other direction at {'; '.join(against)}, "
+                        f"not significant")
 
 
 def summarize(claim: Claim, column: str, what: str) -> str:

@@ -8,7 +8,7 @@ must make a test *fail* (pytest exit status 1). A mutant whose anchor text is mi
 unique, a collection error, or a timeout is an error, never a kill. It prints a table and
 "killed K/N" and exits non-zero unless K == N.
 
-    python -m benchmarks.mutation_check            # all mutants (~6 min on 2 cores)
+    python -m benchmarks.mutation_check            # all mutants (~13 min on 2 cores)
     python -m benchmarks.mutation_check --list     # the mutants and their anchors checked, nothing run
     python -m benchmarks.mutation_check --only ring_ignores_n,eval_future
 
@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCI = "tests/test_science.py::"
 STATS = "tests/test_science_stats.py::"
 VERDICTS = "tests/test_science_verdicts.py::"
+STREAM = "tests/test_streaming_async_local.py::"
+COMP = "tests/test_compression.py::"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ MUTANTS: list[Mutant] = [
            "experiments/sim/engine.py", "torch.stack(payloads).mean(dim=0)",
            "torch.stack(payloads).sum(dim=0) / self.n",
            (SCI + "test_backup_workers_keep_the_first_gradients_and_divide_by_their_count",)),
+    Mutant("batched_lead_only", "sim batched path: an update's gradient from the first kept worker's batch alone",
+           "experiments/sim/engine.py", "self._batched_gradient(sorted(coll.payloads))",
+           "self._batched_gradient(sorted(coll.payloads)[:1])",
+           (SCI + "test_sim_sync_at_n_workers_is_plain_sgd_at_n_times_the_batch",)),
     Mutant("local_sgd_divisor", "local SGD's global model: the replicas' sum over N + 1",
            "strategies/local_sgd.py", "torch.stack([flat_state(s) for s in sources]).mean(dim=0)",
            "torch.stack([flat_state(s) for s in sources]).sum(dim=0) / (len(sources) + 1)",
@@ -157,6 +163,68 @@ MUTANTS: list[Mutant] = [
     Mutant("lr_scaling_counts_backups", "lr scaling counts the dropped backup workers' batches in the effective batch",
            "strategies/sync.py", "return float(self.world - self.options.backup_workers)", "return float(self.world)",
            ("tests/test_contract.py::test_lr_scaling_with_backup_workers_counts_the_kept_gradients",)),
+    # -- issue 24: the methods and options added since the list was written -------------------
+    Mutant("streaming_schedule_shifted", "streaming DiLoCo syncs fragment p at (p + 2) H/P instead of (p + 1) H/P",
+           "strategies/streaming_diloco.py", "return (step // self.gap - 1) % len(self.bounds)",
+           "return (step // self.gap) % len(self.bounds)",
+           (STREAM + "test_streaming_diloco_is_the_papers_algorithm_step_by_step",)),
+    Mutant("streaming_overlap_late", "streaming DiLoCo applies an overlapped fragment tau + 1 steps after its start",
+           "strategies/streaming_diloco.py", "self.pending = (fragment, handle, step + self.options.overlap_steps)",
+           "self.pending = (fragment, handle, step + self.options.overlap_steps + 1)",
+           (STREAM + "test_streaming_diloco_is_the_papers_algorithm_step_by_step",)),
+    Mutant("streaming_mixing_mirrored", "streaming DiLoCo mixes alpha x local + (1 - alpha) x global (alpha mirrored)",
+           "strategies/streaming_diloco.py", "local.mul_(1.0 - alpha).add_(outer, alpha=alpha)",
+           "local.mul_(alpha).add_(outer, alpha=1.0 - alpha)",
+           (STREAM + "test_streaming_diloco_is_the_papers_algorithm_step_by_step",)),
+    Mutant("delayed_nesterov_period", "delayed Nesterov applies its momentum every N + 1 pushes",
+           "strategies/async_local_sgd.py", "if count % period:", "if count % (period + 1):",
+           (STREAM + "test_delayed_nesterov_against_torch_sgd",)),
+    Mutant("dylu_reversed", "DyLU gives slow workers more local steps (the ratio inverted)",
+           "strategies/async_local_sgd.py", "floor(h * fastest / f + 1e-9)", "floor(h * f / max(factors) + 1e-9)",
+           (STREAM + "test_dynamic_local_steps_follow_speed",)),
+    Mutant("topk_no_residual", "top-k drops what it did not send (no error feedback)",
+           "strategies/compression.py", "self.residual = acc", "self.residual = torch.zeros_like(acc)",
+           (COMP + "test_topk_error_feedback_carries_what_was_not_sent",)),
+    Mutant("int8_scale_128", "int8 quantises with scale max|x| / 128 (the extreme value clipped)",
+           "strategies/compression.py", ".float() / 127.0", ".float() / 128.0",
+           (COMP + "test_int8_matches_a_numpy_per_tensor_quantiser_and_its_bound",)),
+    Mutant("allgather_one_block", "the all-gather's time charges one block of bytes instead of N - 1",
+           "experiments/cluster_model.py",
+           "return (n_workers - 1) * net.latency_s + (n_workers - 1) * nbytes / net.bytes_per_s",
+           "return (n_workers - 1) * net.latency_s + nbytes / net.bytes_per_s",
+           (COMP + "test_sim_clock_charges_the_all_gather_and_the_codec",)),
+    Mutant("codec_decodes_one", "a worker's codec charge decodes one payload where it decodes N",
+           "strategies/compression.py", "value = [request.tensor] * world", "value = [request.tensor]",
+           (COMP + "test_one_worker_of_n_decodes_n_payloads_and_returns_the_mean",
+            COMP + "test_all_gather_codec_charge_grows_with_n")),
+    Mutant("max_staleness_exclusive", "max_staleness refuses a gradient exactly at the bound",
+           "strategies/async_ps.py", "staleness <= max_staleness", "staleness < max_staleness",
+           (SCI + "test_async_server_refuses_gradients_staler_than_the_bound",)),
+    Mutant("race_prunes_late", "the race pruner stops a trial one evaluation after it can no longer win",
+           "sweeps/trials.py", "next_clock = (step + 1) * self.ctx.every_s", "next_clock = step * self.ctx.every_s",
+           ("tests/test_sweeps.py::test_race_pruner_stops_trials_that_cannot_win_and_never_the_best",)),
+    Mutant("claim_a_directions_swapped", "claim (a) tests the falling trend as the supporting one",
+           "analysis/claims.py", 'spearman_trend(x, y, "greater"), spearman_trend(x, y, "less")',
+           'spearman_trend(x, y, "less"), spearman_trend(x, y, "greater")',
+           (VERDICTS + "test_claim_a_refuted_when_waiting_shrinks_with_n",
+            "tests/test_report_stats.py::test_claim_a_supported_by_a_rising_wait_share_and_refuted_by_none_at_all")),
+    Mutant("claim_b_wrong_side", "claim (b) supported only when the ratio's interval lies above 1",
+           "analysis/claims.py", 'side == "below" and p_less <= ALPHA', 'side == "above" and p_less <= ALPHA',
+           ("tests/test_report_stats.py::test_claim_b_counts_censored_async_runs_as_slower_not_as_their_budget",
+            "tests/test_report_stats.py::test_claim_b_mixed_settings_are_inconclusive")),
+    Mutant("claim_d_margin_10pct", "claim (d) allows 10% slower step times as 'without slowing training'",
+           "analysis/claims.py", "SLOWDOWN_MARGIN = 1.05", "SLOWDOWN_MARGIN = 1.10",
+           (VERDICTS + "test_claim_d_decides_at_its_five_percent_border",)),
+    Mutant("claim_d_no_margin", "claim (d) tests step time on against off itself (no 5% margin)",
+           "analysis/claims.py", "scaled = [[SLOWDOWN_MARGIN * x for x in off]", "scaled = [[x for x in off]",
+           (VERDICTS + "test_claim_d_decides_at_its_five_percent_border",)),
+    Mutant("threats_resolution_slowest", "the resolution threat compares eval.every_s with the slowest cell's TTA",
+           "analysis/threats.py", "fastest = min(medians, key=lambda c: c.tta_median_s)",
+           "fastest = max(medians, key=lambda c: c.tta_median_s)",
+           (VERDICTS + "test_resolution_threat_measures_the_interval_against_the_fastest_cell",)),
+    Mutant("dist_clock_keeps_last_pause", "the dist training clock excludes only the latest evaluation's pause",
+           "experiments/procs/clock.py", "self.eval_total += spent", "self.eval_total = spent",
+           ("tests/test_science_dist.py::test_dist_training_clock_stops_during_every_evaluation_pause",)),
 ]
 
 

@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 # the options models, not the strategies: validating a config imports no torch (CLI start-up time)
 from syncbench.strategies.options import CheckpointingConfig, ConfigError, OuterConfig
-from syncbench.strategies.registry import ALIASES, OPTIONS, flat_options, has_own_section
+from syncbench.strategies.registry import ALIASES, OPTIONS, flat_options, has_own_section, strategies_reading
 
 __all__ = ["CheckpointingConfig", "ConfigError", "OuterConfig", "RunConfig", "StrategyConfig", "TrainerConfig"]
 
@@ -46,7 +56,8 @@ class TaskConfig(_Strict):
 class TargetConfig(_Strict):
     metric: str = Field(description="A metric the module self.log()s in validation_step (e.g. val_acc); "
                                     "a name it never logs is refused before the run")
-    value: float = Field(description="The target: the run has reached it at the first evaluation that meets it")
+    value: float = Field(allow_inf_nan=False, description="The target: the run has reached it at the first "
+                         "evaluation that meets it (a finite number: NaN or inf could never be met)")
     mode: Literal["max", "min"] = Field(default="max", description="max: met when metric >= value; min: met "
                                         "when metric <= value")
 
@@ -59,8 +70,8 @@ class TargetConfig(_Strict):
 
 
 class BudgetConfig(_Strict):
-    train_time_s: float = Field(gt=0, description="Training-clock seconds after which a run that has not met "
-                                "the target stops, censored (outcome=budget)")
+    train_time_s: float = Field(gt=0, allow_inf_nan=False, description="Training-clock seconds after which a run "
+                                "that has not met the target stops, censored (outcome=budget); finite")
 
 
 class EvalConfig(_Strict):
@@ -132,6 +143,46 @@ class _StrategyBase(_Strict):
             raise ValidationError.from_exception_data(cls.__name__, errors)  # type: ignore[arg-type]
         return handler({**data, **sections})
 
+    @model_validator(mode="after")
+    def _no_unread_options(self) -> "_StrategyBase":
+        """An option the named strategy does not read is refused, naming the strategies that read
+        it: run as written it would change nothing, yet be recorded as if it had (async with
+        ``compression: fp16`` ran exactly as without). A key at its default value is allowed --
+        the shipped configs spell out every option with ``name: sync`` -- since it changes
+        nothing under any strategy, and it is not recorded (``_only_used``)."""
+        problems = []
+        for key, value in self.unread_options().items():
+            readers = strategies_reading(key) or [key]  # strategy.<name>: that strategy's own section
+            shown = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            problems.append(f"strategy.{key}={json.dumps(shown, default=str)} is not read by strategy "
+                            f"{self.name!r} (an option of {', '.join(readers)})")
+        if problems:
+            raise ValueError("; ".join(problems) + ": remove it, or set strategy.name to a strategy that reads it "
+                             "(a sweep's grid may pair such keys with a strategy.name it varies)")
+        return self
+
+    def used_keys(self) -> set[str]:
+        """The keys of this section that the named strategy reads (``name`` and ``lr_scaling`` always)."""
+        common = set(_StrategyBase.model_fields)
+        return common | ({self.name} if has_own_section(self.name) else set(OPTIONS[self.name].model_fields))
+
+    def unread_options(self) -> dict[str, Any]:
+        """The keys given with a value other than their default that the named strategy does not read."""
+        used = self.used_keys()
+        unread = {key: getattr(self, key) for key, info in type(self).model_fields.items()
+                  if key not in used and getattr(self, key) != info.get_default(call_default_factory=True)}
+        for key, section in (self.model_extra or {}).items():  # another strategy's own section
+            if key not in used and section != OPTIONS[key]():
+                unread[key] = section
+        return unread
+
+    @model_serializer(mode="wrap")
+    def _only_used(self, handler: Any) -> Any:
+        """A dump (MLflow params, config.yaml, a dist rank's copy) holds only what the strategy reads."""
+        data = handler(self)
+        used = self.used_keys()
+        return {k: v for k, v in data.items() if k in used} if isinstance(data, dict) else data
+
     def options(self) -> Any:
         """The options model of the named strategy, filled from this section (or its own)."""
         if has_own_section(self.name):
@@ -141,6 +192,18 @@ class _StrategyBase(_Strict):
 
 
 StrategyConfig = create_model("StrategyConfig", __base__=_StrategyBase, **_strategy_fields())
+
+
+def without_unread_options(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (a run config mapping) less the ``strategy:`` keys its strategy does not read: a
+    sweep whose grid varies ``strategy.name`` gives each cell only its own strategy's options."""
+    section = raw.get("strategy")
+    name = section.get("name", "sync") if isinstance(section, dict) else None
+    if not isinstance(name, str) or name not in OPTIONS:
+        return raw  # validation names the problem
+    used = set(_StrategyBase.model_fields) | ({name} if has_own_section(name) else set(OPTIONS[name].model_fields))
+    known = set(StrategyConfig.model_fields) | {n for n in OPTIONS if has_own_section(n)}
+    return {**raw, "strategy": {k: v for k, v in section.items() if k in used or k not in known}}
 
 
 class NoStragglers(_Strict):
@@ -210,6 +273,22 @@ class NetworkConfig(_Strict):
         return alpha, gbps * 1e9 / 8
 
 
+class SimOptions(_Strict):
+    batching: Literal["auto", "off"] = Field(default="auto", description="auto: where a strategy keeps every "
+                                             "replica identical (sync without compression) the sim holds one "
+                                             "replica and one optimizer, and computes each update's gradient in one "
+                                             "forward/backward over the kept workers' concatenated batches, after "
+                                             "checking once that this equals the mean of per-worker gradients for "
+                                             "the module (BatchNorm in training mode, a summed loss: per-worker "
+                                             "compute, tagged syncbench.sim.batching); off: one replica, "
+                                             "optimizer and forward/backward per worker")
+
+    @field_validator("batching", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+
 class ClusterConfig(_Strict):
     backend: Literal["sim", "dist"] = Field(default="sim", description="sim: N virtual workers on a virtual "
                                             "clock in one process; dist: N real processes (torch.distributed)")
@@ -221,6 +300,21 @@ class ClusterConfig(_Strict):
                                    "emulated with sleeps on dist)")
     collective_timeout_s: float = Field(default=30.0, gt=0, description="dist: a worker that dies or hangs "
                                         "fails the run within this many seconds")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="auto | cpu | cuda | "
+                        "cuda:K. sim: where the replicas, batches and collectives live (auto: cuda:0 when CUDA is "
+                        "available, else cpu); dist: cpu = gloo on the CPU, cuda = NCCL with local rank r on "
+                        "cuda:r (refused when a node has fewer GPUs than ranks), auto = cuda when there are GPUs; "
+                        "cuda:K is for the sim backend. The environment variable SYNCBENCH_DIST_DEVICE, when set, "
+                        "overrides it on dist")
+    sim: SimOptions = Field(default_factory=lambda: SimOptions(), description="How the sim backend computes "
+                            "(docs/performance.md)")
+
+    @model_validator(mode="after")
+    def _device_for_backend(self) -> "ClusterConfig":
+        if self.backend == "dist" and self.device.startswith("cuda:"):
+            raise ValueError(f"cluster.device={self.device}: the dist backend gives local rank r cuda:r; "
+                             "use cluster.device=cuda (or auto), or cluster.backend=sim")
+        return self
 
 
 class TrainerConfig(_Strict):

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from syncbench.experiments.config import ConfigError
-from syncbench.experiments.workspace import corrupt_store_message, is_corrupt_store, is_disk_full, release_reserve
+from syncbench.experiments.workspace import (
+    check_not_locked,
+    corrupt_store_message,
+    is_corrupt_store,
+    is_disk_full,
+    release_reserve,
+)
 
 # MLflow takes seconds to import, torch too, and a store's driver is needed only for that kind
 # of store: each is imported by the function that needs it, so that importing this module
@@ -48,6 +54,7 @@ def probe_store(tracking_uri: str, timeout_s: float = 5.0) -> None:
     scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0].lower()
     if scheme == "sqlite":
         Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        check_not_locked(tracking_uri[len("sqlite:///"):], "--tracking-uri")
     elif scheme in ("postgresql", "mysql", "mssql"):
         import sqlalchemy  # lazy: see the imports
 
@@ -75,6 +82,8 @@ def open_client(tracking_uri: str):
         probe_store(tracking_uri)
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
+    except ConfigError:  # said already, in one line (a locked store)
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
         if is_corrupt_store(exc):
             raise ConfigError(corrupt_store_message("--tracking-uri", tracking_uri, exc)) from None

@@ -3,6 +3,7 @@ workers, the same shards in both backends."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -16,6 +17,14 @@ def collate_indices(dataset: Dataset, idx: np.ndarray, collate: Callable[[list],
         index = torch.from_numpy(idx)
         return [t[index] for t in dataset.tensors]
     return collate([dataset[int(i)] for i in idx])
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The seeded permutation of one epoch, computed once for all N workers' shards (read-only)."""
+    perm = np.random.default_rng([seed, 31337, epoch]).permutation(n)
+    perm.flags.writeable = False
+    return perm
 
 
 class ShardedBatches:
@@ -41,8 +50,9 @@ class ShardedBatches:
         self._shard = self._make_shard()
 
     def _make_shard(self) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, 31337, self.epoch]).permutation(len(self.dataset))  # type: ignore[arg-type]
-        return perm[self.worker :: self.n_workers][: self.shard_len]
+        perm = _epoch_permutation(self.seed, self.epoch, len(self.dataset))  # type: ignore[arg-type]
+        # a copy: a view would keep the whole permutation alive for every worker (N x the data set)
+        return perm[self.worker :: self.n_workers][: self.shard_len].copy()
 
     def next_indices(self) -> np.ndarray:
         if self.position == self.steps_per_epoch:

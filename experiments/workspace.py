@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -217,6 +218,44 @@ def corrupt_store_message(option: str, path: str, exc: BaseException) -> str:
             f"or restore it from a backup")
 
 
+LOCK_WAIT_S = 20.0  # how long a store's write lock may be held by another process before we give up
+
+
+def check_not_locked(path: str | os.PathLike, option: str, wait_s: float = LOCK_WAIT_S) -> None:
+    """A SQLite store whose write lock another process holds for ``wait_s`` (a hung process, an
+    open ``sqlite3`` shell in a transaction) is bad input, said in one line (exit 2) before
+    anything is recorded -- not a run that fails later with the SQL statement that waited."""
+    import sqlite3
+
+    from syncbench.strategies.options import ConfigError
+
+    if not Path(path).is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=wait_s, isolation_level=None)) as con:
+            con.execute("BEGIN IMMEDIATE")  # the write lock, as the first write would take it
+            con.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc).lower() and "busy" not in str(exc).lower():
+            return  # not a lock: the store's own open reports it
+        raise ConfigError(f"{option} {path}: the store is locked: another process has held its write lock for "
+                          f"over {wait_s:.0f} s (a hung syncbench, or a sqlite3 shell inside a transaction?); end "
+                          f"it, or use another workspace (--workspace)") from None
+
+
 def release_reserve(override: str | os.PathLike | None = None) -> bool:
     """Give up the workspace's reserve (see ``SpaceReserve``); True if there was one."""
     return SpaceReserve(workspace_dir(override)).release()
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of /proc/meminfo (what can be allocated without swapping), or None
+    where there is none (not Linux): the sim's replica check and a sweep's ``--jobs`` cap."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

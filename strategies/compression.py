@@ -32,7 +32,9 @@ uncompressed, in one extra fp32 all-reduce, as DDP keeps them apart from its com
 from __future__ import annotations
 
 import abc
+import copy
 import math
+import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -340,6 +342,42 @@ def run_lockstep(exchanges: list[Exchange]) -> tuple[list[torch.Tensor], list[Co
         else:
             gathered = [r.tensor.clone() for r in requests]
             values = [list(gathered) for _ in range(world)]
+
+
+def one_worker_exchange(exchange: Exchange, world: int) -> torch.Tensor:
+    """Drive one worker's exchange as one of ``world`` workers that all sent the same payload:
+    an all-reduce resumes with N x its tensor, an all-gather with N payloads. The worker thus
+    encodes once and decodes N payloads, as each worker of an all-gather codec (int8, top-k)
+    does in a real exchange; ``run_lockstep`` over one exchange would decode one."""
+    value: Any = None
+    while True:
+        try:
+            request = exchange.send(value)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(request, AllReduce):
+            value = request.tensor * world
+        else:  # the N payloads of an all-gather (equal here: decoding cost does not depend on values)
+            value = [request.tensor] * world
+    raise AssertionError("unreachable")  # pragma: no cover - for the type checker
+
+
+def codec_seconds_per_mb(codec: Codec, payload: torch.Tensor, world: int, repeats: int = 5) -> float:
+    """Encode + decode seconds per MB of ``payload`` charged to *one worker* of a ``world``-worker
+    exchange on this machine: the median of ``repeats`` timed ``one_worker_exchange`` runs on
+    copies of the codec (its state untouched), after one untimed warm-up. For the all-gather
+    codecs the charge grows with N (one encode, N decodes); for the all-reduce ones it does not."""
+    if repeats < 1:
+        raise ValueError(f"repeats {repeats}: must be at least 1")
+    times = []
+    for _ in range(repeats + 1):
+        trial = copy.deepcopy(codec)
+        x = payload.clone()
+        t0 = time.perf_counter()
+        one_worker_exchange(payload_exchange(trial, x, world), world)
+        times.append(time.perf_counter() - t0)
+    nbytes_ = max(1, payload.numel() * payload.element_size())
+    return float(np.median(times[1:])) / (nbytes_ / 1e6)
 
 
 def wire_bytes(collectives: Sequence[Collective], world: int) -> int:

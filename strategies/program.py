@@ -6,7 +6,8 @@ training step and which communication it asks for, by yielding operations:
 
 * ``Compute()``: forward and backward of the worker's next batch on its replica (the backend
   zeroes the gradients first, as Lightning's closure does). Resumes with the loss, or with
-  ``None`` when the step was abandoned because a quorum collective completed without it.
+  ``None`` when the step was abandoned because a quorum collective completed without it (and
+  always on the sim backend's batched path, ``Strategy.replicas_shareable``).
 * ``ReduceGradients(quorum)``: the replica's gradients (and floating-point buffers: BatchNorm
   statistics are averaged, where DDP broadcasts rank 0's; docs/strategies.md) become their mean over the workers -- over the first
   ``quorum`` to arrive when a quorum is given (backup workers, Chen et al. 2016). With a
@@ -263,6 +264,15 @@ class Strategy(abc.ABC):
     def lr_batch_factor(self) -> float:
         """Effective batch of one update / one worker's batch (``strategy.lr_scaling``)."""
         return 1.0
+
+    def replicas_shareable(self) -> bool:
+        """Whether one replica can stand for every worker's for the whole run (the sim backend's
+        batched path, ``cluster.sim.batching``): every replica, optimizer state and trainer
+        counter stays identical, each program step is ``Compute`` then an uncompressed
+        ``ReduceGradients`` then ``worker.optimizer.step()``, and the program does not read
+        ``Compute``'s loss (there it resumes with None: the loss comes with the round's batched
+        gradient). Default: ``traits.keeps_replicas_identical``."""
+        return self.traits.keeps_replicas_identical
 
     def program(self, worker: Worker) -> WorkerProgram:
         return self.program_class(worker, self.options)

@@ -113,6 +113,12 @@ class _Options(_ByName):
 OPTIONS: Mapping[str, type[Options]] = _Options()
 
 
+def strategies_reading(key: str) -> list[str]:
+    """The strategies whose options include ``key`` of the flat ``strategy:`` section (a key a
+    config gives for a strategy that does not read it is refused naming these)."""
+    return [name for name, model in flat_options().items() if key in model.model_fields]
+
+
 def traits(name: str) -> Traits:
     """What the strategy ``name`` is, from its options model; the defaults for a name not
     registered (a run recorded with a strategy since removed)."""

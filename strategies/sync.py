@@ -58,6 +58,10 @@ class Sync(Strategy):
         """A step + a ring all-reduce of the gradients."""
         return step_s + ring_allreduce_time(workers, latency_s, bytes_per_s, payload["gradient_bytes"])
 
+    def replicas_shareable(self) -> bool:
+        # a codec keeps per-worker state (error feedback) and needs each worker's own gradient
+        return self.options.compression == "none"
+
     def lr_batch_factor(self) -> float:
         # an update averages the first N - k gradients (backup workers): its batch is (N - k) b
         return float(self.world - self.options.backup_workers)

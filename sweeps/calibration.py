@@ -18,7 +18,7 @@ T = TypeVar("T")
 # the step calibration per task_key: {"step_s", "samples"} (the attribute "syncbench.step_s" of
 # sweeps stored before it timed checkpointed models as a run trains them is not reused)
 STEP_S_ATTR = "syncbench.step_calibration"
-CODEC_ATTR = "syncbench.codec_calibration"  # study attribute: {task and codec: codec_s_per_mb}
+CODEC_ATTR = "syncbench.codec_calibration"  # study attribute: {task, codec and N: codec_s_per_mb}
 
 
 def preflight(sweep: Sweep) -> dict[str, Any]:
@@ -114,9 +114,10 @@ def pin_step_times(sweep: Sweep, study: Any,
 
 def pin_codec_costs(sweep: Sweep, study: Any, prepared: dict[str, Any]) -> dict[str, float]:
     """As ``step_s``: the encode/decode cost of a compressed exchange
-    (``cluster.compute.codec_s_per_mb``) is measured once per task and codec, kept in the
-    study and pinned for every trial that uses it, so the cells are timed on one scale and
-    each trial is bit-reproducible. Returns the pinned ``codec_s_per_mb`` by cell id."""
+    (``cluster.compute.codec_s_per_mb``) is measured once per task, codec and worker count
+    (one worker of N decodes N payloads of an all-gather codec: the charge grows with N), kept
+    in the study and pinned for every trial that uses it, so the cells are timed on one scale
+    and each trial is bit-reproducible. Returns the pinned ``codec_s_per_mb`` by cell id."""
     codec_s: dict[str, float] = {}  # cell id -> codec_s_per_mb pinned by the sweep
     stored: dict[str, float] = dict(study.user_attrs.get(CODEC_ATTR, {}))
     changed = False
@@ -126,7 +127,7 @@ def pin_codec_costs(sweep: Sweep, study: Any, prepared: dict[str, Any]) -> dict[
                 or config.cluster.compute.codec_s_per_mb is not None):
             continue
         st = config.strategy
-        key = json.dumps([task_key(config), st.compression, st.topk_ratio, st.powersgd_rank])
+        key = json.dumps([task_key(config), st.compression, st.topk_ratio, st.powersgd_rank, config.cluster.workers])
         if key not in stored:
             with one_thread():
                 value = unless_the_module_fails(

@@ -66,7 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base-config key")
     sweep.add_argument("--storage", help=STORAGE_HELP)
     sweep.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
-    sweep.add_argument("--jobs", type=int, default=1, help="trials run at once, in worker processes")
+    sweep.add_argument("--jobs", type=int, default=1, help="trials run at once, in worker processes (--executor "
+                       "slurm: launcher jobs submitted, one trial at a time each)")
+    sweep.add_argument("--executor", choices=["local", "slurm"], default="local",
+                       help="where trials run: this machine (default), or SLURM jobs submitted with submitit "
+                       "(docs/scaling-out.md)")
+    sweep.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key of the spec's slurm: section (partition, time_min, cpus_per_task, "
+                       "gpus_per_task, mem_gb, nodes, sbatch.OPTION, ...); --executor slurm only")
     sweep.add_argument("--no-progress", action="store_true")
     _profile_option(sweep)
     _common(sweep)
@@ -183,7 +190,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"FAILED. Free space on the disk holding {workspace_dir(args.workspace)} (or the store) and run "
                   f"again.", file=sys.stderr)
         else:
-            print(f"syncbench: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            from syncbench.experiments.messages import describe
+
+            print(f"syncbench: run failed: {describe(exc)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         if rank0:
@@ -214,7 +223,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     args.spec = example(args.spec, "spec")
     from syncbench.sweeps.launcher import run_sweep_command
 
-    add_import_paths(os.path.dirname(os.path.abspath(args.spec)))
+    from syncbench.sweeps.spec import base_config_dir
+
+    base_dir = base_config_dir(args.spec)  # task modules next to the base config resolve too (docs)
+    add_import_paths(os.path.dirname(os.path.abspath(args.spec)), *([base_dir] if base_dir else []))
     merged = _with_profile(args)
     args.profile_set = merged[:len(merged) - len(args.set)]  # the profile's keys: the grid may override them
     return run_sweep_command(args)

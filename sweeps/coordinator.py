@@ -6,6 +6,7 @@ until none is left, and the parent run closed with the summary table."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 import warnings
@@ -14,18 +15,21 @@ from typing import Any
 
 import optuna
 from mlflow.entities import Metric, Param, RunTag
+from optuna.trial import TrialState
 
 from syncbench.experiments import signals
 from syncbench.experiments.config import ConfigError
 from syncbench.experiments.recording import get_or_create_experiment, open_client
-from syncbench.experiments.workspace import SpaceReserve, artifacts_dir, redact_uri, ui_link
+from syncbench.analysis.ui import sweep_link
+from syncbench.experiments.workspace import SpaceReserve, artifacts_dir, redact_uri
 from syncbench.sweeps.calibration import pin_codec_costs, pin_step_times
+from syncbench.sweeps.capacity import cap_jobs
 from syncbench.sweeps.executor import TrialExecutor
 from syncbench.sweeps.launch_options import LaunchOptions, SweepResult
 from syncbench.sweeps.progress import SweepDisplay
 from syncbench.sweeps.spec import Sweep, format_value
 from syncbench.sweeps.storage import StorageLock, open_storage, redact, use_wal
-from syncbench.sweeps.trial_queue import StaleTrialHandler, TrialQueue
+from syncbench.sweeps.trial_queue import RESULT_ATTRS, StaleTrialHandler, TrialQueue, replaced_trials
 from syncbench.sweeps.trials import make_executor, warm_up
 
 MEMORY_LIMIT_TAG = "syncbench.memory_limit_bytes"  # parent run: the spec's analysis.memory_limit_bytes (JSON)
@@ -59,10 +63,12 @@ class Launcher(TrialQueue, TrialExecutor):
         self.preload = sorted({path.partition(":")[0] for cell in sweep.cells
                                for path in (cell.config.task.module, cell.config.task.data)})
         self.executor: Executor | None = None
+        self.jobs = options.jobs  # --jobs as capped by what the machine holds (setup)
 
     def setup(self, prepared: dict[str, Any]) -> None:
         """Create or load the studies, the experiment and the parent run; calibrate; enqueue."""
         with self.lock():
+            self._refuse_lost_study()
             # eval trials are all enqueued, never sampled: the sampler is never consulted
             self.study = optuna.create_study(study_name=self.sweep.name, storage=self.storage,
                                              sampler=optuna.samplers.RandomSampler(seed=0),
@@ -75,13 +81,20 @@ class Launcher(TrialQueue, TrialExecutor):
             self.stale.client, self.stale.experiment_id = self.client, self.experiment_id
             self.tune_studies = {cell.id: self._tune_study(cell) for cell in self.sweep.cells} if self.sweep.tune else {}
             self._fail_stale()
+            self._rerun_lost_runs()
             if not self.sweep.tune:
                 self._enqueue_eval(self.sweep.cells, {})
         self.reserve.hold()  # room to record a stop when the disk fills (check_workspace ensured it fits)
         # the pool starts after calibration, which must time a step on an otherwise idle machine
-        self.executor = make_executor(self.opt.jobs, self.preload)
-        if self.opt.jobs > 1:
-            for _ in range(self.opt.jobs):
+        counts = self.counts()
+        capped = cap_jobs(self.opt.jobs, counts.total - counts.done)  # failed trials run again
+        self.jobs = capped.jobs
+        if capped.reason:
+            self.display.warn(f"[yellow]--jobs {self.opt.jobs}: running {self.jobs} trial(s) at once, the most "
+                              f"this machine holds ({capped.reason})[/]")
+        self.executor = make_executor(self.jobs, self.preload)
+        if self.jobs > 1:
+            for _ in range(self.jobs):
                 self._pool_submit(warm_up, self.opt.tracking_uri)
 
     def _check_fingerprint(self) -> None:
@@ -100,6 +113,58 @@ class Launcher(TrialQueue, TrialExecutor):
             f"sweep {self.sweep.name!r} already exists in {redact(self.opt.storage_url)} with a different "
             f"configuration ({'; '.join(changes[:8])}). Resuming would mix two experiments: give the spec a new "
             f"name, or undo the change.")
+
+    def _refuse_lost_study(self) -> None:
+        """A study that is gone while the MLflow experiment holds the sweep's trial runs (an
+        emptied or replaced Optuna store) is refused: running it anew would record every trial
+        a second time into the same parent run."""
+        if self.sweep.name in optuna.get_all_study_names(self.storage):
+            return
+        existing = self.client.get_experiment_by_name(self.sweep.name)
+        if existing is None:
+            return
+        runs = [r for r in self.client.search_runs([existing.experiment_id], max_results=100,
+                                                   filter_string="tags.`syncbench.role` = 'trial'")
+                if r.data.tags.get("syncbench.sweep") == self.sweep.name]
+        if runs:
+            raise ConfigError(
+                f"sweep {self.sweep.name!r}: the Optuna study is missing from {redact(self.opt.storage_url)}, but the "
+                f"MLflow experiment {self.sweep.name!r} in {redact_uri(self.opt.tracking_uri)} holds its trial runs: "
+                f"the two stores disagree, and running it anew would record every trial twice. Restore the study "
+                f"store from a backup, or start fresh: give the spec a new name, or delete the experiment "
+                f"(mlflow experiments delete, then mlflow gc) and run again")
+
+    def _rerun_lost_runs(self) -> None:
+        """Each finished trial is checked against its MLflow run (``mlflow_run_id``): a trial whose
+        run is gone (an emptied or replaced tracking store, a deleted run) is run again, with a
+        warning; its retry replaces it in the counts, as a stale trial's retry does."""
+        present = self._run_ids()
+        for study in self._studies():
+            trials = study.get_trials(deepcopy=False)
+            replaced = replaced_trials(trials)
+            lost = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                    and t.number not in replaced and t.user_attrs.get("mlflow_run_id")
+                    and t.user_attrs["mlflow_run_id"] not in present]
+            for trial in lost:
+                frozen = copy.deepcopy(trial)
+                frozen.user_attrs = {k: v for k, v in frozen.user_attrs.items() if k not in RESULT_ATTRS}
+                self.stale.retry(study, frozen)
+            if lost:
+                self.display.warn(
+                    f"[yellow]{len(lost)} finished trial(s) of study {study.study_name!r} have no run in "
+                    f"{redact_uri(self.opt.tracking_uri)} (emptied or replaced tracking store, or deleted runs): "
+                    f"they run again[/]")
+
+    def _run_ids(self) -> set[str]:
+        """The ids of the sweep experiment's active runs."""
+        ids: set[str] = set()
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=10_000, page_token=token)
+            ids.update(r.info.run_id for r in page)
+            token = page.token
+            if not token:
+                return ids
 
     def _experiment(self) -> str:
         existing = self.client.get_experiment_by_name(self.sweep.name)
@@ -160,7 +225,7 @@ class Launcher(TrialQueue, TrialExecutor):
             self.client.log_batch(self.parent_run_id, metrics=[
                 Metric("trials_complete", counts.done, now, 0), Metric("trials_failed", counts.failed, now, 0)])
             self.client.set_terminated(self.parent_run_id, "FAILED" if counts.failed else "FINISHED")
-        link = ui_link(self.opt.tracking_uri, self.parent_run_id, self.experiment_id)
+        link = sweep_link(self.opt.tracking_uri, self.experiment_id, self.parent_run_id)  # the evaluation runs
         where = (f"MLflow: experiment {self.sweep.name!r}, parent run {self.parent_run_id} in "
                  f"{redact_uri(self.opt.tracking_uri)}; view it: {link}\n"
                  f"Optuna: study {self.sweep.name!r} in {redact(self.opt.storage_url)}")

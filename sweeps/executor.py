@@ -14,12 +14,14 @@ from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, ProcessP
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from syncbench.analysis.ui import EVAL_RUN_TYPE, save_eval_view
 from syncbench.experiments import signals
 from syncbench.experiments.config import ConfigError, apply_overrides, validate_config
 from syncbench.experiments.sim.calibration import STEP_SAMPLES_TAG, step_samples_tag
 from syncbench.experiments.workspace import is_disk_full
+from syncbench.sweeps.progress import cell_label, run_name
 from syncbench.sweeps.storage import Heartbeat
-from syncbench.sweeps.trial_queue import Claim, Idle, mark_runs
+from syncbench.sweeps.trial_queue import OBJECTIVE_NAME, Claim, Idle, mark_runs
 from syncbench.sweeps.trials import (
     TrialJob,
     TrialReport,
@@ -43,6 +45,10 @@ class TrialExecutor:
         tags = {"syncbench.sweep": self.sweep.name, "syncbench.role": "trial", "syncbench.cell": claim.cell.id,
                 "syncbench.seed": str(claim.seed), "syncbench.phase": claim.phase,
                 "syncbench.optuna_trial": claim.ref, **claim.extra_tags}
+        if claim.phase == "eval":
+            # MLflow 3.17's runs page unfolds the parent of runs of this type, so the link that
+            # `syncbench ui` prints lists the evaluation runs open under the sweep's parent run
+            tags[EVAL_RUN_TYPE[0]] = EVAL_RUN_TYPE[1]
         if claim.cell.id in self.step_s:
             raw = apply_overrides(raw, {"cluster.compute.step_s": self.step_s[claim.cell.id]})
             tags["syncbench.step_s_source"] = "sweep"
@@ -50,8 +56,7 @@ class TrialExecutor:
         if claim.cell.id in self.codec_s:
             raw = apply_overrides(raw, {"cluster.compute.codec_s_per_mb": self.codec_s[claim.cell.id]})
         config = validate_config(raw, claim.ref)  # fail here, not in a worker, when a tuned value is invalid
-        run_name = (f"{claim.cell.label} seed={claim.seed}" if claim.phase == "eval"
-                    else f"tune {claim.cell.label} #{claim.trial.number}")
+        name = run_name(claim.cell, claim.phase, claim.seed, claim.trial.number)
         tune = None
         if claim.phase == "tune":
             spec = self.sweep.tune
@@ -59,7 +64,7 @@ class TrialExecutor:
                                trial_id=claim.trial._trial_id, pruner=spec.pruner, metric=config.target.metric,
                                mode=config.target.mode, every_s=config.eval.every_s, race_best_s=claim.race_best_s,
                                race_margin=spec.race_margin, n_trials=spec.n_trials)
-        return TrialJob(config=raw, tags=tags, run_name=run_name, experiment=self.sweep.name,
+        return TrialJob(config=raw, tags=tags, run_name=name, experiment=self.sweep.name,
                         parent_run_id=self.parent_run_id, tracking_uri=self.opt.tracking_uri,
                         workspace=str(self.opt.workspace), tune=tune)
 
@@ -69,6 +74,7 @@ class TrialExecutor:
         the disk filled): trials in flight record their runs KILLED, are failed in Optuna and
         re-enqueued, so a rerun retries them at once."""
         inflight: dict[Future, Claim] = {}
+        self._label_views()
         try:
             with self.display:
                 self.display.update(self.counts())
@@ -76,11 +82,15 @@ class TrialExecutor:
         except (signals.Interrupted, KeyboardInterrupt) as exc:
             signum = getattr(exc, "signum", int(signal.SIGINT))
             name = signals.signal_name(signum)
-            self.display.err.print(f"[red]stopped by {name}[/]: stopping the trials in flight ...", highlight=False)
+            stopped = len(inflight)  # what the last line may claim: none may have started yet
+            if stopped:
+                self.display.err.print(f"[red]stopped by {name}[/]: stopping the trials in flight ...",
+                                       highlight=False)
             self._stop(inflight, signum)
-            self.display.err.print(f"[red]stopped by {name}[/]: trials in flight were failed and their runs "
-                                   f"recorded KILLED; rerun the same command to resume (they are retried at once)",
-                                   highlight=False)
+            what = (f"{stopped} trial(s) in flight were failed and their runs recorded KILLED; rerun the same "
+                    f"command to resume (they are retried at once)" if stopped else
+                    "no trial had started; rerun the same command to resume")
+            self.display.err.print(f"[red]stopped by {name}[/]: {what}", highlight=False)
             return signum
         except Exception as exc:  # noqa: BLE001 - the disk filled under the launcher's own writes
             if not is_disk_full(exc):
@@ -90,12 +100,23 @@ class TrialExecutor:
         self.executor.shutdown(wait=True)
         return None
 
+    def _label_views(self) -> None:
+        """What the MLflow UI and optuna-dashboard need to show the sweep at a glance: the
+        experiment's evaluation-runs view (columns tta_s, outcome, the cell, the seed) and the
+        objective's name. Best effort: the sweep runs without them (a note says why)."""
+        try:
+            save_eval_view(self.client, self.experiment_id, list(self.sweep.spec.grid))
+            if self.study.metric_names != [OBJECTIVE_NAME]:
+                self.study.set_metric_names([OBJECTIVE_NAME])
+        except Exception as exc:  # noqa: BLE001 - e.g. a tracking server that refuses experiment tags
+            self.display.note(f"[yellow]could not label the sweep for the UIs ({type(exc).__name__}: {exc})[/]")
+
     def _loop(self, inflight: dict[Future, Claim]) -> None:
         waiting_noted = False
         while True:
             signals.check()
             idle: Idle | None = None
-            while len(inflight) < self.opt.jobs and not self.disk_full:
+            while len(inflight) < self.jobs and not self.disk_full:
                 claim = self.claim()
                 if isinstance(claim, Idle):
                     idle = claim
@@ -177,7 +198,7 @@ class TrialExecutor:
             try:
                 future = self._pool_submit(run_trial_job, job)  # --jobs 1: runs the trial now
             except BrokenExecutor:
-                self.executor = make_executor(self.opt.jobs, self.preload)
+                self.executor = make_executor(self.jobs, self.preload)
                 future = self._pool_submit(run_trial_job, job)
             except (KeyboardInterrupt, signals.Interrupted) as exc:
                 self._abandon(claim, f"stopped by {signals.signal_name(getattr(exc, 'signum', signal.SIGINT))}")
@@ -193,7 +214,7 @@ class TrialExecutor:
                 report = TrialReport(outcome="failed", error=f"worker process died: {exc}")
                 mark_runs(self.client, self.experiment_id, claim.ref, "FAILED", report.error)
                 self.executor.shutdown(wait=False, cancel_futures=True)
-                self.executor = make_executor(self.opt.jobs, self.preload)
+                self.executor = make_executor(self.jobs, self.preload)
             except Exception as exc:  # noqa: BLE001 - e.g. a KeyboardInterrupt result from a worker
                 report = TrialReport(outcome="failed", error=f"{type(exc).__name__}: {exc}")
             self._tell(claim, report)
@@ -236,7 +257,7 @@ class TrialExecutor:
         self.trials_wall_s += report.wall_s
         counts = self.counts()
         self.display.update(counts)
-        self.display.trial_line(counts, claim.phase, claim.cell.label, claim.seed if claim.phase == "eval" else None,
+        self.display.trial_line(counts, claim.phase, cell_label(claim.cell), claim.seed if claim.phase == "eval" else None,
                                 report.outcome, report.tta_s, report.wall_s or time.perf_counter() - claim.started,
                                 report.error)
 
@@ -261,8 +282,10 @@ class TrialExecutor:
         self.trials_wall_s += report.wall_s
         counts = self.counts()
         self.display.update(counts)
-        self.display.trial_line(counts, claim.phase, claim.cell.label, claim.seed if claim.phase == "eval" else None,
-                                report.outcome, None, report.wall_s or time.perf_counter() - claim.started, reason)
+        self.display.trial_line(counts, claim.phase, cell_label(claim.cell), claim.seed if claim.phase == "eval" else None,
+                                # not "failed": it is re-enqueued, so the counts do not call it failed either
+                                "stopped, retried on resume", None, report.wall_s or time.perf_counter() - claim.started,
+                                reason)
 
     def _abandon(self, claim: Claim, reason: str) -> None:
         """Fail a trial we cannot finish; its MLflow run must not stay RUNNING."""

@@ -50,10 +50,18 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.spec, args.set, getattr(args, "profile_set", None))
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: must be at least 1")
+    executor = getattr(args, "executor", "local")
+    if getattr(args, "slurm", None) and executor != "slurm":
+        raise ConfigError(f"--slurm {args.slurm[0]}: SLURM settings need --executor slurm")
     progress = not getattr(args, "no_progress", False)
     options = LaunchOptions.from_env(check_workspace(args.workspace), args.storage, args.tracking_uri,
                                      jobs=args.jobs, bar=progress, lines=progress)
-    result = run_sweep(sweep, options)
+    if executor == "slurm":  # launcher jobs on SLURM, followed from here (docs/scaling-out.md)
+        from syncbench.sweeps.slurm import slurm_launch
+
+        result = slurm_launch(args, sweep, options)
+    else:
+        result = run_sweep(sweep, options)
     if result.interrupted and result.signum:
         raise signals.Interrupted(result.signum)  # the command's last word and exit code (syncbench.sweeps.cli.main)
     if result.disk_full:  # one plain paragraph, after the table

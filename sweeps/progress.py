@@ -12,6 +12,37 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeRemainingColumn)
 from rich.table import Table
 
+from syncbench.analysis.reader import short_key
+
+# grid keys named by the label's head (``sync, N=8``) rather than as ``key=value``
+HEAD_KEYS = ("strategy.name", "cluster.workers")
+
+
+def cell_label(cell: Any) -> str:
+    """How a cell is named on screen and in the report: ``sync, N=8``, then the grid's other
+    keys (``local_sgd, N=8, local_steps=16``). ``cell`` is a ``syncbench.sweeps.spec.Cell``."""
+    return ", ".join(_label_parts(cell))
+
+
+def run_name(cell: Any, phase: str, seed: int, number: int) -> str:
+    """An MLflow run's name, short enough to show whole in the runs table: ``sync N=8 s3``
+    for an evaluation run, ``tune sync N=8 #4`` for tuning trial 4."""
+    head = " ".join(_label_parts(cell))
+    return f"{head} s{seed}" if phase == "eval" else f"tune {head} #{number}"
+
+
+def _label_parts(cell: Any) -> list[str]:
+    others = [f"{short_key(k)}={_value(v)}" for k, v in cell.assignment.items() if k not in HEAD_KEYS]
+    return [str(cell.config.strategy.name), f"N={cell.config.cluster.workers}", *others]
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):  # e.g. stragglers {kind: lognormal, sigma: 0.3}
+        return "/".join(_value(v) for v in value.values())
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
 
 @dataclass
 class Counts:
@@ -92,7 +123,7 @@ class SweepDisplay:
     def trial_line(self, counts: Counts, phase: str, label: str, seed: int | None, outcome: str,
                    tta_s: float | None, wall_s: float, error: str | None = None) -> None:
         colour = {"reached": "green", "budget": "yellow", "diverged": "magenta", "pruned": "cyan"}.get(outcome, "red")
-        what = f"{phase} {label}" + (f" seed={seed}" if seed is not None else "")
+        what = f"{phase} {label}" + (f", seed {seed}" if seed is not None else "")
         tta = f" tta {tta_s:.3g} s" if tta_s is not None else ""
         why = f" — {error}" if error else ""
         self.note(f"[{counts.finished}/{counts.total}] {what}: [{colour}]{outcome}[/]{tta} (wall {wall_s:.1f} s){why}")

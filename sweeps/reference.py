@@ -222,10 +222,15 @@ def markdown() -> str:
 
 Every key of a run config and of a sweep spec, with its type, default and meaning.
 Keys are dotted paths: write them nested in YAML, or flat with `--set KEY=VALUE`
-(`--set cluster.workers=8 --set strategy.local_steps=16`). Unknown keys and wrong types
-are refused with exit code 2, naming the key. `syncbench config --schema run` prints the
-JSON Schema (for editors); `syncbench config CONFIG.yaml` prints a config with every
-default filled in.
+(`--set cluster.workers=8 --set strategy.name=local_sgd --set strategy.local_steps=16`). Unknown
+keys and wrong types are refused with exit code 2, naming the key. So is a `strategy.` option
+the chosen strategy does not read, set to anything but its default (`strategy.compression=fp16`
+with `strategy.name=async`: the message names the strategies that read it); a run records only
+the options its strategy reads. In a sweep whose grid varies `strategy.name`, each cell keeps
+only its strategy's options (and `tune.params` on such an option tune only those cells).
+`budget.train_time_s` and `target.value` must be finite. `syncbench config --schema run`
+prints the JSON Schema (for editors); `syncbench config CONFIG.yaml` prints a config with
+every default filled in and only its strategy's options.
 
 ## Run config
 

@@ -14,6 +14,7 @@ grid:                                    # every combination is a cell
   cluster.workers: [1, 2, 4, 8]
 seeds: [0, 1, 2]                         # each cell is run once per seed
 analysis: {memory_limit_bytes: 8000000}   # optional: claim (d) with the memory saved spent on a larger batch
+slurm: {partition: cpu, time_min: 120}    # optional: for --executor slurm (docs/scaling-out.md)
 tune:                                    # optional: tune each cell, then run seeds with the best
   n_trials: 8
   seed: 0                                # TPE sampler seed (mixed with the cell id)
@@ -49,7 +50,9 @@ from syncbench.experiments.config import (
     parse_override,
     read_yaml,
     validate_config,
+    without_unread_options,
 )
+from syncbench.sweeps.slurm_spec import SlurmSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The shipped examples, found inside the installed package (a wheel's as a clone's):
@@ -158,6 +161,9 @@ class SweepSpec(_Strict):
     tune: TuneSpec | None = Field(default=None, description="Tune each cell first (TPE), then run its seeds "
                                   "with the best values")
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="Settings of the report's analysis")
+    slurm: SlurmSpec | None = Field(default=None, description="Where the sweep's jobs run with `--executor slurm` "
+                                    "(docs/scaling-out.md); `--slurm KEY=VALUE` overrides a key; ignored by "
+                                    "--executor local")
 
     @field_validator("grid")
     @classmethod
@@ -351,6 +357,16 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None,
     return sweep
 
 
+def base_config_dir(spec_path: str | Path) -> Path | None:
+    """The folder of a spec's base config (its ``task.module`` may sit there, as the docs say),
+    or None when the spec or its base does not resolve (``load_sweep`` then says why)."""
+    try:
+        raw = read_yaml(spec_path)
+        return _resolve_base(str(raw["base"]), Path(spec_path)).resolve().parent
+    except (ConfigError, KeyError, TypeError, OSError):
+        return None
+
+
 def _resolve_base(base: str, spec_path: Path) -> Path:
     """`base` as written (relative to the current directory), else next to the spec, else the
     name of a shipped config (``digits_mlp``); a path inside the installed package
@@ -384,6 +400,18 @@ def _check_key_overlaps(spec: SweepSpec, path: Path) -> None:
             raise ConfigError(f"sweep spec {path}: {sa}.{a} and {sb}.{b} set the same config key")
 
 
+def _varies_strategy(spec: SweepSpec) -> bool:
+    """Whether the grid varies the strategy: then each cell keeps only its strategy's options
+    (elsewhere an option the strategy does not read is refused, naming the key)."""
+    return any(_under("strategy.name", k) for k in spec.grid)
+
+
+def _reads(config: RunConfig, key: str) -> bool:
+    """Whether ``config``'s strategy reads the dotted ``key`` (any key outside ``strategy:`` is read)."""
+    parts = key.split(".")
+    return parts[0] != "strategy" or len(parts) < 2 or parts[1] in config.strategy.used_keys()
+
+
 def _expand_cells(spec: SweepSpec, base_raw: dict[str, Any], path: Path) -> list[Cell]:
     keys = list(spec.grid)
     cells = []
@@ -391,6 +419,8 @@ def _expand_cells(spec: SweepSpec, base_raw: dict[str, Any], path: Path) -> list
         assignment = dict(zip(keys, values))
         cid = cell_id(assignment)
         raw = apply_overrides(base_raw, assignment)
+        if _varies_strategy(spec):
+            raw = without_unread_options(raw)
         try:
             config = validate_config(raw, f"{spec.base} in grid cell {cid}")
         except ConfigError as exc:
@@ -403,12 +433,15 @@ def _check_tune(tune: TuneSpec, cells: list[Cell], path: Path) -> dict[str, dict
     """Each param's `when` keys exist and match some cell; each sample value validates."""
     flats = {cell.id: cell.config.flat() for cell in cells}
     active: dict[str, dict[str, ParamSpec]] = {cell.id: {} for cell in cells}
+    varies = any(_under("strategy.name", k) for k in cells[0].assignment)
     for key, param in tune.params.items():
         where = f"sweep spec {path}: tune.params.{key}"
         for cond_key in param.when:
-            if not any(_under(k, cond_key) for k in flats[cells[0].id]):
+            if not any(_under(k, cond_key) for flat in flats.values() for k in flat):
                 raise ConfigError(f"{where}.when: {cond_key!r} is not a config key")
         matching = [cell for cell in cells if param.applies_to(flats[cell.id])]
+        if varies:  # a strategy option is tuned only in the cells whose strategy reads it
+            matching = [cell for cell in matching if _reads(cell.config, key)] or matching
         if not matching:
             raise ConfigError(f"{where}.when: {param.when} matches no grid cell")
         for cell in matching:

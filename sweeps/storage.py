@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from syncbench.experiments.config import ConfigError
-from syncbench.experiments.workspace import corrupt_store_message, is_corrupt_store
+from syncbench.experiments.workspace import check_not_locked, corrupt_store_message, is_corrupt_store
 
 # SQLAlchemy and Optuna are imported by the functions that open a store: `syncbench sweep`
 # imports this module before it validates the spec (CLI start-up time); psycopg is optional
@@ -173,6 +173,7 @@ def open_storage(url: str, *, heartbeat_s: int, grace_s: int,
 
     engine_kwargs: dict[str, Any] = {}
     if is_sqlite(url):
+        check_not_locked(sqlite_path(url), "--storage")
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True  # survive a server restart between trials

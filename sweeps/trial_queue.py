@@ -17,14 +17,19 @@ from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
-from syncbench.sweeps.progress import CellSummary, Counts
-from syncbench.sweeps.spec import Cell, ParamSpec
+from syncbench.sweeps.progress import CellSummary, Counts, cell_label
+from syncbench.sweeps.spec import Cell, ParamSpec, format_value
 from syncbench.sweeps.storage import Heartbeat
 
 # a cell x seed (or tuning trial) whose trials keep killing their launcher is retried this often
 # in all, across launches; then it is given up (counted in the study's user attribute below)
 MAX_STALE_RETRIES = 3
+# a trial's result attributes (``syncbench.sweeps.trials.report_attrs``): a retry starts without them
+RESULT_ATTRS = ("outcome", "tta_s", "mlflow_run_id", "wall_s", "error")
 STALE_COUNT_ATTR = "syncbench.stale_failures"  # {"<cell>|<seed or phase>": launchers it killed}
+OBJECTIVE_NAME = "tta_s"  # every study's one objective (penalised when censored: docs/metrics.md)
+# Optuna parameter names of an evaluation trial's cell (the grid's other keys keep their dotted names)
+CELL_PARAM_NAMES = {"strategy.name": "strategy", "cluster.workers": "workers"}
 
 
 class Idle(Enum):
@@ -136,8 +141,11 @@ class TrialQueue:
         seed = (tune.seed * 1_000_003 + zlib.crc32(cell.id.encode()) + existing) % 2**32
         sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True,
                                              n_startup_trials=max(1, min(10, tune.n_trials // 2)))
-        return optuna.create_study(study_name=name, storage=self.storage, sampler=sampler,
-                                   direction="minimize", load_if_exists=True)
+        study = optuna.create_study(study_name=name, storage=self.storage, sampler=sampler,
+                                    direction="minimize", load_if_exists=True)
+        if study.metric_names != [OBJECTIVE_NAME]:
+            study.set_metric_names([OBJECTIVE_NAME])  # the dashboard's axis reads "tta_s", not "Objective 0"
+        return study
 
     def _studies(self) -> list[Any]:
         return [self.study, *self.tune_studies.values()]
@@ -155,9 +163,10 @@ class TrialQueue:
         gradients, so its wall time grows with ``cluster.workers``, and with ``--jobs K``
         starting the longest trials first keeps one long trial from running alone at the
         end (longest-processing-time-first). Then seed-major, in grid order."""
-        live = {(t.user_attrs.get("cell"), t.user_attrs.get("seed"))
-                for t in self.study.get_trials(deepcopy=False,
-                                               states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))}
+        trials = self.study.get_trials(deepcopy=False)
+        replaced = replaced_trials(trials)  # e.g. a finished trial whose MLflow run is gone: its retry waits
+        live = {(t.user_attrs.get("cell"), t.user_attrs.get("seed")) for t in trials if t.number not in replaced
+                and t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
         order = sorted(((cell, seed) for seed in self.sweep.seeds for cell in cells),
                        key=lambda item: -item[0].config.cluster.workers)  # stable: seed-major, grid order
         abandoned = given_up(self.study)
@@ -171,7 +180,8 @@ class TrialQueue:
             attrs = {"cell": cell.id, "seed": seed, "phase": "eval", "overrides": overrides.get(cell.id, {})}
             if tuned_from and cell.id in tuned_from:
                 attrs["tuned_from"] = tuned_from[cell.id]
-            self.study.enqueue_trial({}, user_attrs=attrs)
+            params = {name: value for name, value, _ in cell_params(self.sweep, cell, seed)}
+            self.study.enqueue_trial(params, user_attrs=attrs)
 
     def claim(self) -> Claim | Idle:
         """The next trial for this launcher, or why there is none."""
@@ -195,6 +205,7 @@ class TrialQueue:
                 trial.set_user_attr("error", "cell × seed not in the current spec")
                 self.study.tell(trial, state=TrialState.FAIL)
                 continue
+            _suggest_cell(self.study, trial, self.sweep, cell, attrs["seed"])
             tags = {"syncbench.tuned_from": attrs["tuned_from"]} if "tuned_from" in attrs else {}
             return Claim(self.study, trial, "eval", cell, attrs["seed"], dict(attrs.get("overrides") or {}), tags)
         return None
@@ -245,7 +256,7 @@ class TrialQueue:
         items = {(cell.id, seed) for cell in self.sweep.cells for seed in self.sweep.seeds}
         per_item: dict[tuple[str, int], list] = {}
         trials = self.study.get_trials(deepcopy=False)
-        replaced = _replaced(trials)
+        replaced = replaced_trials(trials)
         for t in trials:
             key = (t.user_attrs.get("cell"), t.user_attrs.get("seed"))
             if key in items:
@@ -274,7 +285,7 @@ class TrialQueue:
         latest: dict[tuple[str, int], Any] = {}
         failed: set[tuple[str, int]] = set()
         trials = self.study.get_trials(deepcopy=False)
-        replaced = _replaced(trials)  # stale or stopped trials whose retry is queued or done
+        replaced = replaced_trials(trials)  # stale or stopped trials whose retry is queued or done
         for t in trials:
             if t.number in replaced or t.state not in (TrialState.COMPLETE, TrialState.FAIL):
                 continue
@@ -285,7 +296,7 @@ class TrialQueue:
                 failed.add(key)
         rows = []
         for cell in self.sweep.cells:
-            row = CellSummary(cell.label, len(self.sweep.seeds))
+            row = CellSummary(cell_label(cell), len(self.sweep.seeds))
             for seed in self.sweep.seeds:
                 t = latest.get((cell.id, seed))
                 if t is None:
@@ -303,6 +314,61 @@ class TrialQueue:
         return rows
 
 
+def cell_params(sweep, cell: Cell, seed: int) -> list[tuple[str, Any, list[Any]]]:
+    """An evaluation trial's cell and seed as Optuna parameters: (name, value, the grid's values
+    for that key). Values Optuna cannot store (a dict, a list) are given as their compact JSON."""
+    grid = sweep.spec.grid
+    values = {"strategy.name": cell.config.strategy.name, "cluster.workers": cell.config.cluster.workers,
+              **cell.assignment}
+    out = []
+    for key, value in values.items():
+        choices = list(grid.get(key, [value]))
+        out.append((CELL_PARAM_NAMES.get(key, key), _choice(value), [_choice(c) for c in choices]))
+    out.append(("seed", seed, list(sweep.seeds)))
+    return out
+
+
+def _choice(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return format_value(value)
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _suggest_cell(study, trial, sweep, cell: Cell, seed: int) -> None:
+    """Record the cell's parameters on a claimed evaluation trial, so that optuna-dashboard
+    can slice and rank by them. Numbers (workers, seed, numeric grid keys) are int/float
+    parameters, whose range may grow when a resumed sweep adds values; anything else is
+    categorical over the grid's values, and Optuna's storage fixes a categorical's choices
+    study-wide at first use, so a value added to the grid later is left out of the trial's
+    parameters (it stays in the ``cell`` user attribute). The values are the ones enqueued
+    with the trial; a retry keeps the ones recorded before; a trial enqueued without them (by
+    an older launcher) is left without, rather than let the sampler draw a wrong cell."""
+    fixed = trial.storage.get_trial(trial._trial_id).system_attrs.get("fixed_params") or {}
+    recorded = trial.params
+    known: dict[str, Any] = {}
+    for t in study.get_trials(deepcopy=False):
+        for name, dist in t.distributions.items():
+            known.setdefault(name, dist)
+    for name, value, choices in cell_params(sweep, cell, seed):
+        if name in recorded or fixed.get(name) != value:
+            continue
+        if _numeric(value) and all(_numeric(c) for c in choices):
+            if all(isinstance(c, int) for c in choices):
+                trial.suggest_int(name, min(choices), max(choices))
+            else:
+                trial.suggest_float(name, float(min(choices)), float(max(choices)))
+            continue
+        earlier = getattr(known.get(name), "choices", None)
+        if earlier is not None:
+            choices = list(earlier)
+        if value in choices:
+            trial.suggest_categorical(name, choices)
+
+
 def _suggest(trial, key: str, param: ParamSpec) -> Any:
     if param.choices is not None:
         return trial.suggest_categorical(key, param.choices)
@@ -318,7 +384,7 @@ def _best_tta(trials: list) -> float | None:
     return min(ttas) if ttas else None
 
 
-def _replaced(trials: list) -> set[int]:
+def replaced_trials(trials: list) -> set[int]:
     """Numbers of stale trials that a retry replaced (RetryHeartbeatStaleTrialCallback keeps
     them in the retry's ``retry_history``)."""
     return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
@@ -327,7 +393,7 @@ def _replaced(trials: list) -> set[int]:
 def _tally(trials: list) -> dict[str, int]:
     """Trials by state, and ``consumed``: all but the stale ones a retry replaced (an
     exception-FAILed tuning trial uses up one of ``n_trials``; a killed one does not)."""
-    replaced = _replaced(trials)
+    replaced = replaced_trials(trials)
     tally = {"COMPLETE": 0, "RUNNING": 0, "WAITING": 0, "FAIL": 0, "PRUNED": 0, "consumed": 0}
     for t in trials:
         if t.number in replaced:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from syncbench.experiments import signals
+from syncbench.experiments.messages import describe
 from syncbench.experiments.workspace import is_disk_full
 
 # Optuna, the config (and the stores' module, which imports it), the run and MLflow are
@@ -96,14 +97,17 @@ def run_trial_job(job: TrialJob) -> TrialReport:
     if one was created, is already marked FAILED by ``execute_run``)."""
     from syncbench.experiments.config import validate_config  # after the handlers: see the imports
     from syncbench.experiments.run import execute_run
+    from syncbench.sweeps.slurm_dist import execute_dist_job, runs_dist_as_jobs
 
     try:
         with signals.armed_section():  # a signal stops the run where it is; it records itself KILLED
             config = validate_config(job.config, job.run_name)
             hook = TuneHook(job.tune) if job.tune is not None and config.cluster.backend == "sim" else None
-            result = execute_run(config, workspace=job.workspace, tracking_uri=job.tracking_uri,
-                                 experiment=job.experiment, tags=job.tags, parent_run_id=job.parent_run_id,
-                                 run_name=job.run_name, progress=False, on_evaluation=hook)
+            # --executor slurm: a dist trial is a SLURM job of its own, one task per rank
+            run = execute_dist_job if runs_dist_as_jobs(config.cluster.backend) else execute_run
+            result = run(config, workspace=job.workspace, tracking_uri=job.tracking_uri,
+                         experiment=job.experiment, tags=job.tags, parent_run_id=job.parent_run_id,
+                         run_name=job.run_name, progress=False, on_evaluation=hook)
     except signals.Interrupted as exc:  # the launcher fails the trial and re-enqueues it
         return TrialReport(outcome="killed", run_id=getattr(exc, "run_id", None), error=f"stopped by {exc.name}",
                            extra={"signal": exc.signum})
@@ -112,7 +116,7 @@ def run_trial_job(job: TrialJob) -> TrialReport:
         extra: dict[str, Any] = {"traceback": tb}
         if is_disk_full(exc):
             extra["disk_full"] = True  # the launcher stops the sweep
-        return TrialReport(outcome="failed", error=f"{type(exc).__name__}: {exc}", extra=extra)
+        return TrialReport(outcome="failed", error=describe(exc), extra=extra)
     return TrialReport(outcome=result.outcome, run_id=result.run_id, tta_s=result.tta_s, wall_s=result.wall_s,
                        mlflow_log_s=result.mlflow_log_s, init_s=result.init_s,
                        extra={"best_val": result.best_val, "samples_to_target": result.samples_to_target})

@@ -263,6 +263,16 @@ def test_calibrate_on_two_processes_writes_a_plausible_profile(tmp_path):
     assert config.cluster.network.server_latency_s >= meta["point_to_point_fit"]["latency_s"] * (1 - 1e-5)
     assert config.cluster.network.server_bandwidth_gbps == pytest.approx(meta["point_to_point_fit"]["bandwidth_gbps"],
                                                                          rel=1e-5)
+    # issue 24: the check on the user path, printed and recorded; the machine's load recorded
+    for strategy in ("sync", "async"):
+        assert f"check {strategy}: clock per update predicted (sim)" in proc.stderr
+        row = meta["check"]["by_strategy"][strategy]
+        assert row["ratio"] == pytest.approx(row["predicted_s"] / row["measured_s"])
+    assert meta["machine"]["cores"] == os.cpu_count() and len(meta["machine"]["loads_after_passes"]) == 2
+    assert ("WARNING: " in proc.stderr) == meta["machine"]["busy"]
+    # every codec timed, none pinned for an uncompressed config
+    assert set(meta["codec_s_per_mb"]["by_codec"]) == {"fp16", "bf16", "int8", "topk", "powersgd"}
+    assert config.cluster.compute.codec_s_per_mb is None
 
 
 @pytest.mark.heavy
@@ -282,3 +292,68 @@ def test_run_with_profile_records_it_and_set_overrides_it(workspace, tmp_path):
     assert float(params["cluster.network.bandwidth_gbps"]) == 7.0  # --set wins over the profile
     assert tags["syncbench.profile"] == str(profile)
     assert tags["syncbench.step_s_source"] == "pinned"
+
+
+# ------------------------------------------------------------------ the check at the end (issue 24)
+def test_busy_machine_is_reported_with_its_numbers():
+    """The load from other processes (before the measurement, and after each pass less the N
+    calibration processes) against the free cores; passes more than 20% apart."""
+    from syncbench.experiments.procs.calibrate_check import busy_report
+
+    quiet = busy_report(0.2, [2.3, 2.1], cores=4, workers=2, passes={"compute step": [1.00e-3, 1.05e-3]})
+    assert not quiet["busy"] and quiet["warnings"] == [] and quiet["free_cores"] == 2
+    assert quiet["load_from_others_max"] == pytest.approx(0.3)  # 2.3 - the 2 calibration processes
+    assert quiet["pass_spread"]["compute step"] == pytest.approx(0.05)
+    busy = busy_report(1.8, [3.9], cores=2, workers=2, passes={"sync clock per update": [4.0e-3, 5.2e-3]})
+    assert busy["busy"] and len(busy["warnings"]) == 2
+    load, spread = busy["warnings"]
+    assert "load average of 1.90" in load and "on 2 cores, 0 of them free" in load  # 3.9 - 2 > 1.8
+    assert "4.000-5.200 ms over 2 passes (30% apart, limit 20%)" in spread
+    assert busy_report(None, [None], cores=2, workers=2, passes={"x": [1.0]})["busy"] is False  # no load, one pass
+
+
+@pytest.mark.heavy
+def test_calibrate_check_prints_and_records_predicted_over_measured(tmp_path, monkeypatch):
+    """The check on a hand-written profile (N = 2, digits): one dist and one sim run per fitted
+    strategy, printed and recorded in the profile's metadata, which still loads as a profile.
+    The sim side is the profile's own prediction: for sync without stragglers, a step plus a
+    ring all-reduce of the 4,810 fp32 gradients, worked by hand."""
+    from syncbench.experiments.procs.calibrate import profile_yaml
+    from syncbench.experiments.procs.calibrate_check import finish
+
+    monkeypatch.setenv("SYNCBENCH_WORKSPACE", str(tmp_path / "ws"))
+    profile = {"cluster": {"compute": {"step_s": 0.0012},
+                           "network": {"latency_s": 0.0003, "bandwidth_gbps": 3.5, "server_latency_s": 0.0004,
+                                       "server_bandwidth_gbps": 3.5}},
+               META_KEY: {"host": "test", "workers": 2}}
+    said: list[str] = []
+    config = load_config(DIGITS, ["eval.every_s=0.25"])
+    finish(profile, META_KEY, config, 2, 0.1, [2.2], {"compute step": [1e-3]}, 1.0, said.append)
+    check = profile[META_KEY]["check"]["by_strategy"]
+    assert set(check) == {"sync", "async"}
+    for strategy, row in check.items():
+        assert row["predicted_s"] > 0 and row["measured_s"] > 0
+        assert row["ratio"] == pytest.approx(row["predicted_s"] / row["measured_s"])
+        assert any(line.startswith(f"check {strategy}: clock per update predicted (sim) "
+                                   f"{row['predicted_s'] * 1e3:.3f} ms / measured (dist) {row['measured_s'] * 1e3:.3f} ms")
+                   for line in said), said
+    ring = 2 * (2 - 1) * 0.0003 + 2 * (2 - 1) / 2 * 4810 * 4 / (3.5e9 / 8)
+    assert check["sync"]["predicted_s"] == pytest.approx(0.0012 + ring, rel=0.01)  # 1 s / whole updates
+    assert profile[META_KEY]["machine"]["load_before"] == 0.1
+    out = tmp_path / "p.yaml"
+    out.write_text(profile_yaml(profile))
+    assert load_profile(out)["cluster.compute.step_s"] == 0.0012  # metadata stripped
+    assert yaml.safe_load(out.read_text())[META_KEY]["check"]["by_strategy"]["sync"]["ratio"] > 0
+
+
+def test_calibrate_times_every_codec_and_pins_only_the_configs_own():
+    """Every codec is timed for one worker of N on the task's gradients; the profile pins
+    cluster.compute.codec_s_per_mb for the config's own codec only (none: nothing pinned)."""
+    from syncbench.experiments.procs.calibrate_codecs import codec_profile_keys, measure_codecs
+
+    int8 = load_config(DIGITS, ["strategy.compression=int8", "strategy.topk_ratio=0.05"])
+    measured = measure_codecs(int8, 2)
+    assert set(measured) == {"fp16", "bf16", "int8", "topk", "powersgd"} and all(v > 0 for v in measured.values())
+    assert codec_profile_keys(int8, measured) == {"codec_s_per_mb": float(f"{measured['int8']:.6g}")}
+    assert codec_profile_keys(load_config(DIGITS, []), measured) == {}
+    assert codec_profile_keys(load_config(DIGITS, ["strategy.name=async"]), measured) == {}

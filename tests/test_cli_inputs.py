@@ -56,7 +56,8 @@ def test_config_by_name_prints_it_with_its_defaults(tmp_path):
         assert done.returncode == 0, done.stderr
         config = yaml.safe_load(done.stdout)
         assert config["name"] == "digits-mlp" and config["cluster"]["workers"] == 3
-        assert config["strategy"]["local_steps"] == 8  # a default the file does not write
+        assert config["strategy"]["compression"] == "none"  # a default the file does not write
+        assert "local_steps" not in config["strategy"]  # an option sync does not read is not shown
     spec = cli("config", "digits_smoke", cwd=tmp_path)  # a shipped spec, validated with every cell
     assert spec.returncode == 0, spec.stderr
     assert yaml.safe_load(spec.stdout)["base"] == "digits_mlp" and "4 cells, 8 trials" in spec.stdout

@@ -233,7 +233,8 @@ def test_sim_and_dist_agree_under_compression(digits_config, tmp_path, name, cod
     from syncbench.experiments.procs.launcher import execute_dist_run
 
     base = (f"strategy.name={name}", f"strategy.compression={codec}", "strategy.powersgd_rank=2",
-            "strategy.local_steps=4", "cluster.workers=2", "target.value=1.01", "budget.train_time_s=60")
+            "cluster.workers=2", "target.value=1.01", "budget.train_time_s=60",
+            *(["strategy.local_steps=4"] if name == "local_sgd" else []))  # an option sync does not read
     steps = 14
     config = digits_config(*base)
     engine = build_simulation(config, prepare_task(config), step_s=1e-3)
@@ -254,3 +255,71 @@ def test_sim_and_dist_agree_under_compression(digits_config, tmp_path, name, cod
     if name == "sync":  # every curve point: step = updates = exchanges
         assert all(p.value == per * p.step for p in points)
     assert engine.ledger.comm_bytes == per * (steps if name == "sync" else steps // 4)
+
+
+# ------------------------------------------------------------------------------------------
+# codec compute charged per worker (issue 24 item 2)
+# ------------------------------------------------------------------------------------------
+class _SleepyGather(compression.Codec):
+    """An all-gather codec whose encode takes ENCODE_S and each decoded payload DECODE_S
+    (sleeps: a lower bound the machine's load can only lengthen, never shorten)."""
+
+    name = "sleepy"
+    ENCODE_S, DECODE_S = 0.02, 0.01
+
+    def exchange(self, x, world):
+        import time
+
+        time.sleep(self.ENCODE_S)
+        gathered = yield compression.AllGather(x.clone())
+        total = torch.zeros_like(x)
+        for w in gathered:
+            time.sleep(self.DECODE_S)
+            total += w
+        return total / world
+
+
+def test_one_worker_of_n_decodes_n_payloads_and_returns_the_mean():
+    """One worker of an N-worker all-gather exchange sees N payloads (equal ones: the decode's
+    cost does not depend on the values), so its result is its own decoded payload; an
+    all-reduce resumes with N x its tensor. int8's result is numpy's quantiser's round trip."""
+    x = torch.randn(350, generator=torch.Generator().manual_seed(5))
+    sizes = [300, 50]
+    for world in (1, 3, 8):
+        got = compression.one_worker_exchange(Int8Codec([torch.Size([s]) for s in sizes]).exchange(x.clone(), world),
+                                              world)
+        parts = np.split(x.numpy().astype(np.float64), [300])
+        ref = np.concatenate([np.clip(np.round(p / (np.abs(p).max() / 127)), -127, 127) * (np.abs(p).max() / 127)
+                              for p in parts])
+        np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-6)
+        cast = compression.one_worker_exchange(CastCodec([torch.Size([350])], torch.float16).exchange(x.clone(), world),
+                                               world)
+        np.testing.assert_array_equal(cast.numpy(), (np.float16(x.numpy()) / np.float16(world) * np.float16(world)
+                                                     ).astype(np.float32))
+    seen = []
+
+    class Counting(_SleepyGather):
+        ENCODE_S = DECODE_S = 0.0
+
+        def exchange(self, x, world):
+            gathered = yield compression.AllGather(x.clone())
+            seen.append(len(gathered))
+            return sum(gathered) / world
+
+    for world in (2, 5, 8):
+        compression.one_worker_exchange(Counting([torch.Size([4])]).exchange(torch.ones(4), world), world)
+    assert seen == [2, 5, 8]
+
+
+def test_all_gather_codec_charge_grows_with_n():
+    """The charge per worker is one encode + N decodes: at least (E + N D) / MB for N = 2 and 8
+    (sleeps: load only adds; a one-worker lockstep, which decodes one payload, charges E + D and
+    fails both). No upper bound: that would be a timed assertion on a shared machine; that the
+    worker decodes exactly N payloads is pinned by the counting test above."""
+    payload = torch.randn(250_000)  # 1 MB of fp32
+    mb = payload.numel() * 4 / 1e6
+    e, d = _SleepyGather.ENCODE_S, _SleepyGather.DECODE_S
+    charged = {n: compression.codec_seconds_per_mb(_SleepyGather([payload.shape]), payload, n, repeats=3)
+               for n in (2, 8)}
+    for n, s_per_mb in charged.items():
+        assert s_per_mb * mb >= e + n * d

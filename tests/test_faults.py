@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -323,6 +324,9 @@ def test_a_disk_that_fills_mid_sweep_stops_it_and_a_resume_finishes_each_cell_on
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
     assert "disk is full" in out and str(ws) in out and "Traceback" not in out, out
+    said = " ".join(out.split())  # counts that add up: a trial stopped and re-enqueued is not "failed"
+    table = re.search(r"trials complete, (\d+) failed", said)
+    assert len(re.findall(r"seed \d+: failed", said)) == (int(table.group(1)) if table else 0), out
     assert running_runs(ws) == 0  # the reserve let the launcher end what was in flight
     assert not [t for t in study("full", ws).trials if t.state.name == "RUNNING"]
 

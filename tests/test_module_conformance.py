@@ -162,7 +162,8 @@ def test_batchnorm_buffers_follow_the_trainer_on_one_worker():
 def test_batchnorm_buffers_are_averaged(strategy):
     """sync: the float buffers are averaged in every gradient round; local SGD: with the
     parameters at every average. Reference: each worker's first forward written out here."""
-    config = config_for("BatchNorm", "cluster.workers=2", f"strategy.name={strategy}", "strategy.local_steps=1")
+    options = ["strategy.local_steps=1"] if strategy == "local_sgd" else []  # sync reads no local_steps
+    config = config_for("BatchNorm", "cluster.workers=2", f"strategy.name={strategy}", *options)
     task = prepare_task(config)
     initial = copy.deepcopy(task.module)
     engine, _ = sim_run(config, 1, evaluate_each_epoch=False)
@@ -255,8 +256,8 @@ def test_dist_one_worker_follows_the_trainer(module, extra, tmp_path):
 @pytest.mark.parametrize("strategy", ["sync", "local_sgd"])
 def test_dist_and_sim_agree_with_schedules_and_batchnorm(strategy, tmp_path):
     """Two workers: schedules per replica and BatchNorm buffers are the same on both backends."""
-    base = ("cluster.workers=2", f"strategy.name={strategy}", "strategy.local_steps=3",
-            "trainer.gradient_clip_val=0.5")
+    base = ("cluster.workers=2", f"strategy.name={strategy}", "trainer.gradient_clip_val=0.5",
+            *(["strategy.local_steps=3"] if strategy == "local_sgd" else []))  # an option sync does not read
     steps = 2 * (EPOCH // 2) + 1
     engine, _ = sim_run(config_for("BatchNormEpochLR", *base), steps, evaluate_each_epoch=False)
     finals = dist_finals(config_for("BatchNormEpochLR", *base, "cluster.backend=dist"), tmp_path, steps)

@@ -158,8 +158,10 @@ def test_sim_evaluation_sees_exactly_the_updates_at_or_before_its_clock(digits_c
 # the strategies' arithmetic against references
 
 
-def test_sim_sync_at_n_workers_is_plain_sgd_at_n_times_the_batch(digits_config):
-    config = digits_config(SGD, "strategy.name=sync", "cluster.workers=4", "batch_size=16")
+@pytest.mark.parametrize("batching", ["auto", "off"])  # one shared replica, batched; N replicas, each its own
+def test_sim_sync_at_n_workers_is_plain_sgd_at_n_times_the_batch(digits_config, batching):
+    config = digits_config(SGD, "strategy.name=sync", "cluster.workers=4", "batch_size=16",
+                           f"cluster.sim.batching={batching}")
     task = prepare_task(config)
     reference = plain_sgd_trajectory(task.module, task, 4, 16, config.seed, 30, lr=0.1)  # spans an epoch
     engine = build_simulation(config, task, step_s=1e-3)
@@ -218,12 +220,14 @@ def test_post_local_sgd_warmup_is_exactly_w_synchronous_updates(digits_config):
     assert engine.counters()[0] == 3 + 4  # 3 sync updates + 8 local steps / 2 workers
 
 
-def test_backup_workers_keep_the_first_gradients_and_divide_by_their_count(digits_config):
+@pytest.mark.parametrize("batching", ["auto", "off"])  # the kept workers' batches concatenated; their mean
+def test_backup_workers_keep_the_first_gradients_and_divide_by_their_count(digits_config, batching):
     """sync, N = 3, backup_workers = 1, persistent straggler (slowdown 4, worker chosen by seed):
     each update averages the two fast workers' gradients -- their sum / 2, not / 3 -- and the
     straggler's batch is dropped. Reference: plain SGD on the two kept workers' batches."""
     config = digits_config(SGD, "strategy.name=sync", "cluster.workers=3", "strategy.backup_workers=1",
-                           "cluster.stragglers={kind: persistent, slow_fraction: 0.34, slowdown: 4}")
+                           "cluster.stragglers={kind: persistent, slow_fraction: 0.34, slowdown: 4}",
+                           f"cluster.sim.batching={batching}")
     task = prepare_task(config)
     model = copy.deepcopy(task.module)
     engine = build_simulation(config, task, step_s=1e-3)

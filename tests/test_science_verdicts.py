@@ -114,3 +114,49 @@ def test_claim_c_underpowered_with_three_seeds_and_not_testable_without_two_reac
     assert claim.verdict == "underpowered"
     one_reached = [rec("async", 4, 0, 0.1)] + [rec("async", 4, s, None) for s in (1, 2, 3, 4)]
     assert claim_async_inconsistent(sweep_of(sync + one_reached)).verdict == "not testable"
+
+
+# ---------------------------------------------------------------------------------------
+# claim (d): checkpointing saves memory without slowing training (step time within 5%)
+
+
+def _checkpointing_runs(ratio: float, seeds: int = 8) -> list:
+    """dist-backend runs (each run's step time is its own measurement): off at 10 ms x (1 + 0.001 s),
+    on at ``ratio`` x that, memory cut 10x. The samples spread 0.7%, so on and 1.05 x off do not
+    overlap for ratios 1.04 and 1.06: one-sided Mann-Whitney p = 1 / C(16, 8) = 1/12870 either way."""
+    out = []
+    for enabled, factor, mem in (("True", ratio, 100.0), ("False", 1.0, 1000.0)):
+        for s in range(seeds):
+            out.append(rec("sync", 2, s, 0.1, variant={"checkpointing.enabled": enabled.lower()},
+                           params={"checkpointing.enabled": enabled, "backend": "dist"},
+                           metrics={"step_time_s": 0.010 * factor * (1 + 0.001 * s), "activation_bytes": mem}))
+    return out
+
+
+@pytest.mark.parametrize("ratio,verdict", [(1.04, "supported"), (1.06, "refuted")])
+def test_claim_d_decides_at_its_five_percent_border(ratio, verdict):
+    """4% slower is within "without slowing training" (<= 5% slower), 6% is not: the rule
+    tests the step time on against 1.05 x off, and with 8 vs 8 separated measurements
+    (p = 1/12870 < 0.05) each side of the border is decided."""
+    from syncbench.analysis.claims import claim_checkpointing
+
+    claim = claim_checkpointing(sweep_of(_checkpointing_runs(ratio)))
+    assert claim.rows[0].verdict == verdict, claim.rows[0].values
+
+
+# ---------------------------------------------------------------------------------------
+# threats to validity
+
+
+def test_resolution_threat_measures_the_interval_against_the_fastest_cell():
+    """eval.every_s = 0.03 s against cells whose median TTAs are 0.5 s (sync) and 0.3 s (async):
+    the finest difference to resolve is the fastest cell's, 0.03 / 0.3 = 10% > the 5% limit
+    (against the slower one it would be 6%, against both a threat of the wrong size)."""
+    from tests.test_report_stats import _threats
+
+    every = {"eval.every_s": "0.03"}
+    runs = [rec("sync", 4, s, t, params=every) for s, t in enumerate([0.49, 0.5, 0.51, 0.52, 0.48])]
+    runs += [rec("async", 4, s, t, params=every) for s, t in enumerate([0.29, 0.3, 0.31, 0.32, 0.28])]
+    threat = _threats(runs)["resolution"]
+    assert "every 0.03 s of training clock: 10% of the fastest cell's median TTA" in threat.detail
+    assert "0.3 s)" in threat.detail and "async" in threat.detail

@@ -187,3 +187,60 @@ def test_a_trial_that_keeps_killing_its_launcher_is_given_up_after_the_retry_cap
     _, children = mlflow_runs("poison", ws)
     statuses = Counter(r.info.status for r in children if r.data.tags["syncbench.cell"].endswith("SelfKillingMLP"))
     assert statuses == {"KILLED": 1 + MAX_STALE_RETRIES}
+
+
+# ------------------------------------------------------------------ the two stores agree (issue 27)
+def _sweep_process(spec: str, ws: Path) -> tuple[int, str]:
+    """A launch as its own process, as a user resumes: this process keeps no connection to a
+    store that is then emptied under it."""
+    proc = launcher(spec, ws)
+    out = proc.communicate(timeout=300)[0]
+    return proc.returncode, " ".join(out.split())
+
+
+def _empty(db: Path) -> None:
+    """What a user's mistake or a restore from the wrong backup does: the store file emptied
+    (and its WAL with it), the other store untouched."""
+    db.write_bytes(b"")
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+@pytest.mark.heavy
+def test_an_emptied_mlflow_store_reruns_the_finished_trials_with_a_warning(ws, tmp_path):
+    spec = write_spec(tmp_path / "agree.yaml", "agree-mlflow", grid={"cluster.workers": [1, 2]}, seeds=[0],
+                      set={"budget.train_time_s": 0.2, "eval.every_s": 0.05})
+    assert _sweep_process(spec, ws)[0] == 0
+    first = study("agree-mlflow", ws).trials
+    assert states(first) == {"COMPLETE": 2}
+    _empty(ws / "mlflow.db")
+
+    code, out = _sweep_process(spec, ws)
+    assert code == 0, out
+    assert "2 finished trial(s) of study 'agree-mlflow' have no run" in out and "they run again" in out
+    assert "2/2 trials complete" in out
+    trials = study("agree-mlflow", ws).trials
+    assert states(trials) == {"COMPLETE": 4}
+    retries = [t for t in trials if t.system_attrs.get("retry_history")]
+    assert sorted(t.system_attrs["retry_history"][-1] for t in retries) == [t.number for t in first]
+    assert items(retries) == items(first)  # each cell x seed once more, nothing else
+    parents, children = mlflow_runs("agree-mlflow", ws)
+    assert len(parents) == 1 and len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in retries}
+
+    assert _sweep_process(spec, ws)[0] == 0  # the stores agree now: nothing runs again
+    assert len(study("agree-mlflow", ws).trials) == 4 and len(mlflow_runs("agree-mlflow", ws)[1]) == 2
+
+
+@pytest.mark.heavy
+def test_an_emptied_optuna_store_is_refused_while_mlflow_holds_the_runs(ws, tmp_path):
+    spec = write_spec(tmp_path / "agree.yaml", "agree-optuna", grid={"cluster.workers": [1, 2]}, seeds=[0],
+                      set={"budget.train_time_s": 0.2, "eval.every_s": 0.05})
+    assert _sweep_process(spec, ws)[0] == 0
+    _empty(ws / "optuna.db")
+
+    code, err = _sweep_process(spec, ws)
+    assert code == 2, err
+    assert "the Optuna study is missing" in err and "holds its trial runs" in err and "start fresh" in err
+    parents, children = mlflow_runs("agree-optuna", ws)  # nothing recorded twice, the parent left FINISHED
+    assert len(children) == 2 and [p.info.status for p in parents] == ["FINISHED"]

@@ -142,12 +142,17 @@ grid:
   strategy.name: [sync, async]
   cluster.workers: [2]
 seeds: [0, 1]
+tune:
+  n_trials: 2
+  params:
+    task.module_args.lr: {{low: 0.003, high: 0.03, log: true}}
 """
+EVAL_NAMES = ["async N=2 s0", "async N=2 s1", "sync N=2 s0", "sync N=2 s1"]
 
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
-    """A 4-trial sweep (2 cells x 2 seeds) recorded in its own workspace."""
+    """A sweep of 2 cells x 2 seeds, each cell tuned with 2 trials first, in its own workspace."""
     root = tmp_path_factory.mktemp("ui-sweep")
     spec = root / "tiny.yaml"
     spec.write_text(TINY_SWEEP.format(base=REPO / "experiments" / "configs" / "digits_mlp.yaml"))
@@ -158,8 +163,11 @@ def tiny_sweep(tmp_path_factory):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'ws' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ui-tiny")
-    children = client.search_runs([exp.experiment_id], filter_string="tags.`syncbench.role` = 'trial'")
+    children = client.search_runs([exp.experiment_id], filter_string="tags.`syncbench.phase` = 'eval'")
     assert len(children) == 4
+    tuning = client.search_runs([exp.experiment_id], filter_string="tags.`syncbench.phase` = 'tune'")
+    assert sorted(r.info.run_name for r in tuning) == ["tune async N=2 #0", "tune async N=2 #1",
+                                                       "tune sync N=2 #0", "tune sync N=2 #1"]
     return {"root": root, "ws": root / "ws", "experiment": exp,
             "children": {r.info.run_name: r.info.run_id for r in children}}
 
@@ -177,40 +185,69 @@ def read_line(path: Path, prefix: str, proc: subprocess.Popen, timeout: float = 
 
 
 @pytest.mark.heavy
-def test_ui_prints_the_latest_sweeps_runs_page_and_it_lists_every_child_run(tiny_sweep, tmp_path):
+def test_ui_link_lists_the_evaluation_runs_with_tta_and_outcome_columns(tiny_sweep, tmp_path):
+    """The link `syncbench ui` prints opens the sweep's evaluation runs (not its tuning runs),
+    named in full, with tta_s, outcome, strategy, workers and seed on screen as columns."""
     from tests.browser import chromium_page, require_chromium
 
     require_chromium()
     exp = tiny_sweep["experiment"]
     # experiments syncbench creates are training experiments, not GenAI ones
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
-    names = sorted(tiny_sweep["children"])
-    assert names == ["name=async workers=2 seed=0", "name=async workers=2 seed=1",
-                     "name=sync workers=2 seed=0", "name=sync workers=2 seed=1"]  # cell and seed
+    assert sorted(tiny_sweep["children"]) == EVAL_NAMES  # cell and seed
     port = free_port()
     proc = ui(tiny_sweep["ws"], "--port", str(port), out=tmp_path)
     try:
         line = read_line(tmp_path / "stdout", "Most recent sweep", proc)
         url = line.split(": ", 1)[1].strip()
         assert "'ui-tiny'" in line
-        assert url == f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
-        with chromium_page() as page:
+        assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?")
+        with chromium_page(width=1400, height=900) as page:
             page.goto(url)
             page.get_by_text("matching runs").first.wait_for()
             assert page.get_by_text("Model training").first.is_visible()
-            # the sweep's parent run is listed with its children folded under it: unfold them
-            parent = page.locator("[role=row]", has_text="ui-tiny").first
-            parent.wait_for()
-            parent.locator("button").first.click()
-            for name in names:
-                page.get_by_text(name, exact=True).first.wait_for()
-            listed = page.inner_text("body")
+            # the evaluation runs are listed open, each name whole in its cell
+            names = {name: page.get_by_role("link", name=name, exact=True) for name in EVAL_NAMES}
+            for link in names.values():
+                link.first.wait_for()
+            width = page.viewport_size["width"]
+            headers = {}
+            for title in ("tta_s", "outcome", "strategy.name", "cluster.workers", "seed"):
+                header = page.locator("[role=columnheader]", has_text=title).first
+                header.wait_for()
+                box = header.bounding_box()
+                # tta_s and outcome come first: on screen even beside MLflow's assistant panel
+                on_screen = box is not None and header.is_visible() and box["x"] + box["width"] <= width
+                headers[title] = on_screen and (title not in ("tta_s", "outcome") or box["x"] + box["width"] <= 1000)
+            listed = page.inner_text("[role=grid]") if page.locator("[role=grid]").count() else page.inner_text("body")
             TEST_ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(TEST_ARTIFACTS / "mlflow-ui-sweep-runs.png"))
-        assert all(name in listed for name in names)
-        assert "5 matching runs" in listed  # the parent and its 4 children
+        assert all(headers.values()), headers
+        assert "tune " not in listed  # tuning runs are filtered out
+        for name in EVAL_NAMES:
+            assert name in listed
     finally:
         terminate(proc)
+
+
+def test_the_saved_view_is_what_mlflow_reads(tiny_sweep):
+    """The view the link names is stored on the experiment as MLflow's shared views are: a
+    tag ``mlflow.sharedViewState.<key>`` holding JSON with the search filter and columns."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from syncbench.analysis.ui import EVAL_VIEW_KEY, runs_page
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tiny_sweep['ws'] / 'mlflow.db'}")
+    exp = client.get_experiment(tiny_sweep["experiment"].experiment_id)
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{EVAL_VIEW_KEY}"])
+    assert view["selectedColumns"][:2] == ["metrics.`tta_s`", "tags.`outcome`"]
+    assert {"params.`strategy.name`", "params.`cluster.workers`", "params.`seed`"} <= set(view["selectedColumns"])
+    # the filter keeps exactly the evaluation runs (MLflow's own search, not ours)
+    found = client.search_runs([exp.experiment_id], filter_string=view["searchFilter"])
+    assert sorted(r.info.run_name for r in found) == EVAL_NAMES
+    assert f"viewStateShareKey={EVAL_VIEW_KEY}" in runs_page("http://h:1", exp.experiment_id)
 
 
 def test_trials_carry_their_mlflow_run_id(tiny_sweep):
@@ -248,6 +285,70 @@ def test_dashboard_serves_the_sweeps_study_over_http(tiny_sweep, tmp_path):
         code = terminate(proc)
     assert code == 0
     assert wait_port_free(port)
+
+
+def test_trials_carry_their_cell_as_parameters_and_name_their_objective(tiny_sweep):
+    """optuna-dashboard charts and ranks parameters: every evaluation trial has its cell and
+    seed as parameters (matching the cell it ran), and every study calls its objective tta_s."""
+    import optuna
+
+    storage = f"sqlite:///{tiny_sweep['ws'] / 'optuna.db'}"
+    study = optuna.load_study(study_name="ui-tiny", storage=storage)
+    assert study.metric_names == ["tta_s"]
+    seen = set()
+    for t in study.trials:
+        cell = dict(part.split("=", 1) for part in t.user_attrs["cell"].split(","))
+        assert t.params == {"strategy": cell["strategy.name"], "workers": int(cell["cluster.workers"]),
+                            "seed": t.user_attrs["seed"]}
+        assert t.distributions["strategy"].choices == ("sync", "async")
+        seen.add((t.params["strategy"], t.params["seed"]))
+    assert seen == {(s, k) for s in ("sync", "async") for k in (0, 1)}
+    for cell in ("strategy.name=sync,cluster.workers=2", "strategy.name=async,cluster.workers=2"):
+        tune = optuna.load_study(study_name=f"ui-tiny/tune/{cell}", storage=storage)
+        assert tune.metric_names == ["tta_s"]
+        assert all("task.module_args.lr" in t.params for t in tune.trials)
+
+
+@pytest.mark.heavy
+def test_dashboard_page_shows_the_cells_parameters_without_a_server_exception(tiny_sweep, tmp_path):
+    from tests.browser import chromium_page, require_chromium
+
+    require_chromium()
+    port = free_port()
+    # optuna-dashboard itself, not quiet: its log is where a failed request leaves its traceback
+    from syncbench.experiments.workspace import default_optuna_storage
+
+    proc = subprocess.Popen([sys.executable, "-m", "optuna_dashboard._cli", default_optuna_storage(tiny_sweep["ws"]),
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
+                            stdout=open(tmp_path / "stdout", "w"), stderr=open(tmp_path / "stderr", "w"),
+                            start_new_session=True)
+    try:
+        wait_200(f"http://127.0.0.1:{port}/api/meta", proc)
+        from syncbench.analysis.ui import sweep_studies
+
+        study_id = next(i for name, i, _ in sweep_studies(default_optuna_storage(tiny_sweep["ws"]))
+                        if name == "ui-tiny")
+        with chromium_page() as page:
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"http://127.0.0.1:{port}/dashboard/studies/{study_id}")
+            page.get_by_text("Hyperparameter Importance").first.wait_for()
+            page.get_by_text("Params = [strategy:").first.wait_for()  # the best trial's parameters
+            for name in ("strategy", "workers", "seed"):  # the importance chart's parameter axis
+                page.get_by_text(name, exact=True).first.wait_for()
+            body = page.inner_text("body")
+            TEST_ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(TEST_ARTIFACTS / "optuna-dashboard-eval-study.png"), full_page=True)
+        assert "tta_s" in body and "Objective 0" not in body
+        assert not errors, errors
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}/param_importances",
+                                    timeout=30) as resp:
+            assert resp.status == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    log = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in log and "Exception" not in log, log[-3000:]
 
 
 def test_dashboard_refuses_an_unknown_sweep(tiny_sweep, capsys):

@@ -63,6 +63,7 @@ from syncbench.experiments.config import (
     parse_override,
     read_yaml,
     validate_config,
+    without_unread_options,
 )
 from syncbench.experiments.procs.environment import under_torchrun
 from syncbench.strategies.registry import STRATEGIES  # torch-free until a strategy is looked up
@@ -259,7 +260,8 @@ def measurement_config(config: Any, workers: int, budget_s: float, strategy: str
         "name": f"{config.name}-calibrate", **chosen, "strategy.lr_scaling": "none",
         "cluster.backend": "dist", "cluster.workers": workers, "cluster.stragglers": {"kind": "none"},
         "budget.train_time_s": budget_s, "eval.every_s": budget_s, "target.value": unreachable})
-    return validate_config(raw, "(calibration run)")
+    # the configured strategy's own options (outer, compression, ...) mean nothing to the measured one
+    return validate_config(without_unread_options(raw), "(calibration run)")
 
 
 def _dist_run(cfg: Any, tmp: Path, tag: str, debug: bool) -> tuple[Any, Path]:
@@ -365,15 +367,20 @@ def fit_latency(strategy: str, measured: float, workers: int, step_s: float, byt
 
 
 def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, repeats: int = 3,
-              log: Any = None) -> dict[str, Any]:
+              log: Any = None, check: bool = True) -> dict[str, Any]:
     """Measure and return the profile (a mapping ready for YAML). The dist loops (no
     communication, sync, async) are timed ``repeats`` times, interleaved, and each quantity is
-    the median over the passes: on a shared machine one launch can run 15% off the next."""
+    the median over the passes: on a shared machine one launch can run 15% off the next. Ends
+    (``calibrate_check``) with how busy the machine was and, with ``check`` (not under
+    torchrun), the profile's predicted / measured clock per update on the user path."""
     if repeats < 1:
         raise ValueError(f"repeats {repeats}: must be at least 1")
     import torch  # heavy: see the imports
 
+    from syncbench.experiments.procs import calibrate_check
+
     say = log or (lambda msg: None)
+    load_before, loads_after = calibrate_check.load_average(), []
     torchrun = under_torchrun()
     if torchrun:
         workers = int(os.environ["WORLD_SIZE"])
@@ -396,6 +403,7 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
         one = {"compute": measure_compute(config, workers, budget_s),
                **{s: measure_loop(config, workers, s, round_budget) for s in ("sync", "async")}}
         passes.append(one)
+        loads_after.append(calibrate_check.load_average())
         say(f"pass {i + 1}/{repeats}: step mean {one['compute']['mean_s'] * 1e3:.3f} ms; per update sync "
             f"{one['sync']['clock_per_update_s'] * 1e3:.3f} ms, async {one['async']['clock_per_update_s'] * 1e3:.3f} ms")
     compute = {"mean_s": statistics.median(p["compute"]["mean_s"] for p in passes),
@@ -451,11 +459,16 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
         say(f"stragglers {config.cluster.stragglers.kind}: step_s = {step_s * 1e3:.3f} ms / {low:.3f} "
             f"(the factors' 1st percentile) = {profile_step_s * 1e3:.3f} ms, the dist emulation's base step")
 
+    from syncbench.experiments.procs.calibrate_codecs import codec_profile_keys, measure_codecs
+
+    codecs = measure_codecs(config, workers)
+    say("codecs, encode + decode per MB for one worker of " + str(workers) + ": " +
+        ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in codecs.items()))
     ring = lambda s: 2 * (workers - 1) * alpha + 2 * (workers - 1) / workers * s / beta  # noqa: E731
     p2p = lambda s: p_alpha + s / p_beta  # noqa: E731
     profile = {
         "cluster": {
-            "compute": {"step_s": float(f"{profile_step_s:.6g}")},
+            "compute": {"step_s": float(f"{profile_step_s:.6g}"), **codec_profile_keys(config, codecs)},
             "network": {"latency_s": float(f"{latency:.6g}"), "bandwidth_gbps": float(f"{gbps(beta):.6g}"),
                         "server_latency_s": float(f"{server_latency:.6g}"),
                         "server_bandwidth_gbps": float(f"{gbps(p_beta):.6g}")},
@@ -469,6 +482,8 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
                        "source": "mean step-start interval of the dist backend's loop without communication",
                        "ranks": compute["ranks"]},
             "payload": payload,
+            "codec_s_per_mb": {"by_codec": codecs, "workers": int(workers), "source": "one worker's encode + its N "
+                               "decodes (all-gather codecs) per MB of the task's gradients (calibrate_codecs)"},
             "allreduce_fit": {"latency_s": alpha, "bandwidth_gbps": gbps(beta),
                               "seconds_measured_vs_model": model_vs_measured(ar_times, ring)},
             "point_to_point_fit": {"latency_s": p_alpha, "bandwidth_gbps": gbps(p_beta),
@@ -484,6 +499,10 @@ def calibrate(config: Any, workers: int, budget_s: float = 3.0, reps: int = 25, 
             "note": note,
         },
     }
+    per_pass = {"compute step": [p["compute"]["mean_s"] for p in passes],
+                **{f"{s} clock per update": [p[s]["clock_per_update_s"] for p in passes] for s in ("sync", "async")}}
+    calibrate_check.finish(profile, META_KEY, config, workers, load_before, loads_after, per_pass,
+                           round_budget if check and not torchrun else None, say)
     return profile
 
 

@@ -58,6 +58,7 @@ from syncbench.experiments.procs.validation import (
     parse_emulate,
     validate_dist_config,
 )
+from syncbench.experiments.procs.watchdog import Watchdog, start_watchdog
 from syncbench.experiments.recording import (
     RunRecorder,
     environment_tags,
@@ -105,7 +106,7 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
     emulation = parse_emulate(emulate)
     validate_dist_config(config)
     n = config.cluster.workers
-    check_local_devices(n)  # every rank of a local launch is on this machine
+    check_local_devices(n, config.cluster.device)  # every rank of a local launch is on this machine
     with one_thread():
         task = prepare_task(config)
         check_shards(task, config, n)
@@ -114,9 +115,10 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
                                       artifacts_dir(ws).as_uri() if tracking_uri.startswith("sqlite") else None)
     with signals.deferred(raise_at_end=False):  # a run that exists is always ended, whatever stops it
         recorder = RunRecorder(client, exp_id, run_name or config.name,
-                               tags=_run_tags(tags, "local", emulation, comm_backend(), n),
+                               tags=_run_tags(tags, "local", emulation, comm_backend(config.cluster.device), n),
                                parent_run_id=parent_run_id)
     control: Path | None = None
+    watchdog: Watchdog | None = None
     try:
         signals.poll()
         recorder.log_params({**config.flat(), "backend": "dist"})
@@ -133,6 +135,7 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
             "launcher_pid": os.getpid(),
         }
         write_json(control / "spec.json", spec)
+        watchdog = start_watchdog(tracking_uri, recorder.run_id, control)  # ends the run if we are SIGKILLed
         for attempt in range(3):
             outcome = run_workers(control, n, config.cluster.collective_timeout_s, progress, config)
             if outcome.get("retry_port") and attempt < 2:
@@ -163,6 +166,8 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
     finally:
         if control is not None:  # the workers' files: logs are attached to a failed run
             shutil.rmtree(control, ignore_errors=True)
+        if watchdog is not None:
+            watchdog.release()
 
 
 class _Terminated(Exception):
@@ -193,7 +198,7 @@ def _join_torchrun(config: Any, ws: Path, tracking_uri: str, experiment: str | N
         else None
     try:
         create = {"client": client, "experiment_id": exp_id, "run_name": run_name or config.name,
-                  "tags": _run_tags(tags, "torchrun", emulation, comm_backend(), world),
+                  "tags": _run_tags(tags, "torchrun", emulation, comm_backend(config.cluster.device), world),
                   "parent_run_id": parent_run_id}
         return run_worker(config, rank=rank, world=world, local_world=local_world, wall0=wall0, emulate=emulation,
                           debug_dir=debug_dir, create=create if rank == 0 else None, validate_task=True,

@@ -24,9 +24,15 @@ from torch.utils.data import DataLoader, Dataset
 from syncbench.experiments import signals
 from syncbench.experiments.procs.clock import TTAMonitor
 from syncbench.experiments.procs.control import write_json
-from syncbench.experiments.procs.devices import RankDevice, choose_rank_device, collective_backend, cuda_devices
+from syncbench.experiments.procs.devices import (
+    RankDevice,
+    choose_rank_device,
+    collective_backend,
+    cuda_devices,
+    requested_device,
+)
 from syncbench.experiments.procs.emulation import Emulation
-from syncbench.experiments.procs.environment import ENV_BUSY, ENV_DEVICE, cores_owned
+from syncbench.experiments.procs.environment import ENV_BUSY, cores_owned, rendezvous_store
 from syncbench.experiments.procs.failures import DistRunFailed, WorkerFailure, is_comm_error
 from syncbench.experiments.procs.heartbeat import FileHeartbeat, StoreHeartbeat
 from syncbench.experiments.procs.program_strategy import program_strategy_class
@@ -50,12 +56,13 @@ from syncbench.strategies.lightning_bridge import build_optimizer, take_logged, 
 from syncbench.strategies.lightning_flavour import flavour_of
 
 
-def comm_backend() -> str:
-    """The collective backend of the main group: NCCL on CUDA (unless ``SYNCBENCH_DIST_DEVICE=cpu``), else gloo."""
-    return collective_backend(cuda_devices(), os.environ.get(ENV_DEVICE, "auto"))
+def comm_backend(config_device: str = "auto") -> str:
+    """The collective backend of the main group: NCCL on CUDA (unless ``cluster.device`` or
+    ``SYNCBENCH_DIST_DEVICE`` is ``cpu``), else gloo."""
+    return collective_backend(cuda_devices(), requested_device(config_device))
 
 
-def rank_device(local_world: int) -> RankDevice:
+def rank_device(local_world: int, config_device: str = "auto") -> RankDevice:
     """This rank's backend and device (``procs/devices.py``): one GPU per local rank under NCCL;
     more local ranks than GPUs is refused (``WorkerFailure``, naming the fix) before any group."""
     cuda = cuda_devices()
@@ -63,7 +70,7 @@ def rank_device(local_world: int) -> RankDevice:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_world))
     try:
         return choose_rank_device(local_rank, max(local_world, local_rank + 1), cuda,
-                                  os.environ.get(ENV_DEVICE, "auto"))
+                                  requested_device(config_device))
     except ValueError as exc:
         raise WorkerFailure(f"rank {local_rank}: {exc}") from None
 
@@ -104,12 +111,16 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
     seed_everything(config.seed)
 
     timeout = datetime.timedelta(seconds=config.cluster.collective_timeout_s)
-    chosen = rank_device(local_world)
+    chosen = rank_device(local_world, config.cluster.device)
     backend, device = chosen.backend, torch.device(chosen.device)
     local_rank = device.index if device.type == "cuda" else int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+    store = rendezvous_store(rank, world, timeout)  # single node: listening on 127.0.0.1 only
+    if store is None:  # torchrun: the address the user gave
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     ctrl = dist.new_group(backend="gloo", timeout=timeout)
     ps = dist.new_group(backend="gloo", timeout=timeout)
     comm = Comm(rank=rank, world=world, device=device, main=None, ctrl=ctrl, ps=ps,

@@ -20,8 +20,9 @@ from typing import Any
 import psutil
 
 from syncbench.experiments import signals
+from syncbench.experiments.messages import plain
 from syncbench.experiments.procs.control import read_error, write_json
-from syncbench.experiments.procs.environment import ENV_WORKER, threads_per_worker
+from syncbench.experiments.procs.environment import ENV_WORKER, loopback_environment, threads_per_worker
 from syncbench.experiments.procs.failures import is_comm_error
 from syncbench.experiments.procs.heartbeat import read_heartbeat
 from syncbench.experiments.procs.worker_main import worker_main
@@ -121,7 +122,10 @@ def run_workers(control: Path, n: int, timeout_s: float, progress: bool, config:
                 else:
                     procs.append(_spawn_worker(control, r, n, port, threads))
         write_json(control / "workers.json", [p.pid for p in procs])
-        return _watch(procs, control, timeout_s, progress, config)
+        outcome = _watch(procs, control, timeout_s, progress, config)
+        if "message" in outcome:  # what the user reads: gloo's source locations and sign-off left out
+            outcome["message"] = plain(outcome["message"])
+        return outcome
     except signals.Interrupted as exc:
         _stop_workers(procs, exc.signum)
         raise
@@ -178,7 +182,7 @@ def _spawn_worker(control: Path, rank: int, world: int, port: int, threads: int)
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", OMP_NUM_THREADS=str(threads),
-               PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
+               PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1", **loopback_environment())
     env[ENV_WORKER] = "1"
     log = open(control / f"rank{rank}.log", "wb")
     popen = subprocess.Popen([sys.executable, "-m", "syncbench.experiments.procs.worker_main", "--worker", str(control / "spec.json"),
@@ -204,7 +208,7 @@ def _forked_worker(spec_path: str, rank: int, world: int, port: int, threads: in
         os.setpgid(0, 0)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0",
-                      OMP_NUM_THREADS=str(threads))
+                      OMP_NUM_THREADS=str(threads), **loopback_environment())
     os.environ[ENV_WORKER] = "1"
     control = Path(spec_path).parent
     fd = os.open(control / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -8,8 +8,8 @@ import os
 from typing import Any
 
 from syncbench.experiments.config import ConfigError
-from syncbench.experiments.procs.devices import choose_rank_device, cuda_devices
-from syncbench.experiments.procs.environment import ENV_DEVICE, ENV_EMULATE
+from syncbench.experiments.procs.devices import choose_rank_device, cuda_devices, requested_device
+from syncbench.experiments.procs.environment import ENV_EMULATE
 from syncbench.experiments.sharding import ShardedBatches
 from syncbench.strategies import STRATEGIES
 
@@ -33,11 +33,11 @@ def validate_dist_config(config: Any) -> None:
         raise ConfigError(reason)
 
 
-def check_local_devices(local_ranks: int) -> None:
+def check_local_devices(local_ranks: int, config_device: str = "auto") -> None:
     """N ranks on this machine need N GPUs under NCCL (docs/scaling-out.md): refused before any
     run exists, rather than a rank failing at start-up."""
     try:
-        choose_rank_device(local_ranks - 1, local_ranks, cuda_devices(), os.environ.get(ENV_DEVICE, "auto"))
+        choose_rank_device(local_ranks - 1, local_ranks, cuda_devices(), requested_device(config_device))
     except ValueError as exc:
         raise ConfigError(f"cluster.workers={local_ranks}: {exc}") from None
 

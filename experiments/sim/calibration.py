@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from syncbench.experiments.config import RunConfig
 from syncbench.experiments.sharding import ShardedBatches
+from syncbench.experiments.sim.batching import move_to
 from syncbench.experiments.task import PreparedTask
 from syncbench.strategies import compression
 from syncbench.strategies.compression import make_codec, param_shapes
@@ -40,40 +40,51 @@ class StepCalibration:
 
 
 def calibrate_step(task: PreparedTask, config: RunConfig, blocks: int = CALIBRATION_BLOCKS,
-                   block_steps: int = CALIBRATION_BLOCK_STEPS, warmup: int = 3) -> StepCalibration:
+                   block_steps: int = CALIBRATION_BLOCK_STEPS, warmup: int = 3, device: str = "cpu") -> StepCalibration:
     """Time real training steps (forward, backward, optimizer step) of the prepared module
     (``prepare_task``: checkpointing applied) at the per-worker batch size, on a copy so the
     run's state is untouched: ``warmup`` steps, then ``blocks`` blocks of ``block_steps``.
 
     Timed with the thread's CPU clock: with one intra-op thread the step runs on this
     thread, and CPU time does not count the time other processes (a parallel sweep, a
-    busy machine) hold the core, which inflated wall-clock medians 3-6x here under load."""
-    return calibrate_steps([(task, config)], blocks, block_steps, warmup)[0]
+    busy machine) hold the core, which inflated wall-clock medians 3-6x here under load.
+    On a CUDA ``device`` (``cluster.device``) the step runs there and is timed by the wall clock
+    between two synchronisations (the CPU thread only queues kernels)."""
+    return calibrate_steps([(task, config)], blocks, block_steps, warmup, device)[0]
 
 
 def calibrate_steps(models: list[tuple[PreparedTask, RunConfig]], blocks: int = CALIBRATION_BLOCKS,
-                    block_steps: int = CALIBRATION_BLOCK_STEPS, warmup: int = 3) -> list[StepCalibration]:
+                    block_steps: int = CALIBRATION_BLOCK_STEPS, warmup: int = 3,
+                    device: str = "cpu") -> list[StepCalibration]:
     """``calibrate_step`` for several models at once, their blocks interleaved (block 1 of
     each, then block 2 of each, ...): the speed of a virtual machine drifts within minutes
     (here: the same loop 1.0 then 1.7 ms), and CPU time does not see a host taking the core
     away, so models timed one after the other (a checkpointed cell and its plain twin) could
     differ by the drift alone; interleaved, the drift hits them all alike."""
+    cuda = torch.device(device).type == "cuda"
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return time.thread_time()
+
     timers = []
     rng_state = torch.get_rng_state()
     for task, config in models:
-        module = copy.deepcopy(task.module)
+        module = copy.deepcopy(task.module).to(device)
         batches = ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed + 1, task.collate)
         timers.append((module, build_optimizer(module), batches, []))
 
     def step(timer: tuple[Any, Any, Any, list[float]], i: int, timed: bool) -> None:
         module, optimizer, batches, times = timer
-        batch = next(batches)
-        t0 = time.thread_time()
+        batch = move_to(next(batches), device)
+        t0 = clock()
         optimizer.zero_grad(set_to_none=True)
         training_loss(module, batch, i).backward()
         optimizer.step()
         if timed:
-            times.append(time.thread_time() - t0)
+            times.append(clock() - t0)
 
     for timer in timers:
         for i in range(warmup):
@@ -114,13 +125,6 @@ def calibrate_codec_s_per_mb(task: PreparedTask, config: RunConfig) -> float:
 
 
 def measure_codec_s_per_mb(codec: Any, payload: torch.Tensor, world: int, repeats: int = 5) -> float:
-    """Encode + decode seconds per MB of payload on this machine: the median of ``repeats``
-    one-worker exchanges on copies of a codec (its state untouched), the first a warm-up."""
-    times = []
-    for _ in range(repeats + 1):
-        trial = copy.deepcopy(codec)
-        t0 = time.perf_counter()
-        compression.run_lockstep([compression.payload_exchange(trial, payload.clone(), world)])
-        times.append(time.perf_counter() - t0)
-    nbytes = max(1, payload.numel() * payload.element_size())
-    return float(np.median(times[1:])) / (nbytes / 1e6)
+    """Encode + decode seconds per MB charged to one worker of a ``world``-worker exchange
+    (``compression.codec_seconds_per_mb``: one encode and, for all-gather codecs, N decodes)."""
+    return compression.codec_seconds_per_mb(codec, payload, world, repeats)

@@ -14,7 +14,9 @@ from syncbench.experiments.config import RunConfig
 from syncbench.experiments.progress import RunProgress
 from syncbench.experiments.recording import RunRecorder, environment_tags, get_or_create_experiment, open_client
 from syncbench.experiments.result import RunResult, record_finished_run, record_stopped_run
+from syncbench.experiments.sim.batching import BATCHING_TAG, move_to
 from syncbench.experiments.sim.calibration import STEP_SAMPLES_TAG, calibrate_step, step_samples_tag
+from syncbench.experiments.sim.device import resolve_sim_device
 from syncbench.experiments.sim.engine import SimEngine
 from syncbench.experiments.sim.run_loop import train_to_target
 from syncbench.experiments.strategy_setup import build_strategy, lr_factor
@@ -38,15 +40,18 @@ class _Pruned(Exception):
     """Raised from the evaluation hook to stop a run that its on_evaluation callback prunes."""
 
 
-def build_simulation(config: RunConfig, task: PreparedTask, step_s: float) -> SimEngine:
-    """The configured strategy's programs on a simulated cluster over the task's module and data."""
+def build_simulation(config: RunConfig, task: PreparedTask, step_s: float, device: str | None = None) -> SimEngine:
+    """The configured strategy's programs on a simulated cluster over the task's module and data,
+    on ``device`` (default: ``cluster.device`` resolved here)."""
+    cluster = config.cluster
+    device = resolve_sim_device(cluster.device) if device is None else device
     seed_everything(config.seed)
     strategy = build_strategy(config)
-    cluster = config.cluster
     return SimEngine(strategy, task.module, task.train_set, task.collate, workers=cluster.workers,
                      batch_size=config.batch_size, seed=config.seed, step_s=step_s, stragglers=cluster.stragglers,
                      network=cluster.network, lr_factor=lr_factor(strategy, config.strategy.lr_scaling),
-                     trainer_options=config.trainer, codec_s_per_mb=cluster.compute.codec_s_per_mb)
+                     trainer_options=config.trainer, codec_s_per_mb=cluster.compute.codec_s_per_mb,
+                     device=device, batching=cluster.sim.batching)
 
 
 def execute_sim_run(config: RunConfig, *, workspace: Path, tracking_uri: str, experiment: str | None = None,
@@ -57,6 +62,7 @@ def execute_sim_run(config: RunConfig, *, workspace: Path, tracking_uri: str, ex
     ``syncbench.experiments.run.execute_run``). ``wall0``: the ``perf_counter`` at which the run
     began (its ``init_s`` and ``wall_s`` count from there)."""
     wall0 = time.perf_counter() if wall0 is None else wall0
+    device = resolve_sim_device(config.cluster.device)  # a device that is not here: refused before any run
     with one_thread():
         task = prepare_task(config)  # checkpointing applied: the model that is timed, probed and trained
         client = open_client(tracking_uri)
@@ -79,13 +85,15 @@ def execute_sim_run(config: RunConfig, *, workspace: Path, tracking_uri: str, ex
             # calibration and the memory probe run the user's module: inside the run, so that
             # a module failing there leaves a FAILED run with its error, not an empty experiment
             if step_s is None:
-                calibration = calibrate_step(task, config)
+                calibration = calibrate_step(task, config, device=device)
                 step_s = calibration.step_s
                 recorder.set_tags({STEP_SAMPLES_TAG: step_samples_tag(calibration.samples)})
             act_bytes = measure_activation_bytes(task, config)
-            engine = build_simulation(config, task, step_s)
+            engine = build_simulation(config, task, step_s, device)
+            recorder.set_tags({BATCHING_TAG: engine.batching, "syncbench.sim.device": device})
             init_s = time.perf_counter() - wall0
-            evaluate_global = lambda s: evaluate(s.global_model(), task.val_batches)  # noqa: E731
+            val_batches = task.val_batches if device == "cpu" else [move_to(b, device) for b in task.val_batches]
+            evaluate_global = lambda s: evaluate(s.global_model(), val_batches)  # noqa: E731
 
             def on_eval(ev: Evaluation) -> None:
                 recorder.metrics(ev.metrics, step=ev.updates, clock_s=ev.clock_s)

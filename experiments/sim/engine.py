@@ -25,12 +25,16 @@ operation on the clock:
   communication after).
 
 Events at the same instant resolve in insertion order: a run is reproducible bit for bit.
+
+Batched path (``cluster.sim.batching: auto``, ``syncbench.experiments.sim.batching``): where the
+strategy's replicas are identical, every worker shares one replica and optimizer; a ``Compute``
+only draws the worker's batch when it ends, and the quorum's ``ReduceGradients`` computes the
+kept workers' mean gradient in one forward/backward over their concatenated batches.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import heapq
 import math
 from collections.abc import Callable
@@ -51,11 +55,19 @@ from syncbench.experiments.cluster_model import (
     ring_allreduce_s,
 )
 from syncbench.experiments.sharding import ShardedBatches
+from syncbench.experiments.sim.batching import (
+    SharedOptimizer,
+    batching_refusal,
+    concatenated_batch,
+    describe_mode,
+    log_fallback,
+    move_to,
+)
 from syncbench.experiments.sim.calibration import measure_codec_s_per_mb
+from syncbench.experiments.sim.worker import SimWorker, clip_options
 from syncbench.experiments.strategy_setup import scale_lr_
 from syncbench.strategies.lightning_bridge import (
     LightningModuleLike,
-    ModuleOptimizer,
     TrainerStandIn,
     build_module_optimizer,
     call_hook,
@@ -72,7 +84,6 @@ from syncbench.strategies.program import (
     StartReduce,
     Strategy,
     WaitReduce,
-    WorkerProgram,
     gradient_payload,
     load_gradient_payload_,
     state_payload,
@@ -117,61 +128,6 @@ class TimeLedger:
         self.compute, self.comm, self.wait = (np.zeros(self.n_workers) for _ in range(3))
 
 
-class SimWorker:
-    """One virtual worker: the ``syncbench.strategies.program.Worker`` its program sees, plus the
-    engine's bookkeeping (its generator, its computation in flight, its collective count).
-
-    Its replica runs as under Lightning's Trainer: a trainer stand-in (``global_step`` = the
-    worker's training batches, ``current_epoch`` = the epoch of its shard), the fit hooks at
-    the matching points, and ``optimizer`` = the module's optimizer with its LR schedulers,
-    gradient clipping and ``on_before_optimizer_step`` (``ModuleOptimizer``)."""
-
-    def __init__(self, rank: int, world: int, batch_size: int, module: LightningModuleLike,
-                 batches: ShardedBatches, trainer_options: Any = None,
-                 metrics: Callable[[], dict[str, float]] | None = None):
-        self.rank, self.world, self.batch_size = rank, world, batch_size
-        self.module = module
-        clip = _clip_options(trainer_options)
-        self.trainer = TrainerStandIn(module, num_training_batches=batches.steps_per_epoch, **clip).attach()
-        self.optimizer: ModuleOptimizer = build_module_optimizer(module, steps_per_epoch=batches.steps_per_epoch,
-                                                                 metrics=metrics, **clip)
-        self.batches = batches
-        self.last_batch: Any = None
-        self.last_loss: torch.Tensor | None = None
-        self.steps = 0  # gradients computed (the module's batch_idx)
-        self.completed = 0  # program steps finished
-        self.program: WorkerProgram | None = None
-        self.gen: Any = None
-        self.computing: tuple[float, int] | None = None  # (start, token) of the computation in flight
-        self.token = 0
-        self.collectives = 0
-        self.pulled_version = 0
-        self.step_factors = [1.0] * world  # the straggler model's expected factors (set by the engine)
-
-    @functools.cached_property
-    def gradient_bytes(self) -> int:
-        """Bytes of this replica's ``gradient_payload`` (a push of its gradient)."""
-        payload = gradient_payload(self.module)
-        return payload.numel() * payload.element_size()
-
-    def stop_requested(self) -> bool:
-        return False  # the sim stops between events; nothing is ever left unsynchronised
-
-    def expected_step_factors(self) -> list[float]:
-        return list(self.step_factors)
-
-    def batch_idx(self) -> int:
-        """Index of the next batch within its epoch (the module's ``batch_idx``, as the Trainer's)."""
-        return self.steps % self.batches.steps_per_epoch
-
-
-def _clip_options(trainer_options: Any) -> dict[str, Any]:
-    if trainer_options is None:
-        return {}
-    return {"gradient_clip_val": trainer_options.gradient_clip_val,
-            "gradient_clip_algorithm": trainer_options.gradient_clip_algorithm}
-
-
 @dataclass
 class _Collective:
     kind: type[Op]
@@ -194,29 +150,51 @@ class SimEngine:
     def __init__(self, strategy: Strategy, module: LightningModuleLike, train_set: Dataset, collate: Callable,
                  *, workers: int, batch_size: int, seed: int, step_s: float, stragglers: Any,
                  network: NetworkConfig, lr_factor: float = 1.0, trainer_options: Any = None,
-                 codec_s_per_mb: float | None = None):
+                 codec_s_per_mb: float | None = None, device: str = "cpu", batching: str = "auto"):
+        """``device``: where the replicas and batches live (a resolved ``cluster.device``);
+        ``batching``: ``cluster.sim.batching`` (auto: one shared replica and batched compute
+        where ``Strategy.replicas_shareable`` and the module passes ``batching_refusal``)."""
         self.strategy, self.n, self.step_s, self.net = strategy, workers, step_s, network
+        self.device = torch.device(device)
+        module.to(self.device)
+        self.train_set, self.collate = train_set, collate
         self.codec_s_per_mb = codec_s_per_mb  # None: measured at the first compressed exchange
         self.codec_used = False
         self.stragglers = StragglerModel(stragglers, workers, seed)
         self.latest_metrics: dict[str, float] = {}  # of the last evaluation (ReduceLROnPlateau reads them)
         metrics = lambda: self.latest_metrics  # noqa: E731
-        replicas = [module] + [copy.deepcopy(module) for _ in range(workers - 1)]
-        self.workers = [SimWorker(w, workers, batch_size, replicas[w],
-                                  ShardedBatches(train_set, w, workers, batch_size, seed, collate),
-                                  trainer_options, metrics)
-                        for w in range(workers)]
+        clip = clip_options(trainer_options)
+        self.shared: SharedOptimizer | None = None
+        refusal: str | None = "cluster.sim.batching=off" if batching == "off" else \
+            "one worker" if workers == 1 else \
+            None if strategy.replicas_shareable() else f"{strategy.name} keeps replicas that differ"
+        if refusal is None:
+            refusal = batching_refusal(module, train_set, collate, batch_size, seed, self.device)
+            if refusal is not None:
+                log_fallback(refusal)
+        self.batching = describe_mode(refusal is None, refusal)
+        shards = [ShardedBatches(train_set, w, workers, batch_size, seed, collate) for w in range(workers)]
+        if refusal is None:  # one replica, one optimizer, stepped once per update, for every worker
+            trainer = TrainerStandIn(module, num_training_batches=shards[0].steps_per_epoch, **clip).attach()
+            self.shared = SharedOptimizer(build_module_optimizer(module, steps_per_epoch=shards[0].steps_per_epoch,
+                                                                 metrics=metrics, **clip))
+            self.workers = [SimWorker(w, workers, batch_size, module, shards[w], shared=(trainer, self.shared))
+                            for w in range(workers)]
+        else:
+            replicas = [module] + [copy.deepcopy(module) for _ in range(workers - 1)]
+            self.workers = [SimWorker(w, workers, batch_size, replicas[w], shards[w], trainer_options, metrics)
+                            for w in range(workers)]
         self.server: ParameterServer | None = None
         if strategy.traits.has_parameter_server:
             server_module = copy.deepcopy(module)
             # one epoch of the server = one pass over the training data: every worker's shard
             epoch = workers * self.workers[0].batches.steps_per_epoch
-            TrainerStandIn(server_module, num_training_batches=epoch, **_clip_options(trainer_options)).attach()
+            TrainerStandIn(server_module, num_training_batches=epoch, **clip).attach()
             server = strategy.server(server_module, build_module_optimizer(
-                server_module, steps_per_epoch=epoch, metrics=metrics, owns_counters=True,
-                **_clip_options(trainer_options)))
+                server_module, steps_per_epoch=epoch, metrics=metrics, owns_counters=True, **clip))
             self.server = server
-        for opt in [w.optimizer for w in self.workers] + ([self.server.optimizer] if self.server else []):
+        optimizers = [self.shared.inner] if self.shared is not None else [w.optimizer for w in self.workers]
+        for opt in optimizers + ([self.server.optimizer] if self.server else []):
             scale_lr_(opt, lr_factor)
         factors = [self.stragglers.expected_factor(r) for r in range(workers)]
         for w in self.workers:
@@ -232,9 +210,9 @@ class SimEngine:
         self.diverged = False
         self.recent_losses: list[float] = []
         self.eval_module = copy.deepcopy(module)
-        for w in self.workers:
+        for w in self.replica_workers():
             call_hook(w.module, "on_fit_start")
-        for w in self.workers:
+        for w in self.replica_workers():
             call_hook(w.module, "on_train_start")
         for w in self.workers:
             self._drive(w, 0.0, None)
@@ -245,9 +223,13 @@ class SimEngine:
         for w in self.workers:
             w.trainer.callback_metrics = {k: torch.tensor(v) for k, v in metrics.items()}
 
+    def replica_workers(self) -> list[SimWorker]:
+        """One worker per replica: every worker, or the first when they share one (its hooks run once)."""
+        return self.workers[:1] if self.shared is not None else self.workers
+
     def finish(self) -> None:
         """The run has ended: ``on_train_end`` on every replica."""
-        for w in self.workers:
+        for w in self.replica_workers():
             spe = w.batches.steps_per_epoch
             if w.steps % spe:  # stopped mid-epoch: the Trainer still closes the epoch
                 call_hook(w.module, "on_train_epoch_end")
@@ -330,6 +312,11 @@ class SimEngine:
                 return  # abandoned: a quorum collective completed without this worker
             w.computing = None
             self.ledger.compute[w.rank] += c
+            if self.shared is not None:  # the gradient is computed with the round's other kept ones
+                w.pending = w.batches.next_indices()
+                w.steps += 1
+                self._drive(w, now, None)
+                return
             self._drive(w, now, self._forward_backward(w))
 
         self.queue.push(t + c, done)
@@ -341,7 +328,7 @@ class SimEngine:
         if idx == 0:
             trainer.current_epoch = w.steps // w.batches.steps_per_epoch
             call_hook(module, "on_train_epoch_start")
-        batch = next(w.batches)
+        batch = move_to(next(w.batches), self.device)
         call_hook(module, "on_train_batch_start", batch, idx)
         loss = training_loss(module, batch, idx)
         w.steps += 1
@@ -357,6 +344,40 @@ class SimEngine:
         loss.backward()
         call_hook(module, "on_after_backward")
         return value
+
+    def _batched_gradient(self, ranks: list[int]) -> None:
+        """The batched path's round: the mean gradient of the kept workers ``ranks`` into the
+        shared replica, from one forward/backward over their concatenated batches, with the
+        hooks of one step (those of the first kept worker, whose step ends the batch)."""
+        assert self.shared is not None
+        lead = self.workers[ranks[0]]
+        module, trainer = lead.module, lead.trainer
+        idx = (lead.steps - 1) % lead.batches.steps_per_epoch  # all kept workers read batch idx now
+        trainer.global_step = lead.completed
+        if idx == 0:
+            trainer.current_epoch = (lead.steps - 1) // lead.batches.steps_per_epoch
+            call_hook(module, "on_train_epoch_start")
+        indices = []
+        for r in ranks:
+            w = self.workers[r]
+            assert w.pending is not None, f"worker {r} joined a round without a computed batch"
+            indices.append(w.pending)
+            w.pending = None
+        batch = concatenated_batch(self.train_set, indices, self.collate, self.device)
+        call_hook(module, "on_train_batch_start", batch, idx)
+        loss = training_loss(module, batch, idx)
+        lead.last_batch, lead.last_loss = (batch, idx), loss.detach()
+        call_hook(module, "on_before_zero_grad", self.shared.inner.optimizer)
+        self.shared.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        self.recent_losses.append(value)
+        if not is_finite(value):
+            self.diverged = True
+            return
+        call_hook(module, "on_before_backward", loss)
+        loss.backward()
+        call_hook(module, "on_after_backward")
+        self.shared.arm()
 
     def _end_batch(self, w: SimWorker) -> None:
         """A program step has finished: ``on_train_batch_end`` (and the epoch's end)."""
@@ -388,6 +409,12 @@ class SimEngine:
         coll.arrivals[w.rank] = t
         if coll.done_at is not None:  # a dropped worker joins a finished round for its result
             self._deliver(w, coll)
+        elif self.shared is not None:
+            assert isinstance(op, ReduceGradients) and op.codec is None, \
+                f"{self.strategy.name}: a shared replica reduces only uncompressed gradients (replicas_shareable)"
+            coll.payloads[w.rank] = _COMPUTED  # its batch's gradient is computed with the others' at the quorum
+            if len(coll.payloads) == coll.quorum:
+                self._complete(coll, t)
         elif op.codec is not None:
             coll.ops[w.rank] = op
             coll.payloads[w.rank] = compression.op_payload(op, w.module)
@@ -403,11 +430,17 @@ class SimEngine:
 
     def _complete(self, coll: _Collective, t: float) -> None:
         payloads = [coll.payloads[r] for r in sorted(coll.payloads)]
-        nbytes = payloads[0].numel() * payloads[0].element_size()
-        if coll.ops:
-            comm_s = self._compressed(coll, payloads, nbytes)
+        if self.shared is not None:
+            self._batched_gradient(sorted(coll.payloads))
+            nbytes = self.workers[0].gradient_bytes
+            self.ledger.comm_bytes += ring_allreduce_bytes(self.n, nbytes)
+            comm_s = ring_allreduce_s(self.n, nbytes, self.net)
         else:
-            comm_s = self._all_reduce(coll, payloads, nbytes)
+            nbytes = payloads[0].numel() * payloads[0].element_size()
+            if coll.ops:
+                comm_s = self._compressed(coll, payloads, nbytes)
+            else:
+                comm_s = self._all_reduce(coll, payloads, nbytes)
         coll.completed_at, coll.done_at = t, t + comm_s
         for rank in sorted(coll.payloads):
             self.ledger.wait[rank] += t - coll.arrivals[rank]
@@ -442,6 +475,9 @@ class SimEngine:
     def _deliver(self, w: SimWorker, coll: _Collective) -> None:
         assert coll.done_at is not None
         self.ledger.comm[w.rank] += coll.done_at - coll.completed_at
+        if self.shared is not None:  # the round's gradient is already in the one replica
+            self.queue.push(coll.done_at, lambda now: self._drive(w, now, None))
+            return
         if coll.ops:
             op, mean = coll.ops[w.rank], coll.results[w.rank]
 
@@ -523,6 +559,9 @@ class SimEngine:
             self.queue.push(end, lambda later: self._drive(w, later, applied))
 
         self.queue.push(start + transfer_s, arrive)
+
+
+_COMPUTED = torch.empty(0)  # the batched path's placeholder for a worker's payload: its gradient comes at the quorum
 
 
 def mean_payload(payloads: list[torch.Tensor]) -> torch.Tensor:
