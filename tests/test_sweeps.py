@@ -421,7 +421,7 @@ def test_race_pruner_stops_trials_that_cannot_win_and_never_the_best(ws, tmp_pat
     (row,) = list(csv.DictReader(open(out / "summary.csv")))
     assert (row["n_seeds"], row["n_reached"]) == ("1", "1")
     md = (out / "report.md").read_text()
-    assert f"| {RACE_CELL} | 6 | {6 - len(pruned)} | {len(pruned)} |" in md
+    assert f"| sync, N=2 | 6 | {6 - len(pruned)} | {len(pruned)} |" in md  # the report's one label format
 
     # rerun each pruned trial's parameters to the end: none of them would have won
     for t in pruned:
