@@ -95,6 +95,8 @@ class _LogCapture:
                 logged[key] = (val, batch_size, "metric")
                 continue
             if isinstance(val, torch.Tensor):
+                if torch._C._functorch.is_functorch_wrapped_tensor(val):
+                    continue  # logged inside the sim's vmapped training_step: one value per worker, not kept
                 val = val.detach()
                 val = val.float().mean().item() if val.numel() != 1 else val.item()
             logged[key] = (float(val), batch_size, _reduce_name(reduce_fx))

@@ -84,7 +84,7 @@ def test_batched_and_per_worker_paths_agree_for_every_strategy(name):
     off_mode, per_worker = final_state(config(*base, "cluster.sim.batching=off"))
     assert off_mode == "per-worker: cluster.sim.batching=off"
     strategy = STRATEGIES[name](config(*base).strategy.options(), 4, 32)
-    assert (mode == "batched") == strategy.replicas_shareable()
+    assert mode == ("batched" if strategy.replicas_shareable() else "stacked")
     torch.testing.assert_close(batched, per_worker, atol=1e-6, rtol=0)
 
 
@@ -150,18 +150,30 @@ def test_backup_workers_batch_only_the_kept_gradients():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("module,needle", [("tests.conformance_modules:BatchNorm", "BatchNorm"),
-                                           (f"{HERE}:SummedLoss", "not a mean")])
-def test_a_module_that_cannot_be_batched_exactly_runs_per_worker(module, needle, caplog):
-    """BatchNorm in training mode and a summed loss fail the exactness check: per-worker compute,
-    said once in the log and in the batching tag, and the same parameters as batching off."""
-    base = (f"task.module={module}", "task.module_args={lr: 0.05}")
+def test_a_module_that_cannot_be_batched_exactly_runs_per_worker(caplog):
+    """BatchNorm in training mode fails both exactness checks (batch statistics over the
+    concatenated batch; running statistics updated in the forward, which vmap cannot carry back):
+    per-worker compute, said once in the log and in the batching tag, the same parameters as
+    batching off."""
+    base = ("task.module=tests.conformance_modules:BatchNorm", "task.module_args={lr: 0.05}")
     with caplog.at_level("WARNING", logger="syncbench.experiments.sim.batching"):
         engine = simulate(config(*base), 5)
-    assert engine.batching.startswith("per-worker:") and needle in engine.batching
+    assert engine.batching.startswith("per-worker:") and "BatchNorm" in engine.batching
+    assert "updates its buffers" in engine.batching
     assert sum("not batched" in r.getMessage() for r in caplog.records) == 1
     off = simulate(config(*base, "cluster.sim.batching=off"), 5)
     assert torch.equal(flat_state(engine.global_model()), flat_state(off.global_model()))
+
+
+def test_a_summed_loss_is_not_concatenated_but_stacked():
+    """A summed loss: concatenating the batches would multiply the gradient by N, so sync keeps
+    N replicas; their gradients are still computed in one vmapped call (exact: the same
+    parameters as per-worker compute within float32 summation order)."""
+    base = (f"task.module={HERE}:SummedLoss", "task.module_args={lr: 0.005}")
+    engine = simulate(config(*base), 5)
+    assert engine.batching == "stacked"
+    off = simulate(config(*base, "cluster.sim.batching=off"), 5)
+    torch.testing.assert_close(flat_state(engine.global_model()), flat_state(off.global_model()), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("batching", ["auto", "off"])

@@ -36,9 +36,9 @@ from syncbench.strategies.program import gradient_payload
 
 log = logging.getLogger(__name__)
 
-BATCHING_TAG = "syncbench.sim.batching"  # batched | per-worker: <why>
+BATCHING_TAG = "syncbench.sim.batching"  # batched | stacked | per-worker: <why>
 
-_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+DROPOUT_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
             torch.nn.FeatureAlphaDropout)
 
 # the check's tolerance: a concatenated batch sums its samples' gradients in another order than
@@ -114,9 +114,9 @@ def batching_refusal(module: Any, dataset: Dataset, collate: Callable[[list], An
         indices = [s.next_indices() for s in shards]
         payloads = []
         for part in indices:
-            probe = _probe_copy(module)
+            probe = probe_copy(module)
             payloads.append(_gradient_and_buffers(probe, move_to(collate_indices(dataset, part, collate), device)))
-        probe = _probe_copy(module)
+        probe = probe_copy(module)
         together = _gradient_and_buffers(probe, concatenated_batch(dataset, indices, collate, device))
     except Exception as exc:  # noqa: BLE001 - any failure of the module on a larger batch: per-worker compute
         return f"training_step on a concatenated batch failed ({type(exc).__name__}: {exc})"
@@ -134,11 +134,11 @@ def batching_refusal(module: Any, dataset: Dataset, collate: Callable[[list], An
     return None
 
 
-def _probe_copy(module: Any) -> Any:
+def probe_copy(module: Any) -> Any:
     probe = copy.deepcopy(module)
     TrainerStandIn(probe).attach()
     for m in probe.modules():
-        if isinstance(m, _DROPOUT):
+        if isinstance(m, DROPOUT_LAYERS):
             m.eval()  # the masks' numbers differ by construction; the rest must agree
     take_logged(probe)
     return probe

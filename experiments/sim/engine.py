@@ -29,7 +29,10 @@ Events at the same instant resolve in insertion order: a run is reproducible bit
 Batched path (``cluster.sim.batching: auto``, ``syncbench.experiments.sim.batching``): where the
 strategy's replicas are identical, every worker shares one replica and optimizer; a ``Compute``
 only draws the worker's batch when it ends, and the quorum's ``ReduceGradients`` computes the
-kept workers' mean gradient in one forward/backward over their concatenated batches.
+kept workers' mean gradient in one forward/backward over their concatenated batches. Stacked
+path (``syncbench.experiments.sim.stacked``): where replicas differ, each worker keeps its own, and
+the gradients of the workers computing together come from one ``vmap`` call. The path a run takes:
+``syncbench.experiments.sim.compute_mode``.
 """
 
 from __future__ import annotations
@@ -55,15 +58,11 @@ from syncbench.experiments.cluster_model import (
     ring_allreduce_s,
 )
 from syncbench.experiments.sharding import ShardedBatches
-from syncbench.experiments.sim.batching import (
-    SharedOptimizer,
-    batching_refusal,
-    concatenated_batch,
-    describe_mode,
-    log_fallback,
-    move_to,
-)
+from syncbench.experiments.sim.batching import SharedOptimizer, concatenated_batch, move_to
 from syncbench.experiments.sim.calibration import measure_codec_s_per_mb
+from syncbench.experiments.sim.optimizer_speed import prefer_foreach_
+from syncbench.experiments.sim.compute_mode import choose_compute_mode
+from syncbench.experiments.sim.stacked import StackedResult
 from syncbench.experiments.sim.worker import SimWorker, clip_options
 from syncbench.experiments.strategy_setup import scale_lr_
 from syncbench.strategies.lightning_bridge import (
@@ -88,7 +87,7 @@ from syncbench.strategies.program import (
     load_gradient_payload_,
     state_payload,
 )
-from syncbench.strategies.tensors import copy_state_, load_flat_state_
+from syncbench.strategies.tensors import copy_state_, load_flat_state_, trainable
 from syncbench.strategies import compression
 
 
@@ -152,8 +151,8 @@ class SimEngine:
                  network: NetworkConfig, lr_factor: float = 1.0, trainer_options: Any = None,
                  codec_s_per_mb: float | None = None, device: str = "cpu", batching: str = "auto"):
         """``device``: where the replicas and batches live (a resolved ``cluster.device``);
-        ``batching``: ``cluster.sim.batching`` (auto: one shared replica and batched compute
-        where ``Strategy.replicas_shareable`` and the module passes ``batching_refusal``)."""
+        ``batching``: ``cluster.sim.batching`` (auto: the batched or stacked path where exact,
+        ``syncbench.experiments.sim.compute_mode``)."""
         self.strategy, self.n, self.step_s, self.net = strategy, workers, step_s, network
         self.device = torch.device(device)
         module.to(self.device)
@@ -165,16 +164,11 @@ class SimEngine:
         metrics = lambda: self.latest_metrics  # noqa: E731
         clip = clip_options(trainer_options)
         self.shared: SharedOptimizer | None = None
-        refusal: str | None = "cluster.sim.batching=off" if batching == "off" else \
-            "one worker" if workers == 1 else \
-            None if strategy.replicas_shareable() else f"{strategy.name} keeps replicas that differ"
-        if refusal is None:
-            refusal = batching_refusal(module, train_set, collate, batch_size, seed, self.device)
-            if refusal is not None:
-                log_fallback(refusal)
-        self.batching = describe_mode(refusal is None, refusal)
+        self.mode = choose_compute_mode(strategy, module, train_set, collate, workers=workers, batching=batching,
+                                        batch_size=batch_size, seed=seed, device=self.device)
+        self.batching = self.mode.tag
         shards = [ShardedBatches(train_set, w, workers, batch_size, seed, collate) for w in range(workers)]
-        if refusal is None:  # one replica, one optimizer, stepped once per update, for every worker
+        if self.mode.shared:  # one replica, one optimizer, stepped once per update
             trainer = TrainerStandIn(module, num_training_batches=shards[0].steps_per_epoch, **clip).attach()
             self.shared = SharedOptimizer(build_module_optimizer(module, steps_per_epoch=shards[0].steps_per_epoch,
                                                                  metrics=metrics, **clip))
@@ -196,6 +190,7 @@ class SimEngine:
         optimizers = [self.shared.inner] if self.shared is not None else [w.optimizer for w in self.workers]
         for opt in optimizers + ([self.server.optimizer] if self.server else []):
             scale_lr_(opt, lr_factor)
+            prefer_foreach_(opt)
         factors = [self.stragglers.expected_factor(r) for r in range(workers)]
         for w in self.workers:
             w.step_factors = factors
@@ -317,20 +312,22 @@ class SimEngine:
                 w.steps += 1
                 self._drive(w, now, None)
                 return
-            self._drive(w, now, self._forward_backward(w))
+            self._drive(w, now, self._forward_backward(
+                w, self.mode.stacked_result(w, self.workers, self.device) if self.mode.stacked else None))
 
         self.queue.push(t + c, done)
 
-    def _forward_backward(self, w: SimWorker) -> float:
-        """Lightning's closure: the batch hooks, ``training_step``, zero_grad, backward."""
+    def _forward_backward(self, w: SimWorker, ahead: StackedResult | None = None) -> float:
+        """Lightning's closure: the batch hooks, ``training_step``, zero_grad, backward; with
+        ``ahead`` (the stacked path), its batch, loss and gradient stand for the step's own."""
         module, trainer, idx = w.module, w.trainer, w.batch_idx()
         trainer.global_step = w.completed
         if idx == 0:
             trainer.current_epoch = w.steps // w.batches.steps_per_epoch
             call_hook(module, "on_train_epoch_start")
-        batch = move_to(next(w.batches), self.device)
+        batch = ahead.batch if ahead is not None else move_to(next(w.batches), self.device)
         call_hook(module, "on_train_batch_start", batch, idx)
-        loss = training_loss(module, batch, idx)
+        loss = ahead.loss if ahead is not None else training_loss(module, batch, idx)
         w.steps += 1
         w.last_batch, w.last_loss = (batch, idx), loss.detach()
         call_hook(module, "on_before_zero_grad", w.optimizer.optimizer)
@@ -341,7 +338,11 @@ class SimEngine:
             self.diverged = True
             return value
         call_hook(module, "on_before_backward", loss)
-        loss.backward()
+        if ahead is not None:
+            for p, g in zip(trainable(module), ahead.grads):
+                p.grad = g
+        else:
+            loss.backward()
         call_hook(module, "on_after_backward")
         return value
 
@@ -396,7 +397,8 @@ class SimEngine:
         start, _ = w.computing
         w.computing = None
         self.ledger.compute[w.rank] += t - start
-        w.batches.next_indices()
+        if not self.mode.drop(w.rank):  # its batch was not drawn yet for a stacked gradient
+            w.batches.next_indices()
         w.steps += 1
         self._drive(w, t, None)
 
