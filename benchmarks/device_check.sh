@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/device_check.sh            # from the repository root, .venv installed
 #
-# 1. the CUDA tests (tests marked `cuda`: the sim on cuda:0 against the CPU, a run end to end)
+# 1. the CUDA tests (tests marked `cuda`: the sim on cuda:0 against the CPU, a run end to end with
+#    its peak_mem_bytes, checkpointing lowering CUDA's own peak)
 # 2. benchmarks/sim_scaling on cuda: sync against the plain loop at batch N*b on the same GPU
 #    (target >= 0.7), local SGD and async alongside
 # 3. a dist run on NCCL, one rank per GPU that exists
@@ -43,7 +44,24 @@ client = MlflowClient(tracking_uri=f"sqlite:///{Path(sys.argv[1]) / 'mlflow.db'}
 runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 for r in runs:
     tags = {k: v for k, v in r.data.tags.items() if "backend" in k or "device" in k}
-    print(r.info.status, tags, {k: round(v, 4) for k, v in r.data.metrics.items() if k in ("val_acc", "tta_s")})
+    print(r.info.status, tags, {k: round(v, 4) for k, v in r.data.metrics.items()
+                                if k in ("val_acc", "tta_s", "peak_mem_bytes", "activation_bytes")})
+PYEOF
+echo "== 4. checkpointing memory: CUDA's peak over one step against the graph walk (charlm, sim on cuda)"
+for on in false true; do
+    timeout 60 $PY -m syncbench run charlm --no-progress --workspace "$WS/ckpt" --set cluster.device=cuda \
+        --set checkpointing.enabled=$on --set budget.train_time_s=0.2 --set eval.every_s=0.1 >/dev/null || status=1
+done
+$PY - "$WS/ckpt" <<'PYEOF' || status=1
+import sys
+from pathlib import Path
+from mlflow.tracking import MlflowClient
+client = MlflowClient(tracking_uri=f"sqlite:///{Path(sys.argv[1]) / 'mlflow.db'}")
+runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+for r in sorted(runs, key=lambda r: r.data.params.get("checkpointing.enabled", "")):
+    m = r.data.metrics
+    print(f"checkpointing={r.data.params.get('checkpointing.enabled')}: peak_mem_bytes={m.get('peak_mem_bytes')} "
+          f"activation_bytes={m.get('activation_bytes')}")
 PYEOF
 echo "== done (status $status)"
 exit $status

@@ -276,12 +276,16 @@ class NetworkConfig(_Strict):
 class SimOptions(_Strict):
     batching: Literal["auto", "off"] = Field(default="auto", description="auto: where a strategy keeps every "
                                              "replica identical (sync without compression) the sim holds one "
-                                             "replica and one optimizer, and computes each update's gradient in one "
-                                             "forward/backward over the kept workers' concatenated batches, after "
-                                             "checking once that this equals the mean of per-worker gradients for "
-                                             "the module (BatchNorm in training mode, a summed loss: per-worker "
-                                             "compute, tagged syncbench.sim.batching); off: one replica, "
-                                             "optimizer and forward/backward per worker")
+                                             "replica and one optimizer and computes each update's gradient in one "
+                                             "forward/backward over the kept workers' concatenated batches "
+                                             "(batched); where replicas differ (local SGD, DiLoCo, async, ...) or "
+                                             "a module cannot be concatenated, each worker keeps its replica and "
+                                             "the gradients of the workers computing together come from one "
+                                             "torch.func.vmap call (stacked); each path is checked once per run "
+                                             "against per-worker gradients for the module, and a module that fails "
+                                             "both (BatchNorm in training mode) computes per worker, tagged "
+                                             "syncbench.sim.batching; off: one replica, optimizer and "
+                                             "forward/backward per worker")
 
     @field_validator("batching", mode="before")
     @classmethod

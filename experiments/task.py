@@ -20,7 +20,7 @@ from syncbench.experiments.config import ConfigError, RunConfig, import_object
 from syncbench.experiments.sharding import ShardedBatches
 from syncbench.experiments.workspace import available_memory_bytes
 from syncbench.strategies import STRATEGIES
-from syncbench.strategies.checkpointing import activation_bytes, apply_checkpointing
+from syncbench.strategies.checkpointing import activation_bytes, apply_checkpointing, step_peak_bytes
 from syncbench.strategies.lightning_bridge import (
     LightningModuleLike,
     capture_logs,
@@ -222,6 +222,16 @@ def measure_activation_bytes(task: PreparedTask, config: RunConfig) -> int | Non
         return int(activation_bytes(copy.deepcopy(task.module), batch))
     finally:
         torch.set_rng_state(rng_state)
+
+
+def measure_peak_mem_bytes(task: PreparedTask, config: RunConfig, device: torch.device | str) -> int | None:
+    """The metric ``peak_mem_bytes`` (docs/metrics.md): on a CUDA device, the allocator's peak over
+    one training step of the prepared (possibly checkpointed) module (``step_peak_bytes``); None
+    elsewhere, where no per-step peak exists (a process's RSS holds the whole run)."""
+    if torch.device(device).type != "cuda":
+        return None
+    batch = next(ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed + 2, task.collate))
+    return step_peak_bytes(task.module, batch, device)
 
 
 class ModuleError(RuntimeError):

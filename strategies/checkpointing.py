@@ -49,6 +49,7 @@ is checkpointed however the user's forward reaches it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import io
 import logging
@@ -322,6 +323,34 @@ def activation_bytes(module: LightningModuleLike, batch: Any, batch_idx: int = 0
     finally:
         module.train(was_training)
     return int(sum(sizes.values()))
+
+
+def step_peak_bytes(module: LightningModuleLike, batch: Any, device: torch.device | str, batch_idx: int = 0) -> int:
+    """CUDA's own count of one training step's memory: the caching allocator's peak over a copy
+    of ``module`` moved to ``device``, its batch, one forward and one backward -- parameters,
+    gradients, activations (checkpointed or not, DeepSpeed's partitions included) and the kernels'
+    temporaries; not optimizer state. Counted from what was allocated before, so other tensors on
+    the device do not count; the module itself and the caller's random state are left alone.
+    Independent of ``activation_bytes``' walk over the graph: a check of it where a GPU exists."""
+    device = torch.device(device)
+    assert device.type == "cuda", "the allocator's peak exists on CUDA only"
+    rng = torch.cuda.get_rng_state(device), torch.get_rng_state()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        replica = copy.deepcopy(module).to(device)
+        replica.train()
+        on_device = torch.utils._pytree.tree_map(
+            lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+        training_loss(replica, on_device, batch_idx).backward()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del replica, on_device
+    finally:
+        torch.cuda.set_rng_state(rng[0], device)
+        torch.set_rng_state(rng[1])
+    return int(peak)
 
 
 def peak_memory_bytes(device: torch.device | str | None = None) -> int:

@@ -50,7 +50,7 @@ from syncbench.experiments.recording import open_client
 from syncbench.experiments.result import RunResult, record_stopped_run
 from syncbench.experiments.sharding import ShardedBatches
 from syncbench.experiments.strategy_setup import build_strategy, lr_factor
-from syncbench.experiments.task import measure_activation_bytes, prepare_task, seed_everything
+from syncbench.experiments.task import measure_activation_bytes, measure_peak_mem_bytes, prepare_task, seed_everything
 from syncbench.strategies.checkpointing import release_deepspeed_process_group
 from syncbench.strategies.lightning_bridge import build_optimizer, take_logged, training_loss
 from syncbench.strategies.lightning_flavour import flavour_of
@@ -116,6 +116,7 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
     local_rank = device.index if device.type == "cuda" else int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    peak = measure_peak_mem_bytes(task, config, device) if rank == 0 else None  # CUDA only
     store = rendezvous_store(rank, world, timeout)  # single node: listening on 127.0.0.1 only
     if store is None:  # torchrun: the address the user gave
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
@@ -192,7 +193,8 @@ def run_worker(config: Any, *, rank: int, world: int, local_world: int, wall0: f
             return RunResult(run_id=None, outcome=outcome)
         assert monitor is not None and recorder is not None
         with signals.deferred():  # the finished run is recorded whole; a signal here stops after it
-            result = record_run(config, recorder, monitor, worker, strategy, rows, wall0, activation_bytes)
+            result = record_run(config, recorder, monitor, worker, strategy, rows, wall0, activation_bytes,
+                                {"peak_mem_bytes": float(peak)} if peak is not None else {})
             if control is not None:
                 write_json(control / "result.json", result_to_json(result))
         with contextlib.suppress(Exception):

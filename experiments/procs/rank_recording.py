@@ -83,9 +83,10 @@ def final_outcome(worker: Any, comm: Any) -> str:
 
 
 def record_run(config: Any, recorder: Any, monitor: Any, worker: Any, strategy: Any, rows: list[dict[str, float]],
-               wall0: float, activation_bytes: int | None) -> RunResult:
+               wall0: float, activation_bytes: int | None, memory: dict[str, float] | None = None) -> RunResult:
     """Rank 0: the finished run recorded whole (``record_finished_run``) with the ranks' time
-    ledgers aggregated (mean and max) and ``ranks.json``; returns the run's ``RunResult``."""
+    ledgers aggregated (mean and max), ``memory`` (``peak_mem_bytes`` on CUDA) and ``ranks.json``;
+    returns the run's ``RunResult``."""
     res = monitor.result
     led = worker.ledger
     first_step_wall = time.time() - led.elapsed() if led.t_first is not None else time.time()
@@ -96,7 +97,7 @@ def record_run(config: Any, recorder: Any, monitor: Any, worker: Any, strategy: 
     updates = last.updates if last else 0
     result = RunResult(**vars(res), run_id=recorder.run_id, init_s=init_s, step_time_s=step_time,
                        extra=strategy.summary_metrics())
-    summary: dict[str, float] = {}
+    summary: dict[str, float] = dict(memory or {})
     for name in ("compute", "comm", "wait"):
         values = [r[name] for r in rows]
         summary[f"time_{name}_s"] = sum(values) / len(values)

@@ -24,6 +24,7 @@ from syncbench.experiments.task import (
     PreparedTask,
     check_initial_target,
     measure_activation_bytes,
+    measure_peak_mem_bytes,
     one_thread,
     prepare_task,
     seed_everything,
@@ -77,7 +78,7 @@ def execute_sim_run(config: RunConfig, *, workspace: Path, tracking_uri: str, ex
                                    parent_run_id=parent_run_id)
         seen = TTATracker(config)  # the loop's outcome of each evaluation, for the pruning hook
         engine: SimEngine | None = None
-        init_s, act_bytes = 0.0, None
+        init_s, act_bytes, memory = 0.0, None, {}
         try:
             signals.poll()
             recorder.log_params({**config.flat(), "backend": "sim"})
@@ -89,6 +90,8 @@ def execute_sim_run(config: RunConfig, *, workspace: Path, tracking_uri: str, ex
                 step_s = calibration.step_s
                 recorder.set_tags({STEP_SAMPLES_TAG: step_samples_tag(calibration.samples)})
             act_bytes = measure_activation_bytes(task, config)
+            peak = measure_peak_mem_bytes(task, config, device)  # CUDA only
+            memory = {"peak_mem_bytes": float(peak)} if peak is not None else {}
             engine = build_simulation(config, task, step_s, device)
             recorder.set_tags({BATCHING_TAG: engine.batching, "syncbench.sim.device": device})
             init_s = time.perf_counter() - wall0
@@ -113,16 +116,16 @@ def execute_sim_run(config: RunConfig, *, workspace: Path, tracking_uri: str, ex
                 result = _result(recorder.run_id, loop, init_s, step_s, engine.summary_metrics())
                 updates, _ = engine.counters()
                 record_finished_run(recorder, config, result, updates, act_bytes, engine.artifacts(),
-                                    lambda: time.perf_counter() - wall0)
+                                    lambda: time.perf_counter() - wall0, memory)
             return result
         except signals.Interrupted as exc:
             exc.run_id = recorder.run_id  # type: ignore[attr-defined] - for the command's last word
             if recorder.finished:  # the signal came while the finished run was recorded: it stands
                 raise
-            extra = {}
+            extra = dict(memory)
             if engine is not None:
                 with contextlib.suppress(Exception):
-                    extra = engine.summary_metrics()
+                    extra.update(engine.summary_metrics())
             record_stopped_run(recorder, config, seen.result, exc.signum, init_s=init_s, step_time_s=step_s,
                                activation_bytes=act_bytes, extra=extra, wall_s=time.perf_counter() - wall0)
             raise
