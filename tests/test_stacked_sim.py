@@ -77,6 +77,34 @@ class EarlyHook(Base):
         self.seen = batch_idx
 
 
+class KeepsOutputs(Base):
+    """Lightning's own pattern for epoch-end work: training_step appends to a list."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.outputs = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.outputs.append(loss.detach())
+        return loss
+
+
+class RunningTotal(Base):
+    """A running total rebound out of place, and a Python counter, in training_step."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.total = torch.zeros(())
+        self.calls = 0
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.total = self.total + loss.detach()
+        self.calls += 1
+        return loss
+
+
 def run(overrides, updates: int = 20, record: list | None = None):
     cfg = config(*overrides)
     engine = build_simulation(cfg, prepare_task(cfg), step_s=1e-3)
@@ -155,6 +183,18 @@ def test_dropout_stacked_runs_are_bit_reproducible():
 def test_a_module_overriding_an_early_hook_runs_per_worker():
     engine = run([f"task.module={HERE}:EarlyHook", "task.module_args={lr: 0.1}", "strategy.name=local_sgd", "strategy.local_steps=2"], 2)
     assert engine.batching.startswith("per-worker:") and "on_train_batch_start" in engine.batching
+
+
+@pytest.mark.parametrize("module, attribute", [("KeepsOutputs", "outputs"), ("RunningTotal", "calls")])
+def test_a_training_step_with_side_effects_runs_per_worker_and_keeps_them(module, attribute):
+    """Stacked, such a training_step would run once per group on batched values: the module runs
+    per worker (naming the attribute), and each replica keeps what its own steps did."""
+    engine = run([f"task.module={HERE}:{module}", "task.module_args={lr: 0.1}", "strategy.name=local_sgd",
+                  "strategy.local_steps=2", STRAGGLERS], 6)
+    assert engine.batching.startswith("per-worker:") and repr(attribute) in engine.batching
+    for w in engine.workers:
+        count = len(w.module.outputs) if module == "KeepsOutputs" else w.module.calls
+        assert count == w.steps and w.steps > 0
 
 
 @pytest.mark.parametrize("cls", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta"])

@@ -18,7 +18,9 @@ when its forward updates buffers (BatchNorm's running statistics), when ``vmap``
 ``training_step`` (data-dependent Python control flow, ``.item()``), when its batches are not
 tensors of one shape, or when it overrides a hook that runs before ``training_step`` or
 ``backward`` (``on_train_epoch_start``, ``on_train_batch_start``, ``on_before_backward``: on this
-path those hooks run when the worker's computation ends, after its gradient was computed).
+path those hooks run when the worker's computation ends, after its gradient was computed), or
+when its ``training_step`` changes an attribute of the module (a counter, a list of outputs, a
+running total: stacked, it would run once for the group, on batched values).
 What the module logs inside ``training_step`` is not recorded on this path (the sim reads the
 training loss from the returned value, not from the log).
 
@@ -139,6 +141,41 @@ def _fixed_tensors(modules: Sequence[Any]) -> dict[str, list[torch.Tensor]]:
     return out
 
 
+def _fingerprint(value: Any) -> Any:
+    """What tells whether an attribute changed: a tensor's values, a container's length and
+    items (by identity), a plain value itself, any other object's identity."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (int, float, complex, str, bytes, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(map(id, value))
+    if isinstance(value, dict):
+        return dict, tuple(value), tuple(map(id, value.values()))
+    return id(value)
+
+
+def _attribute_fingerprints(module: Any) -> dict[tuple[str, str], tuple[int, Any]]:
+    """The public attributes of every submodule (not parameters, buffers or submodules, which
+    live in nn.Module's private dicts; Lightning's own state is private too)."""
+    return {(prefix, name): (id(value), _fingerprint(value))
+            for prefix, sub in module.named_modules() for name, value in vars(sub).items()
+            if not name.startswith("_")}
+
+
+def _changed_attribute(before: dict[tuple[str, str], tuple[int, Any]],
+                       after: dict[tuple[str, str], tuple[int, Any]]) -> str | None:
+    """The first attribute that a training step set, rebound or changed, as ``sub.name``."""
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        same = old is not None and new is not None and old[0] == new[0] and (
+            torch.equal(old[1], new[1]) if isinstance(old[1], torch.Tensor) and isinstance(new[1], torch.Tensor)
+            else type(old[1]) is type(new[1]) and old[1] == new[1])
+        if not same:
+            return ".".join(k for k in key if k)
+    return None
+
+
 def stacking_refusal(module: Any, dataset: Dataset, collate: Callable[[list], Any], batch_size: int, seed: int,
                      device: torch.device | str) -> tuple[str | None, frozenset[str]]:
     """Why the stacked path would not be exact for ``module`` (or None), and the trainable
@@ -165,12 +202,17 @@ def stacking_refusal(module: Any, dataset: Dataset, collate: Callable[[list], An
         singles, unused = [], set()
         for probe, batch in zip(probes, batches):
             before = [b.detach().clone() for b in probe.buffers()]
+            attributes = _attribute_fingerprints(probe)
             for p in probe.parameters():
                 p.grad = None
             loss = training_loss(probe, batch, 0)
             loss.backward()
             if any(not torch.equal(b0, b1) for b0, b1 in zip(before, probe.buffers())):
                 return "the module's forward updates its buffers (running statistics)", frozenset()
+            changed = _changed_attribute(attributes, _attribute_fingerprints(probe))
+            if changed is not None:
+                return (f"training_step changes the module's attribute {changed!r} (stacked, it would run once "
+                        f"for all workers, on batched values)"), frozenset()
             unused |= {n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None}
             singles.append((loss.detach(), [p.grad for n, p in probe.named_parameters() if p.requires_grad]))
         stacked = StackedGradients(probes[0], frozenset(unused)).compute(probes, batches, 0)
