@@ -170,7 +170,7 @@ def _changed_attribute(before: dict[tuple[str, str], tuple[int, Any]],
         old, new = before.get(key), after.get(key)
         same = old is not None and new is not None and old[0] == new[0] and (
             torch.equal(old[1], new[1]) if isinstance(old[1], torch.Tensor) and isinstance(new[1], torch.Tensor)
-            else type(old[1]) is type(new[1]) and old[1] == new[1])
+            else type(old[1]) is type(new[1]) and (old[1] == new[1] or old[1] != old[1] and new[1] != new[1]))
         if not same:
             return ".".join(k for k in key if k)
     return None
