@@ -108,7 +108,10 @@ def run_trial_job(job: TrialJob) -> TrialReport:
             result = run(config, workspace=job.workspace, tracking_uri=job.tracking_uri,
                          experiment=job.experiment, tags=job.tags, parent_run_id=job.parent_run_id,
                          run_name=job.run_name, progress=False, on_evaluation=hook)
-    except signals.Interrupted as exc:  # the launcher fails the trial and re-enqueues it
+    except signals.Interrupted as exc:  # the launcher fails the trial and re-enqueues it ...
+        finished = getattr(exc, "finished_result", None)
+        if finished is not None:  # ... unless its run was recorded whole before the signal: a result
+            return trial_report(finished)
         return TrialReport(outcome="killed", run_id=getattr(exc, "run_id", None), error=f"stopped by {exc.name}",
                            extra={"signal": exc.signum})
     except Exception as exc:  # noqa: BLE001 - reported to the launcher, which fails the trial
@@ -117,6 +120,11 @@ def run_trial_job(job: TrialJob) -> TrialReport:
         if is_disk_full(exc):
             extra["disk_full"] = True  # the launcher stops the sweep
         return TrialReport(outcome="failed", error=describe(exc), extra=extra)
+    return trial_report(result)
+
+
+def trial_report(result: Any) -> TrialReport:
+    """The report of a trial whose run finished (a ``RunResult``)."""
     return TrialReport(outcome=result.outcome, run_id=result.run_id, tta_s=result.tta_s, wall_s=result.wall_s,
                        mlflow_log_s=result.mlflow_log_s, init_s=result.init_s,
                        extra={"best_val": result.best_val, "samples_to_target": result.samples_to_target})

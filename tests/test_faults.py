@@ -455,3 +455,32 @@ def test_a_second_signal_ends_at_once_but_a_group_echo_does_not():
     proc.send_signal(signal.SIGINT)  # a real second request
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 128 + signal.SIGINT and "second SIGINT" in err
+
+
+def test_a_signal_once_the_run_is_recorded_whole_leaves_its_result_not_a_retry(tmp_path, monkeypatch):
+    """A stop that lands after the trial's run was recorded FINISHED (a scancel at that moment):
+    the trial reports the run's result, so the launcher tells it COMPLETE instead of running the
+    cell x seed again beside a finished run."""
+    from mlflow.tracking import MlflowClient
+
+    import syncbench.experiments.sim.driver as driver
+    from syncbench.experiments import signals
+    from syncbench.experiments.config import load_config
+    from syncbench.sweeps.trials import TrialJob, run_trial_job
+
+    recorded = driver.record_finished_run
+
+    def recorded_then_stopped(*args, **kwargs):
+        recorded(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # inside the deferred section: raised when it ends
+
+    monkeypatch.setattr(driver, "record_finished_run", recorded_then_stopped)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = load_config(DIGITS, ["budget.train_time_s=0.1", "eval.every_s=0.05", "cluster.workers=2"]).model_dump(mode="json")
+    job = TrialJob(config=raw, tags={}, run_name="t", experiment="e", parent_run_id=None, tracking_uri=uri,
+                   workspace=str(tmp_path / "ws"))
+    with signals.handling(armed=False, second_exits=False):
+        report = run_trial_job(job)
+        assert signals.received() == signal.SIGTERM  # the stop still stands for the launcher
+    assert report.outcome in ("reached", "budget") and report.run_id is not None
+    assert MlflowClient(tracking_uri=uri).get_run(report.run_id).info.status == "FINISHED"

@@ -124,9 +124,11 @@ def test_sweep_on_slurm_runs_every_cell_and_seed_once(ws, tmp_path, postgres, ca
 @pytest.mark.heavy
 def test_scancelled_job_has_its_trial_retried_and_the_sweep_completes(ws, tmp_path, capsys):
     name = "slurm-scancel"
-    # trials of a few seconds each: the target cannot be reached, each runs its whole budget
+    # trials of several seconds each: the target cannot be reached, each runs its whole budget,
+    # long enough that the cancel lands while the first run is training (one that lands after
+    # the run was recorded whole leaves its result: test_faults.py, recorded_whole)
     spec = write_spec(tmp_path / "cancel.yaml", name, grid={"cluster.workers": [1]}, seeds=[0, 1],
-                      set={**SLOW, "budget.train_time_s": 4.0}, slurm={"time_min": 10})
+                      set={**SLOW, "budget.train_time_s": 10.0}, slurm={"time_min": 10})
     proc = subprocess.Popen([sys.executable, "-m", "syncbench", "sweep", spec, "--workspace", str(ws),
                              "--no-progress", "--executor", "slurm"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

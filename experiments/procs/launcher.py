@@ -151,9 +151,15 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
         raise
     except signals.Interrupted as exc:
         # rank 0 recorded the run KILLED with its curve and summary, unless it could not (it
-        # had not started, or did not stop in time): then the run is ended here
+        # had not started, or did not stop in time): then the run is ended here. A run rank 0
+        # had recorded FINISHED before the signal stands, with its result (a sweep's trial is
+        # told it).
         with contextlib.suppress(Exception):
-            if client.get_run(recorder.run_id).info.status == "RUNNING":
+            status = client.get_run(recorder.run_id).info.status
+            if status == "FINISHED" and control is not None and (control / "result.json").exists():
+                exc.finished_result = result_from_json(  # type: ignore[attr-defined]
+                    RunResult, json.loads((control / "result.json").read_text()))
+            elif status == "RUNNING":
                 if control is not None:
                     attach_logs(recorder, control)
                 record_stopped_run(recorder, config, None, exc.signum, activation_bytes=act_bytes,

@@ -79,6 +79,7 @@ def execute_sim_run(config: RunConfig, *, workspace: Path, tracking_uri: str, ex
         seen = TTATracker(config)  # the loop's outcome of each evaluation, for the pruning hook
         engine: SimEngine | None = None
         init_s, act_bytes, memory = 0.0, None, {}
+        result: RunResult | None = None
         try:
             signals.poll()
             recorder.log_params({**config.flat(), "backend": "sim"})
@@ -121,6 +122,7 @@ def execute_sim_run(config: RunConfig, *, workspace: Path, tracking_uri: str, ex
         except signals.Interrupted as exc:
             exc.run_id = recorder.run_id  # type: ignore[attr-defined] - for the command's last word
             if recorder.finished:  # the signal came while the finished run was recorded: it stands
+                exc.finished_result = result  # type: ignore[attr-defined] - a sweep tells its trial the result
                 raise
             extra = dict(memory)
             if engine is not None:
