@@ -150,8 +150,12 @@ def test_sweep_calibrates_a_checkpointed_cell_as_a_standalone_run_does(checkpoin
     # sweep's calibration at 44 ms against 33.5 ms standalone, with batch 8 plain inflated too),
     # so the 10% bound is one-sided -- the bug measured the plain model, ~25% *below* -- and
     # the other side only catches gross errors.
+    # CI (2026-12-04, nothing else running) once saw load *during* the three standalone runs: 72 ms
+    # each against the sweep's 54 ms a minute earlier (53 ms both, run again). So the lower bound
+    # is wide too; the bug itself -- the checkpointed cell timed as the plain model -- is what the
+    # direct comparison of the sweep's two batch-16 values below catches.
     best_standalone = min(r.step_time_s for r in standalone)
-    assert step[(16, True)] >= 0.90 * best_standalone
+    assert step[(16, True)] >= 0.70 * best_standalone
     assert step[(16, True)] <= 1.6 * best_standalone
     assert step[(16, True)] > 1.10 * step[(16, False)]  # recomputation costs time: not the plain model's step
     mem = {(r.batch_size, r.checkpointing): r.memory_bytes[1] for r in data.runs}
