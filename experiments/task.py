@@ -215,8 +215,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _memory_probe_batch(task: PreparedTask, config: RunConfig) -> Any:
+    """The batch both memory measurements run on (its own seed: the run's draws are untouched)."""
+    return next(ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed + 2, task.collate))
+
+
 def measure_activation_bytes(task: PreparedTask, config: RunConfig) -> int | None:
-    batch = next(ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed + 2, task.collate))
+    batch = _memory_probe_batch(task, config)
     rng_state = torch.get_rng_state()
     try:
         return int(activation_bytes(copy.deepcopy(task.module), batch))
@@ -230,8 +235,7 @@ def measure_peak_mem_bytes(task: PreparedTask, config: RunConfig, device: torch.
     elsewhere, where no per-step peak exists (a process's RSS holds the whole run)."""
     if torch.device(device).type != "cuda":
         return None
-    batch = next(ShardedBatches(task.train_set, 0, 1, config.batch_size, config.seed + 2, task.collate))
-    return step_peak_bytes(task.module, batch, device)
+    return step_peak_bytes(task.module, _memory_probe_batch(task, config), device)
 
 
 class ModuleError(RuntimeError):

@@ -334,11 +334,10 @@ def step_peak_bytes(module: LightningModuleLike, batch: Any, device: torch.devic
     Independent of ``activation_bytes``' walk over the graph: a check of it where a GPU exists."""
     device = torch.device(device)
     assert device.type == "cuda", "the allocator's peak exists on CUDA only"
-    rng = torch.cuda.get_rng_state(device), torch.get_rng_state()
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    try:
+    with torch.random.fork_rng(devices=[device]):  # the caller's generators left as they were
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         replica = copy.deepcopy(module).to(device)
         replica.train()
         on_device = torch.utils._pytree.tree_map(
@@ -347,9 +346,6 @@ def step_peak_bytes(module: LightningModuleLike, batch: Any, device: torch.devic
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
         del replica, on_device
-    finally:
-        torch.cuda.set_rng_state(rng[0], device)
-        torch.set_rng_state(rng[1])
     return int(peak)
 
 

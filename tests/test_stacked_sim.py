@@ -16,7 +16,7 @@ from syncbench.experiments.sim.driver import build_simulation
 from syncbench.experiments.task import prepare_task
 from syncbench.strategies.tensors import flat_state
 from tests.conformance_modules import Base
-from tests.test_batched_sim import config
+from tests.test_batched_sim import Dropped, config  # noqa: F401 - Dropped: named by a config below
 
 HERE = "tests.test_stacked_sim"
 STRAGGLERS = "cluster.stragglers={kind: lognormal, sigma: 0.5}"
@@ -62,12 +62,6 @@ class ReadsCounters(Base):
         x, y = batch
         scale = 1.0 + 0.5 * (self.trainer.global_step % 3) + 0.25 * (batch_idx % 2)
         return scale * F.cross_entropy(self(x), y)
-
-
-class Dropped(Base):
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))
 
 
 class EarlyHook(Base):

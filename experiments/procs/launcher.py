@@ -142,7 +142,7 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
                 continue
             break
         if outcome.get("ok"):
-            return result_from_json(RunResult, json.loads((control / "result.json").read_text()))
+            return _recorded_result(control)
         message = outcome["message"]
         attach_logs(recorder, control)
         recorder.fail(message)
@@ -157,8 +157,7 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
         with contextlib.suppress(Exception):
             status = client.get_run(recorder.run_id).info.status
             if status == "FINISHED" and control is not None and (control / "result.json").exists():
-                exc.finished_result = result_from_json(  # type: ignore[attr-defined]
-                    RunResult, json.loads((control / "result.json").read_text()))
+                exc.finished_result = _recorded_result(control)  # type: ignore[attr-defined]
             elif status == "RUNNING":
                 if control is not None:
                     attach_logs(recorder, control)
@@ -174,6 +173,11 @@ def _launch(config: Any, ws: Path, tracking_uri: str, experiment: str | None, ta
             shutil.rmtree(control, ignore_errors=True)
         if watchdog is not None:
             watchdog.release()
+
+
+def _recorded_result(control: Path) -> RunResult:
+    """The ``RunResult`` rank 0 wrote once it had recorded the run whole."""
+    return result_from_json(RunResult, json.loads((control / "result.json").read_text()))
 
 
 class _Terminated(Exception):

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 BATCHING_TAG = "syncbench.sim.batching"  # batched | stacked | per-worker: <why>
 
-DROPOUT_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
             torch.nn.FeatureAlphaDropout)
 
 # the check's tolerance: a concatenated batch sums its samples' gradients in another order than
@@ -108,22 +108,17 @@ def batching_refusal(module: Any, dataset: Dataset, collate: Callable[[list], An
         shards = [ShardedBatches(dataset, w, 2, batch_size, seed + 7, collate) for w in range(2)]
     except ValueError:
         return "the training set holds fewer than two workers' batches"
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        indices = [s.next_indices() for s in shards]
-        payloads = []
-        for part in indices:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # the generators left as they were
+            indices = [s.next_indices() for s in shards]
+            payloads = []
+            for part in indices:
+                probe = probe_copy(module)
+                payloads.append(_gradient_and_buffers(probe, move_to(collate_indices(dataset, part, collate), device)))
             probe = probe_copy(module)
-            payloads.append(_gradient_and_buffers(probe, move_to(collate_indices(dataset, part, collate), device)))
-        probe = probe_copy(module)
-        together = _gradient_and_buffers(probe, concatenated_batch(dataset, indices, collate, device))
+            together = _gradient_and_buffers(probe, concatenated_batch(dataset, indices, collate, device))
     except Exception as exc:  # noqa: BLE001 - any failure of the module on a larger batch: per-worker compute
         return f"training_step on a concatenated batch failed ({type(exc).__name__}: {exc})"
-    finally:
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
     mean = torch.stack(payloads).mean(dim=0)
     if not torch.allclose(together, mean, rtol=_RTOL, atol=_ATOL * max(1.0, float(mean.abs().max()))):
         worst = float((together - mean).abs().max())
@@ -138,7 +133,7 @@ def probe_copy(module: Any) -> Any:
     probe = copy.deepcopy(module)
     TrainerStandIn(probe).attach()
     for m in probe.modules():
-        if isinstance(m, DROPOUT_LAYERS):
+        if isinstance(m, _DROPOUT):
             m.eval()  # the masks' numbers differ by construction; the rest must agree
     take_logged(probe)
     return probe

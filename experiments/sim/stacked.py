@@ -191,37 +191,32 @@ def stacking_refusal(module: Any, dataset: Dataset, collate: Callable[[list], An
         shards = [ShardedBatches(dataset, w, 2, batch_size, seed + 11, collate) for w in range(2)]
     except ValueError:
         return "the training set holds fewer than two workers' batches", frozenset()
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        probes = [probe_copy(module), probe_copy(module)]
-        with torch.no_grad():
-            for i, p in enumerate(trainable(probes[1])):
-                p.add_(0.01 * torch.cos(torch.arange(p.numel(), device=p.device, dtype=p.dtype) + i).view_as(p))
-        batches = [move_to(collate_indices(dataset, s.next_indices(), collate), device) for s in shards]
-        singles, unused = [], set()
-        for probe, batch in zip(probes, batches):
-            before = [b.detach().clone() for b in probe.buffers()]
-            attributes = _attribute_fingerprints(probe)
-            for p in probe.parameters():
-                p.grad = None
-            loss = training_loss(probe, batch, 0)
-            loss.backward()
-            if any(not torch.equal(b0, b1) for b0, b1 in zip(before, probe.buffers())):
-                return "the module's forward updates its buffers (running statistics)", frozenset()
-            changed = _changed_attribute(attributes, _attribute_fingerprints(probe))
-            if changed is not None:
-                return (f"training_step changes the module's attribute {changed!r} (stacked, it would run once "
-                        f"for all workers, on batched values)"), frozenset()
-            unused |= {n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None}
-            singles.append((loss.detach(), [p.grad for n, p in probe.named_parameters() if p.requires_grad]))
-        stacked = StackedGradients(probes[0], frozenset(unused)).compute(probes, batches, 0)
-    except Exception as exc:  # noqa: BLE001 - any refusal of vmap or of the module: per-worker compute
-        return f"vmap over the module's training_step failed ({type(exc).__name__}: {str(exc)[:200]})", frozenset()
-    finally:
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # the generators left as they were
+        try:
+            probes = [probe_copy(module), probe_copy(module)]
+            with torch.no_grad():
+                for i, p in enumerate(trainable(probes[1])):
+                    p.add_(0.01 * torch.cos(torch.arange(p.numel(), device=p.device, dtype=p.dtype) + i).view_as(p))
+            batches = [move_to(collate_indices(dataset, s.next_indices(), collate), device) for s in shards]
+            singles, unused = [], set()
+            for probe, batch in zip(probes, batches):
+                before = [b.detach().clone() for b in probe.buffers()]
+                attributes = _attribute_fingerprints(probe)
+                for p in probe.parameters():
+                    p.grad = None
+                loss = training_loss(probe, batch, 0)
+                loss.backward()
+                if any(not torch.equal(b0, b1) for b0, b1 in zip(before, probe.buffers())):
+                    return "the module's forward updates its buffers (running statistics)", frozenset()
+                changed = _changed_attribute(attributes, _attribute_fingerprints(probe))
+                if changed is not None:
+                    return (f"training_step changes the module's attribute {changed!r} (stacked, it would run once "
+                            f"for all workers, on batched values)"), frozenset()
+                unused |= {n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None}
+                singles.append((loss.detach(), [p.grad for n, p in probe.named_parameters() if p.requires_grad]))
+            stacked = StackedGradients(probes[0], frozenset(unused)).compute(probes, batches, 0)
+        except Exception as exc:  # noqa: BLE001 - any refusal of vmap or of the module: per-worker compute
+            return f"vmap over the module's training_step failed ({type(exc).__name__}: {str(exc)[:200]})", frozenset()
     for (loss, grads), result in zip(singles, stacked):
         pairs = [(loss, result.loss)] + [(g, s) for g, s in zip(grads, result.grads) if g is not None]
         for expected, got in pairs:
