@@ -38,6 +38,7 @@ from syncbench.strategies.program import (
     Program,
     PushPull,
     WorkerProgram,
+    Step,
 )
 from syncbench.strategies.server_strategy import ServerStrategy
 from syncbench.strategies.tensors import flat_params, flat_state, load_flat_state_
@@ -118,7 +119,7 @@ class AsyncLocalSGDProgram(WorkerProgram):
     def step(self) -> Program:
         w = self.worker
         yield Compute()
-        w.optimizer.step()
+        yield Step()
         self.local_steps += 1
         self.since_push += 1
         if self.since_push < self.h and not w.stop_requested():

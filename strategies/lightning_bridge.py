@@ -366,6 +366,15 @@ class ModuleOptimizer:
 
     def step(self, closure: Callable[[], Any] | None = None, lr_scale: float = 1.0) -> None:
         assert closure is None, "the strategy's program computes the gradient before the optimizer step"
+        self.prepare_step()
+        with scaled_lr(self.optimizer, lr_scale):
+            self.optimizer.step()
+        self.finish_step()
+
+    def prepare_step(self) -> None:
+        """What comes before the torch step: pending plateau steps, ``on_before_optimizer_step``,
+        clipping. (A backend may run the torch steps of several workers as one, between each
+        one's ``prepare_step`` and ``finish_step``: the ``Step`` operation.)"""
         self._step_plateau()
         optimizer, module = self.optimizer, self.module
         _call_hook(module, "on_before_optimizer_step", optimizer)
@@ -374,8 +383,10 @@ class ModuleOptimizer:
                           gradient_clip_val=self.gradient_clip_val,
                           gradient_clip_algorithm=self.gradient_clip_algorithm or "norm")
         self.lr_history.append(float(optimizer.param_groups[0]["lr"]))
-        with scaled_lr(optimizer, lr_scale):
-            optimizer.step()
+
+    def finish_step(self) -> None:
+        """What comes after the torch step: the counters and the schedulers whose interval ends."""
+        module = self.module
         self.steps += 1
         self.batch_in_epoch += 1
         for config in self.schedulers:

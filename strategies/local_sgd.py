@@ -27,6 +27,7 @@ from syncbench.strategies.program import (
     Strategy,
     WorkerProgram,
     ring_allreduce_time,
+    Step,
 )
 from syncbench.strategies.tensors import flat_params, flat_state, load_flat_params_, load_flat_state_
 
@@ -85,7 +86,7 @@ class LocalSGDProgram(WorkerProgram):
         if self._in_warmup():
             yield Compute()
             yield ReduceGradients(codec=self.grad_codec)
-            w.optimizer.step()
+            yield Step()
             self.sync_updates += 1
             if self.global_state is not None:  # the outer model follows the synchronised one
                 self.global_state = flat_state(w.module)
@@ -93,7 +94,7 @@ class LocalSGDProgram(WorkerProgram):
                 self.reference = flat_state(w.module)
             return
         yield Compute()
-        w.optimizer.step()
+        yield Step()
         self.local_steps += 1
         self.since_sync += 1
         if self.since_sync < self.options.local_steps and not w.stop_requested():

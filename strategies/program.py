@@ -8,6 +8,10 @@ training step and which communication it asks for, by yielding operations:
   zeroes the gradients first, as Lightning's closure does). Resumes with the loss, or with
   ``None`` when the step was abandoned because a quorum collective completed without it (and
   always on the sim backend's batched path, ``Strategy.replicas_shareable``).
+* ``Step()``: the optimizer step, ``worker.optimizer.step()`` (which a program may also call
+  itself). Yielded, it lets the sim backend take the steps of the workers that reach it at the
+  same instant as one multi-tensor step over their stacked replicas (the same arithmetic;
+  docs/performance.md). Resumes with ``None`` once the step is taken.
 * ``ReduceGradients(quorum)``: the replica's gradients (and floating-point buffers: BatchNorm
   statistics are averaged, where DDP broadcasts rank 0's; docs/strategies.md) become their mean over the workers -- over the first
   ``quorum`` to arrive when a quorum is given (backup workers, Chen et al. 2016). With a
@@ -74,6 +78,11 @@ class Op:
 
 @dataclass(frozen=True)
 class Compute(Op):
+    pass
+
+
+@dataclass(frozen=True)
+class Step(Op):
     pass
 
 

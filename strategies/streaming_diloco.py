@@ -41,6 +41,7 @@ from syncbench.strategies.program import (
     Strategy,
     WaitReduce,
     WorkerProgram,
+    Step,
 )
 from syncbench.strategies.tensors import flat_state, load_flat_state_, trainable
 
@@ -137,7 +138,7 @@ class StreamingDiLoCoProgram(WorkerProgram):
         w = self.worker
         self.synced_now = False
         yield Compute()
-        w.optimizer.step()
+        yield Step()
         self.local_steps += 1
         step = self.local_steps
         if self.pending is not None and self.pending[2] == step:  # tau steps have passed: it has arrived

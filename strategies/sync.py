@@ -24,6 +24,7 @@ from syncbench.strategies.program import (
     Strategy,
     WorkerProgram,
     ring_allreduce_time,
+    Step,
 )
 from syncbench.strategies.tensors import flat_state, load_flat_state_
 
@@ -40,7 +41,7 @@ class SyncProgram(WorkerProgram):
     def step(self) -> Program:
         yield Compute()
         yield ReduceGradients(self.quorum if self.quorum < self.worker.world else None, codec=self.codec)
-        self.worker.optimizer.step()
+        yield Step()
         self.updates += 1
 
     def reduces_gradients_next(self) -> bool:

@@ -47,6 +47,7 @@ from syncbench.strategies.program import (
     ReduceGradients,
     ReduceState,
     StartReduce,
+    Step,
     WaitReduce,
     WorkerProgram,
 )
@@ -326,6 +327,9 @@ class ProgramStrategy(CollectiveOps, PushPullOps):
                     raise RuntimeError(f"{type(self.module).__name__}.training_step returned no loss; every worker "
                                        "must produce a gradient at every step")
                 value = float(loss.detach()) if isinstance(loss, torch.Tensor) else loss
+            elif isinstance(op, Step):
+                program.worker.optimizer.step()
+                value = None
             elif isinstance(op, (ReduceGradients, ReduceState)) and op.codec is not None:
                 value = self._reduce_compressed(op)
             elif isinstance(op, ReduceGradients):

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from syncbench.experiments.sim.batching import batching_refusal, describe_mode, log_fallback, move_to
+from syncbench.experiments.sim.grouped_step import StackedReplicas
 from syncbench.experiments.sim.stacked import STACKED, StackedGradients, StackedResult, one_gradient, stacking_refusal
 from syncbench.experiments.sim.worker import SimWorker
 
@@ -32,10 +33,18 @@ class ComputeMode:
     tag: str
     stacked: StackedGradients | None = None
     ahead: dict[int, StackedResult] = field(default_factory=dict)  # rank -> its gradient, computed early
+    replicas: StackedReplicas | None = None  # the stacked path's replicas as rows (link_replicas)
 
     @property
     def shared(self) -> bool:
         return self.tag == describe_mode(True, None)
+
+    def link_replicas(self, workers: Sequence[SimWorker]) -> StackedReplicas | None:
+        """On the stacked path: the workers' replicas become rows of stacked tensors, and their
+        optimizers may step as one (``syncbench.experiments.sim.grouped_step``)."""
+        if self.stacked is not None and len(workers) > 1:
+            self.replicas = StackedReplicas([w.module for w in workers], [w.optimizer.optimizer for w in workers])
+        return self.replicas
 
     def stacked_result(self, w: SimWorker, workers: Sequence[SimWorker], device: torch.device) -> StackedResult:
         """``w``'s gradient on the stacked path: computed earlier, or now together with those of
@@ -45,18 +54,26 @@ class ComputeMode:
         if early is not None:
             return early
         key = (w.completed, w.steps)
-        group = [w] + [v for v in workers if v is not w and v.computing is not None
-                       and v.rank not in self.ahead and (v.completed, v.steps) == key]
+        group = [v for v in workers if (v is w or v.computing is not None and v.rank not in self.ahead)
+                 and (v.completed, v.steps) == key]  # in rank order
         idx = w.batch_idx()
         for v in group:  # what training_step may read of its trainer, as at the step's start
             v.trainer.global_step, v.trainer.current_epoch = v.completed, v.steps // v.batches.steps_per_epoch
         batches = [move_to(next(v.batches), device) for v in group]
+        rows = self.replicas.stacked_params() if self.replicas is not None and len(group) == len(workers) else None
         try:
-            results = self.stacked.compute([v.module for v in group], batches, idx)
+            results = self.stacked.compute([v.module for v in group], batches, idx, rows)
         except ValueError:  # batches of different shapes (a ragged collate): these one by one
             results = [one_gradient(v.module, b, idx) for v, b in zip(group, batches)]
-        self.ahead.update((v.rank, r) for v, r in zip(group[1:], results[1:]))
-        return results[0]
+        self.ahead.update((v.rank, r) for v, r in zip(group, results) if v is not w)
+        return results[group.index(w)]
+
+    def zero_grad(self, w: SimWorker) -> None:
+        """``w``'s optimizer's ``zero_grad(set_to_none=True)`` (directly on linked replicas)."""
+        if self.replicas is not None and self.replicas.refusal is None:
+            self.replicas.zero_grad(w.rank)
+        else:
+            w.optimizer.zero_grad(set_to_none=True)
 
     def drop(self, rank: int) -> bool:
         """Forget ``rank``'s early gradient (its step was abandoned); whether it had one, i.e.

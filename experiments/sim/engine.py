@@ -26,13 +26,13 @@ operation on the clock:
 
 Events at the same instant resolve in insertion order: a run is reproducible bit for bit.
 
-Batched path (``cluster.sim.batching: auto``, ``syncbench.experiments.sim.batching``): where the
-strategy's replicas are identical, every worker shares one replica and optimizer; a ``Compute``
-only draws the worker's batch when it ends, and the quorum's ``ReduceGradients`` computes the
-kept workers' mean gradient in one forward/backward over their concatenated batches. Stacked
-path (``syncbench.experiments.sim.stacked``): where replicas differ, each worker keeps its own, and
-the gradients of the workers computing together come from one ``vmap`` call. The path a run takes:
-``syncbench.experiments.sim.compute_mode``.
+Batched path (``cluster.sim.batching: auto``, ``batching``): where replicas are identical, all workers
+share one replica and optimizer; a ``Compute`` draws the worker's batch when it ends, and the quorum's
+``ReduceGradients`` computes the kept workers' mean gradient in one forward/backward. Stacked
+path (``syncbench.experiments.sim.stacked``): where replicas differ, each worker keeps its own (a row
+of stacked tensors), the gradients of the workers computing together come from one ``vmap`` call,
+and the optimizer steps of all N at one instant are one step (``grouped_step``). The path a run
+takes: ``syncbench.experiments.sim.compute_mode``.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ from syncbench.strategies.program import (
     ReduceGradients,
     ReduceState,
     StartReduce,
+    Step,
     Strategy,
     WaitReduce,
     gradient_payload,
@@ -191,6 +192,8 @@ class SimEngine:
         for opt in optimizers + ([self.server.optimizer] if self.server else []):
             scale_lr_(opt, lr_factor)
             prefer_foreach_(opt)
+        self.replicas = self.mode.link_replicas(self.workers)  # after prefer_foreach_: the grouped step copies it
+        self.stepping: list[SimWorker] = []  # workers at a Step this instant (the grouped step)
         factors = [self.stragglers.expected_factor(r) for r in range(workers)]
         for w in self.workers:
             w.step_factors = factors
@@ -285,6 +288,8 @@ class SimEngine:
     def _dispatch(self, w: SimWorker, t: float, op: Op) -> None:
         if isinstance(op, Compute):
             self._compute(w, t)
+        elif isinstance(op, Step):
+            self._step(w, t)
         elif isinstance(op, (ReduceGradients, ReduceState)):
             self._collective(w, t, op)
         elif isinstance(op, PushPull):
@@ -317,6 +322,29 @@ class SimEngine:
 
         self.queue.push(t + c, done)
 
+    def _step(self, w: SimWorker, t: float) -> None:
+        """The optimizer step. On the stacked path the torch steps of the workers stepping at this
+        instant run after the instant's other events: as one when all N are there (``grouped_step``),
+        else one by one; each worker's hooks and clipping before, its schedulers after (as in
+        ``ModuleOptimizer.step``). Nothing reads a replica in between (evaluations run between instants)."""
+        if self.replicas is None or self.replicas.refusal is not None:
+            w.optimizer.step()
+            self._drive(w, t, None)
+            return
+        w.optimizer.prepare_step()
+        self.stepping.append(w)
+        if len(self.stepping) == 1:
+            self.queue.push(t, self._take_steps)
+
+    def _take_steps(self, now: float) -> None:
+        ready, self.stepping = self.stepping, []
+        if len(ready) < self.n or not self.replicas.step():  # type: ignore[union-attr]
+            for w in ready:
+                w.optimizer.optimizer.step()
+        for w in ready:
+            w.optimizer.finish_step()
+            self._drive(w, now, None)
+
     def _forward_backward(self, w: SimWorker, ahead: StackedResult | None = None) -> float:
         """Lightning's closure: the batch hooks, ``training_step``, zero_grad, backward; with
         ``ahead`` (the stacked path), its batch, loss and gradient stand for the step's own."""
@@ -331,7 +359,7 @@ class SimEngine:
         w.steps += 1
         w.last_batch, w.last_loss = (batch, idx), loss.detach()
         call_hook(module, "on_before_zero_grad", w.optimizer.optimizer)
-        w.optimizer.zero_grad(set_to_none=True)
+        self.mode.zero_grad(w)
         value = float(loss.detach())
         self.recent_losses.append(value)
         if not is_finite(value):

@@ -77,12 +77,15 @@ class StackedGradients:
         # frozen parameters and buffers, passed to each replica's call (most modules have none)
         self.has_fixed = any(not p.requires_grad for p in module.parameters()) or any(True for _ in module.buffers())
 
-    def compute(self, modules: Sequence[Any], batches: Sequence[Any], batch_idx: int) -> list[StackedResult]:
+    def compute(self, modules: Sequence[Any], batches: Sequence[Any], batch_idx: int,
+                rows: Sequence[torch.Tensor] | None = None) -> list[StackedResult]:
         """The gradients of ``modules[i]`` on ``batches[i]``, the first module's ``training_step``
-        run once under ``vmap`` (its trainer's counters hold for all: the caller groups by them)."""
+        run once under ``vmap`` (its trainer's counters hold for all: the caller groups by them).
+        ``rows``: the modules' trainable parameters already stacked (``grouped_step``), in order."""
         lead = modules[0]
         # trainable() lists each module's trainable parameters in named_parameters() order
-        params = {n: torch.stack([p.detach() for p in ps]) for n, ps in zip(self.names, zip(*map(trainable, modules)))}
+        params = dict(zip(self.names, rows)) if rows is not None else \
+            {n: torch.stack([p.detach() for p in ps]) for n, ps in zip(self.names, zip(*map(trainable, modules)))}
         fixed = {n: torch.stack([t.detach() for t in ts]) for n, ts in _fixed_tensors(modules).items()} \
             if self.has_fixed else {}
         batch = stack_batches(batches)
