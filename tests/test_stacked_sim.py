@@ -105,9 +105,9 @@ def run(overrides, updates: int = 20, record: list | None = None):
     if record is not None and engine.mode.stacked is not None:
         compute = engine.mode.stacked.compute
 
-        def counted(modules, batches, batch_idx, rows=None):
+        def counted(modules, *args):
             record.append(len(modules))
-            return compute(modules, batches, batch_idx, rows)
+            return compute(modules, *args)
 
         engine.mode.stacked.compute = counted
     while engine.counters()[0] < updates:

@@ -20,9 +20,16 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from syncbench.experiments.sim.batching import batching_refusal, describe_mode, log_fallback, move_to
+from syncbench.experiments.sim.batching import batching_refusal, describe_mode, log_fallback
 from syncbench.experiments.sim.grouped_step import StackedReplicas
-from syncbench.experiments.sim.stacked import STACKED, StackedGradients, StackedResult, one_gradient, stacking_refusal
+from syncbench.experiments.sim.stacked import (
+    STACKED,
+    StackedGradients,
+    StackedResult,
+    draw_batches,
+    one_gradient,
+    stacking_refusal,
+)
 from syncbench.experiments.sim.worker import SimWorker
 
 
@@ -59,11 +66,11 @@ class ComputeMode:
         idx = w.batch_idx()
         for v in group:  # what training_step may read of its trainer, as at the step's start
             v.trainer.global_step, v.trainer.current_epoch = v.completed, v.steps // v.batches.steps_per_epoch
-        batches = [move_to(next(v.batches), device) for v in group]
+        stacked, batches = draw_batches([v.batches for v in group], device)
         rows = self.replicas.stacked_params() if self.replicas is not None and len(group) == len(workers) else None
-        try:
-            results = self.stacked.compute([v.module for v in group], batches, idx, rows)
-        except ValueError:  # batches of different shapes (a ragged collate): these one by one
+        if stacked is not None:
+            results = self.stacked.compute([v.module for v in group], batches, idx, rows, stacked)
+        else:  # batches of different shapes (a ragged collate): these one by one
             results = [one_gradient(v.module, b, idx) for v, b in zip(group, batches)]
         self.ahead.update((v.rank, r) for v, r in zip(group, results) if v is not w)
         return results[group.index(w)]

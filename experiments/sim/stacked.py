@@ -35,11 +35,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.func import grad_and_value, vmap
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from syncbench.experiments.sharding import ShardedBatches, collate_indices
 from syncbench.experiments.sim.batching import move_to, probe_copy
@@ -78,26 +79,27 @@ class StackedGradients:
         self.has_fixed = any(not p.requires_grad for p in module.parameters()) or any(True for _ in module.buffers())
 
     def compute(self, modules: Sequence[Any], batches: Sequence[Any], batch_idx: int,
-                rows: Sequence[torch.Tensor] | None = None) -> list[StackedResult]:
+                rows: Sequence[torch.Tensor] | None = None, stacked: Any = None) -> list[StackedResult]:
         """The gradients of ``modules[i]`` on ``batches[i]``, the first module's ``training_step``
         run once under ``vmap`` (its trainer's counters hold for all: the caller groups by them).
-        ``rows``: the modules' trainable parameters already stacked (``grouped_step``), in order."""
+        ``rows``: the modules' trainable parameters already stacked (``grouped_step``), in order;
+        ``stacked``: the batches already stacked (``draw_batches``)."""
         lead = modules[0]
         # trainable() lists each module's trainable parameters in named_parameters() order
         params = dict(zip(self.names, rows)) if rows is not None else \
             {n: torch.stack([p.detach() for p in ps]) for n, ps in zip(self.names, zip(*map(trainable, modules)))}
         fixed = {n: torch.stack([t.detach() for t in ts]) for n, ts in _fixed_tensors(modules).items()} \
             if self.has_fixed else {}
-        batch = stack_batches(batches)
+        batch = stacked if stacked is not None else stack_batches(batches)
 
         def loss_of(p: dict[str, torch.Tensor], f: dict[str, torch.Tensor], b: Any) -> torch.Tensor:
             return training_loss_functional(lead, {**p, **f}, b, batch_idx)
 
         grads, losses = vmap(grad_and_value(loss_of), randomness="different")(params, fixed, batch)
         take_logged(lead)  # values logged under vmap are not recorded (module docstring)
-        return [StackedResult(batches[i], losses[i].detach(),
-                              [None if n in self.unused else grads[n][i] for n in self.names])
-                for i in range(len(modules))]
+        n = len(modules)
+        per_worker = zip(*([None] * n if name in self.unused else grads[name].unbind(0) for name in self.names))
+        return [StackedResult(b, loss, list(g)) for b, loss, g in zip(batches, losses.detach().unbind(0), per_worker)]
 
 
 def training_loss_functional(module: Any, state: dict[str, torch.Tensor], batch: Any, batch_idx: int) -> torch.Tensor:
@@ -113,6 +115,22 @@ def one_gradient(module: Any, batch: Any, batch_idx: int) -> StackedResult:
     loss = training_loss(module, batch, batch_idx)
     grads = torch.autograd.grad(loss, trainable(module), allow_unused=True)
     return StackedResult(batch, loss.detach(), list(grads))
+
+
+def draw_batches(shards: Sequence[ShardedBatches], device: torch.device) -> tuple[Any, list[Any]]:
+    """Each shard's next batch on ``device``, and the batches stacked along a new first dimension
+    (None where they cannot be). From a ``TensorDataset`` (whose batches are gathered, not
+    collated: ``collate_indices``), one gather for all, the workers' batches views of its rows."""
+    dataset = shards[0].dataset
+    if isinstance(dataset, TensorDataset) and all(s.dataset is dataset for s in shards):
+        index = torch.from_numpy(np.concatenate([s.next_indices() for s in shards]))
+        stacked = [move_to(t[index], device).view(len(shards), -1, *t.shape[1:]) for t in dataset.tensors]
+        return stacked, [list(parts) for parts in zip(*(x.unbind(0) for x in stacked))]
+    batches = [move_to(next(s), device) for s in shards]
+    try:
+        return stack_batches(batches), batches
+    except ValueError:  # batches of different shapes (a ragged collate)
+        return None, batches
 
 
 def stack_batches(batches: Sequence[Any]) -> Any:
