@@ -13,11 +13,12 @@ Targets on the CPU with one thread: sync >= 0.8 of the limit at N >= 8; local SG
 benchmarks/device_check.sh): sync >= 0.7.
 
     python -m benchmarks.sim_scaling [--tasks digits,mnist1d] [--workers 1,8,64,256]
-        [--strategies sync,local_sgd,diloco,async] [--seconds 2] [--reps 3] [--device cpu] [--rss] [--vs-off]
+        [--strategies sync,local_sgd,diloco,async] [--seconds 2] [--reps 3] [--device cpu] [--rss] [--vs-off] [--vs-ungrouped]
 
 ``--vs-off`` adds the column "x off": the sim's samples/s over the same sim with
 ``cluster.sim.batching=off`` (one forward/backward per worker), the three alternating in the cell's
-process -- the baseline with only the batched/stacked compute switched off.
+process -- the baseline with only the batched/stacked compute switched off. ``--vs-ungrouped`` adds
+"x ungr": over the same sim with only the stacked path's grouped optimizer step switched off.
 """
 
 from __future__ import annotations
@@ -76,13 +77,16 @@ def plain_samples_per_s(task, config, device: str, seconds: float) -> float:
     return steps * big / (time.perf_counter() - t0)
 
 
-def sim_samples_per_s(task, config, device: str, seconds: float) -> tuple[float, str]:
-    """The sim's samples/s: gradients computed by its workers (N*b per sync update)."""
+def sim_samples_per_s(task, config, device: str, seconds: float, ungrouped: bool = False) -> tuple[float, str]:
+    """The sim's samples/s: gradients computed by its workers (N*b per sync update).
+    ``ungrouped``: the grouped optimizer step switched off (each worker steps its own optimizer)."""
     from syncbench.experiments.sim.driver import build_simulation
 
     task = copy.copy(task)
     task.module = copy.deepcopy(task.module)
     engine = build_simulation(config, task, step_s=1e-3, device=device)
+    if ungrouped and engine.replicas is not None:
+        engine.replicas.step = lambda: False  # the baseline: only the grouped step switched off
     computed = lambda: sum(w.steps for w in engine.workers)  # noqa: E731
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds or computed() < 2 * config.cluster.workers:
@@ -118,14 +122,17 @@ def run_cell(spec: dict) -> dict:
         plain_samples_per_s(task, config, device, 0.2)  # warm-up
         off_config = config.model_copy(update={"cluster": config.cluster.model_copy(update={
             "sim": config.cluster.sim.model_copy(update={"batching": "off"})})}) if spec.get("vs_off") else None
-        offs = []
+        offs, ungrouped = [], []
         for _ in range(spec["reps"]):
             plains.append(plain_samples_per_s(task, config, device, spec["seconds"]))
             sims.append(sim_samples_per_s(task, config, device, spec["seconds"])[0])
             if off_config is not None:  # the same sim with only the batched/stacked compute switched off
                 offs.append(sim_samples_per_s(task, off_config, device, spec["seconds"])[0])
+            if spec.get("vs_ungrouped"):
+                ungrouped.append(sim_samples_per_s(task, config, device, spec["seconds"], ungrouped=True)[0])
     return {"sim": statistics.median(sims), "plain": statistics.median(plains), "rss_mb": rss_mb,
-            "batching": batching, "off": statistics.median(offs) if offs else None}
+            "batching": batching, "off": statistics.median(offs) if offs else None,
+            "ungrouped": statistics.median(ungrouped) if ungrouped else None}
 
 
 def in_child(spec: dict) -> dict | str:
@@ -148,6 +155,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vs-off", action="store_true",
                         help="also the same sim with cluster.sim.batching=off, alternating: the x off column")
+    parser.add_argument("--vs-ungrouped", action="store_true",
+                        help="also the same sim with the grouped optimizer step switched off: the x ungr column")
     parser.add_argument("--rss", action="store_true", help="also sync's peak RSS at N=8 and N=512 (digits)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,12 +166,13 @@ def main() -> None:
     print(f"sim samples/s / plain loop at batch N*b (b={args.batch_size}), median of {args.reps} alternating "
           f"repetitions of {args.seconds}s, one thread, device {args.device}; peak RSS of the cell's process")
     print(f"{'task':<8} {'strategy':<10} {'N':>4} {'plain':>10} {'sim':>10} {'ratio':>6} {'target':>6} "
-          f"{'RSS MB':>7} {'x off':>6}  path")
+          f"{'RSS MB':>7} {'x off':>6} {'x ungr':>6}  path")
     for task in args.tasks.split(","):
         for strategy in args.strategies.split(","):
             for workers in (int(n) for n in args.workers.split(",")):
                 spec = {"task": task, "strategy": strategy, "workers": workers, "batch_size": args.batch_size,
-                        "seconds": args.seconds, "reps": args.reps, "device": args.device, "vs_off": args.vs_off}
+                        "seconds": args.seconds, "reps": args.reps, "device": args.device, "vs_off": args.vs_off,
+                        "vs_ungrouped": args.vs_ungrouped}
                 out = _fits(task, workers, args.batch_size) or in_child(spec)
                 if isinstance(out, str):
                     print(f"{task:<8} {strategy:<10} {workers:>4}  {out}")
@@ -171,7 +181,8 @@ def main() -> None:
                 target = 0.7 if (target and strategy == "sync" and args.device != "cpu") else target
                 print(f"{task:<8} {strategy:<10} {workers:>4} {out['plain']:>10.0f} {out['sim']:>10.0f} "
                       f"{out['sim'] / out['plain']:>6.2f} {target if target else '':>6} {out['rss_mb']:>7.0f} "
-                      f"{out['sim'] / out['off'] if out.get('off') else float('nan'):>6.2f}  "
+                      f"{out['sim'] / out['off'] if out.get('off') else float('nan'):>6.2f} "
+                      f"{out['sim'] / out['ungrouped'] if out.get('ungrouped') else float('nan'):>6.2f}  "
                       f"{out['batching'][:40]}", flush=True)
     if args.rss:
         for batching in ("auto", "off"):

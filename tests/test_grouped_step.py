@@ -106,7 +106,8 @@ def test_what_cannot_be_grouped_is_stepped_by_each_worker():
 ])
 def test_lockstep_runs_group_every_step_and_agree_with_per_worker(strategy):
     """Without stragglers all N workers step at the same instant: every optimizer step is
-    grouped (Adam, a step LR schedule, clipping), and the run is the per-worker run."""
+    grouped (Adam, clipping; a warm-up, DiLoCo's outer step, a compressed exchange), and the run
+    is the per-worker run."""
     overrides = ["cluster.workers=5", *strategy, "task.module_args={lr: 0.01, optimizer: adam}",
                  "trainer.gradient_clip_val=0.5"]
     engine = agree(overrides, 12)
@@ -127,3 +128,17 @@ def test_a_grouped_run_is_bit_reproducible():
     first, second = run(overrides, 8), run(overrides, 8)
     assert first.replicas.steps_grouped > 0
     assert torch.equal(flat_state(first.global_model()), flat_state(second.global_model()))
+
+
+def test_schedulers_and_hooks_run_per_worker_in_their_order_around_a_grouped_step():
+    """SGD with a per-epoch StepLR and a per-step ExponentialLR, and an on_before_optimizer_step
+    hook recording each step's lr: grouped, every worker sees the lrs the per-worker run's
+    workers see, step by step, across epochs, and the run is the per-worker run."""
+    overrides = ["cluster.workers=4", "strategy.name=local_sgd", "strategy.local_steps=2",
+                 "task.module=tests.conformance_modules:EpochStepLR", "task.module_args={lr: 0.1}"]
+    grouped = agree(overrides, 30)
+    off = run([*overrides, "cluster.sim.batching=off"], 30)
+    assert grouped.replicas.steps_grouped >= 30 and grouped.replicas.steps_alone == 0
+    assert grouped.workers[0].optimizer.epoch >= 2  # the per-epoch schedule has fired
+    for a, b in zip(grouped.workers, off.workers):
+        assert a.module.lrs == b.module.lrs and len(set(a.module.lrs)) > 2
