@@ -39,7 +39,8 @@ class ShardedBatches:
                  collate: Callable[[list], Any] = default_collate):
         self.dataset, self.worker, self.n_workers = dataset, worker, n_workers
         self.batch_size, self.seed, self.collate = batch_size, seed, collate
-        self.shard_len = len(dataset) // n_workers  # type: ignore[arg-type]
+        self.n_samples = len(dataset)  # type: ignore[arg-type]
+        self.shard_len = self.n_samples // n_workers
         self.steps_per_epoch = self.shard_len // batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -50,7 +51,7 @@ class ShardedBatches:
         self._shard = self._make_shard()
 
     def _make_shard(self) -> np.ndarray:
-        perm = _epoch_permutation(self.seed, self.epoch, len(self.dataset))  # type: ignore[arg-type]
+        perm = _epoch_permutation(self.seed, self.epoch, self.n_samples)
         # a copy: a view would keep the whole permutation alive for every worker (N x the data set)
         return perm[self.worker :: self.n_workers][: self.shard_len].copy()
 

@@ -434,7 +434,7 @@ class SimEngine:
         k = w.collectives
         w.collectives += 1
         quorum = getattr(op, "quorum", None) or self.n
-        coll = self.collectives.setdefault(k, _Collective(type(op), quorum))
+        coll = self.collectives.get(k) or self.collectives.setdefault(k, _Collective(type(op), quorum))
         assert coll.kind is type(op), f"workers disagree on collective {k}: {coll.kind} vs {type(op)}"
         coll.arrivals[w.rank] = t
         if coll.done_at is not None:  # a dropped worker joins a finished round for its result
@@ -533,7 +533,7 @@ class SimEngine:
         """A non-blocking reduction: numbered like the blocking ones; the worker resumes at once."""
         k = w.collectives
         w.collectives += 1
-        coll = self.reductions.setdefault(k, _Collective(StartReduce, self.n))
+        coll = self.reductions.get(k) or self.reductions.setdefault(k, _Collective(StartReduce, self.n))
         coll.arrivals[w.rank] = t
         coll.payloads[w.rank] = op.payload
         if len(coll.payloads) == self.n:  # the last start: the transfer begins now
