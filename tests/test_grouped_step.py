@@ -5,6 +5,8 @@ must step each worker alone wherever that cannot hold."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -136,7 +138,11 @@ def test_schedulers_and_hooks_run_per_worker_in_their_order_around_a_grouped_ste
     workers see, step by step, across epochs, and the run is the per-worker run."""
     overrides = ["cluster.workers=4", "strategy.name=local_sgd", "strategy.local_steps=2",
                  "task.module=tests.conformance_modules:EpochStepLR", "task.module_args={lr: 0.1}"]
-    grouped = agree(overrides, 30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grouped = agree(overrides, 30)
+    # the workers' own optimizers were not stepped: their schedulers must not think so
+    assert not [w for w in caught if "before `optimizer.step()`" in str(w.message)]
     off = run([*overrides, "cluster.sim.batching=off"], 30)
     assert grouped.replicas.steps_grouped >= 30 and grouped.replicas.steps_alone == 0
     assert grouped.workers[0].optimizer.epoch >= 2  # the per-epoch schedule has fired

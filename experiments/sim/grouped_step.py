@@ -97,6 +97,8 @@ class StackedReplicas:
         self.grouped.step()
         for rows in self.stacked:
             rows.grad = None
+        for opt in self.optimizers:  # what an LR scheduler's wrapper of opt.step records (else it warns)
+            opt._opt_called = True  # type: ignore[attr-defined]
         self._scatter_state(grads)
         self.steps_grouped += 1
         return True
