@@ -42,7 +42,7 @@ class StackedReplicas:
     optimizer that steps all N at once (``step``)."""
 
     def __init__(self, modules: Sequence[torch.nn.Module], optimizers: Sequence[torch.optim.Optimizer]):
-        """``optimizers[i]``: replica i's torch optimizer (not yet stepped: its state is empty)."""
+        """``optimizers[i]``: replica i's torch optimizer (its state, if any, is adopted at the first step)."""
         self.n = len(modules)
         self.params = [trainable(m) for m in modules]
         with torch.no_grad():
