@@ -164,7 +164,7 @@ def test_scancelled_job_has_its_trial_retried_and_the_sweep_completes(ws, tmp_pa
 def test_ctrl_c_cancels_the_submitted_jobs_and_records_the_sweep_stopped(ws, tmp_path):
     name = "slurm-ctrl-c"
     spec = write_spec(tmp_path / "stop.yaml", name, grid={"cluster.workers": [1]}, seeds=[0, 1],
-                      set={**SLOW, "budget.train_time_s": 4.0}, slurm={"time_min": 10})
+                      set={**SLOW, "budget.train_time_s": 10.0}, slurm={"time_min": 10})
     proc = subprocess.Popen([sys.executable, "-m", "syncbench", "sweep", spec, "--workspace", str(ws),
                              "--no-progress", "--executor", "slurm"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -181,13 +181,20 @@ def test_ctrl_c_cancels_the_submitted_jobs_and_records_the_sweep_stopped(ws, tmp
                           check=True).stdout.split()
     assert left == []  # the job it submitted is gone
     trials = study(name, ws, None).trials
-    # the trial in flight was failed as killed by its launcher and re-enqueued for a rerun
+    # the trial in flight was failed as killed by its launcher and re-enqueued for a rerun; one
+    # whose run was recorded whole before the cancel landed keeps its result instead (CI saw it
+    # once: the cancel reaches the job through SLURM, seconds after the Ctrl-C)
     killed = [t for t in trials if t.state.name == "FAIL"]
-    assert len(killed) == 1 and killed[0].user_attrs.get("outcome") == "killed"
+    whole = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(killed) + len(whole) >= 1 and len(killed) <= 1, [(t.number, t.state.name) for t in trials]
+    assert all(t.user_attrs.get("outcome") == "killed" for t in killed)
     assert not [t for t in trials if t.state.name == "RUNNING"]
     parents, children = mlflow_runs(name, ws)
     assert [p.info.status for p in parents] == ["KILLED"]
     assert not [r for r in children if r.info.status == "RUNNING"]
+    by_trial = {r.data.tags["syncbench.optuna_trial"]: r.info.status for r in children}
+    assert all(by_trial[f"{name}/{t.number}"] == "KILLED" for t in killed)
+    assert all(by_trial[f"{name}/{t.number}"] == "FINISHED" for t in whole)
 
 
 @needs_slurm
