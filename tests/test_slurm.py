@@ -126,7 +126,7 @@ def test_scancelled_job_has_its_trial_retried_and_the_sweep_completes(ws, tmp_pa
     name = "slurm-scancel"
     # trials of several seconds each: the target cannot be reached, each runs its whole budget,
     # long enough that the cancel mostly lands while the first run is training (one that lands
-    # after the run was recorded whole leaves its result: test_faults.py, recorded_whole)
+    # after the run was recorded whole leaves its result: test_faults.py, test_a_signal_once_the_run_is_recorded_whole_*)
     spec = write_spec(tmp_path / "cancel.yaml", name, grid={"cluster.workers": [1]}, seeds=[0, 1],
                       set={**SLOW, "budget.train_time_s": 10.0}, slurm={"time_min": 10})
     proc = subprocess.Popen([sys.executable, "-m", "syncbench", "sweep", spec, "--workspace", str(ws),
@@ -146,17 +146,8 @@ def test_scancelled_job_has_its_trial_retried_and_the_sweep_completes(ws, tmp_pa
     assert f"job {job_ids[0]} CANCELLED" in out and "submitted job" in out  # replaced by a new job
 
     trials = complete_once(name, ws, None, {("cluster.workers=1", 0), ("cluster.workers=1", 1)})
-    killed = [t for t in trials if t.state.name == "FAIL"]
-    # SLURM's SIGTERM reaches the launcher while the trial trains (killed, retried), or once its
-    # run is recorded whole (then it keeps its result): either way each cell x seed ran to one
-    # result above, and a killed trial's run is KILLED
-    assert len(killed) <= 1 and all(t.user_attrs.get("outcome") == "killed" for t in killed), (
-        [(t.number, t.state.name, t.user_attrs) for t in trials], out)
-    if not killed:
-        return
-    _, children = mlflow_runs(name, ws)
-    killed_runs = [r for r in children if r.data.tags["syncbench.optuna_trial"] == f"{name}/{killed[0].number}"]
-    assert [r.info.status for r in killed_runs] == ["KILLED"]
+    # each cell x seed ran to one result above, whichever way the cancel landed
+    _killed_or_kept_whole(name, ws, trials, out)
 
 
 @needs_slurm
@@ -181,20 +172,14 @@ def test_ctrl_c_cancels_the_submitted_jobs_and_records_the_sweep_stopped(ws, tmp
                           check=True).stdout.split()
     assert left == []  # the job it submitted is gone
     trials = study(name, ws, None).trials
-    # the trial in flight was failed as killed by its launcher and re-enqueued for a rerun; one
-    # whose run was recorded whole before the cancel landed keeps its result instead (CI saw it
-    # once: the cancel reaches the job through SLURM, seconds after the Ctrl-C)
-    killed = [t for t in trials if t.state.name == "FAIL"]
-    whole = [t for t in trials if t.state.name == "COMPLETE"]
-    assert len(killed) + len(whole) >= 1 and len(killed) <= 1, [(t.number, t.state.name) for t in trials]
-    assert all(t.user_attrs.get("outcome") == "killed" for t in killed)
+    # the trial in flight was failed as killed by its launcher and re-enqueued for a rerun, or kept
+    # whole (CI saw it once: the cancel reaches the job through SLURM, seconds after the Ctrl-C)
+    killed, whole = _killed_or_kept_whole(name, ws, trials, out)
+    assert len(killed) + len(whole) >= 1
     assert not [t for t in trials if t.state.name == "RUNNING"]
     parents, children = mlflow_runs(name, ws)
     assert [p.info.status for p in parents] == ["KILLED"]
     assert not [r for r in children if r.info.status == "RUNNING"]
-    by_trial = {r.data.tags["syncbench.optuna_trial"]: r.info.status for r in children}
-    assert all(by_trial[f"{name}/{t.number}"] == "KILLED" for t in killed)
-    assert all(by_trial[f"{name}/{t.number}"] == "FINISHED" for t in whole)
 
 
 @needs_slurm
@@ -210,6 +195,24 @@ def test_jobs_that_keep_failing_are_replaced_up_to_the_cap_then_the_sweep_fails(
     assert "the sweep's SLURM jobs ended before it did" in err and "slurm.max_resubmits = 1" in err  # ... then no more
     assert "FAILED" in err and "no such venv" in err  # SLURM's state and the job's own last words
     assert [t.state.name for t in study(name, ws, None).trials] == ["WAITING"]  # a rerun would run it
+
+
+def _killed_or_kept_whole(name: str, ws: Path, trials: list, out: str) -> tuple[list, list]:
+    """The trials of a sweep whose SLURM job was stopped mid-trial: SLURM's SIGTERM reaches the
+    launcher while the trial trains (FAIL with outcome killed, its run KILLED, a retry enqueued) or
+    once its run is recorded whole (COMPLETE, its run FINISHED: test_faults.py, test_a_signal_once_the_run_is_recorded_whole_*).
+    Returns (killed, whole)."""
+    killed = [t for t in trials if t.state.name == "FAIL"]
+    whole = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(killed) <= 1 and all(t.user_attrs.get("outcome") == "killed" for t in killed), (
+        [(t.number, t.state.name, t.user_attrs) for t in trials], out)
+    _, children = mlflow_runs(name, ws)
+    statuses: dict[str, list[str]] = {}
+    for r in children:
+        statuses.setdefault(r.data.tags["syncbench.optuna_trial"], []).append(r.info.status)
+    assert all(statuses.get(f"{name}/{t.number}") == ["KILLED"] for t in killed), statuses
+    assert all(statuses.get(f"{name}/{t.number}") == ["FINISHED"] for t in whole), statuses
+    return killed, whole
 
 
 def _running_trial(name: str, ws: Path) -> bool:
