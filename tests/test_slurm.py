@@ -126,7 +126,8 @@ def test_scancelled_job_has_its_trial_retried_and_the_sweep_completes(ws, tmp_pa
     name = "slurm-scancel"
     # trials of several seconds each: the target cannot be reached, each runs its whole budget,
     # long enough that the cancel mostly lands while the first run is training (one that lands
-    # after the run was recorded whole leaves its result: test_faults.py, test_a_signal_once_the_run_is_recorded_whole_*)
+    # after the run was recorded whole leaves its result: test_faults.py,
+    # test_a_signal_once_the_run_is_recorded_whole_*)
     spec = write_spec(tmp_path / "cancel.yaml", name, grid={"cluster.workers": [1]}, seeds=[0, 1],
                       set={**SLOW, "budget.train_time_s": 10.0}, slurm={"time_min": 10})
     proc = subprocess.Popen([sys.executable, "-m", "syncbench", "sweep", spec, "--workspace", str(ws),
@@ -200,8 +201,8 @@ def test_jobs_that_keep_failing_are_replaced_up_to_the_cap_then_the_sweep_fails(
 def _killed_or_kept_whole(name: str, ws: Path, trials: list, out: str) -> tuple[list, list]:
     """The trials of a sweep whose SLURM job was stopped mid-trial: SLURM's SIGTERM reaches the
     launcher while the trial trains (FAIL with outcome killed, its run KILLED, a retry enqueued) or
-    once its run is recorded whole (COMPLETE, its run FINISHED: test_faults.py, test_a_signal_once_the_run_is_recorded_whole_*).
-    Returns (killed, whole)."""
+    once its run is recorded whole (COMPLETE, its run FINISHED: test_faults.py,
+    test_a_signal_once_the_run_is_recorded_whole_*). Returns (killed, whole)."""
     killed = [t for t in trials if t.state.name == "FAIL"]
     whole = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(killed) <= 1 and all(t.user_attrs.get("outcome") == "killed" for t in killed), (
